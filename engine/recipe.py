@@ -1,0 +1,233 @@
+"""The Recipe: every training setting, named as kohya's flags, defaulting to the seed's command.
+
+One type, TOML in and out, `key=value` overrides. It imports no torch: the daemon's server
+process resolves and freezes a job's recipe without loading the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+
+from loradrop.errors import UserError
+
+
+@dataclass
+class Recipe:
+    # --- what the run is called
+    output_name: str = "lora"
+    seed: int = 42
+
+    # --- data and buckets
+    resolution: int = 1024  # kohya's "1024,1024": bucket area is resolution²
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 2048
+    bucket_reso_steps: int = 32
+    caption_extension: str = ".txt"
+    shuffle_caption: bool = True
+    keep_tokens: int = 0
+    flip_aug: bool = True
+    dataset_repeats: int = 1
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = True
+    max_data_loader_n_workers: int = 8
+
+    # --- network: LyCORIS LoCon, preset full
+    network_module: str = "lycoris.kohya"
+    algo: str = "locon"
+    preset: str = "full"
+    network_dim: int = 8
+    network_alpha: float = 4.0
+    conv_dim: int = 256
+    conv_alpha: float = 4.0
+    network_dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_tucker: bool = False
+    use_scalar: bool = False
+    dora_wd: bool = False
+    train_norm: bool = False
+    # The seed adapted only the text encoders' MLPs (88 modules); True adds q/k/v/out.
+    text_encoder_attention: bool = False
+
+    # --- optimisation
+    learning_rate: float = 3e-4
+    unet_lr: float = 3e-4
+    text_encoder_lr: float = 1e-4
+    optimizer_type: str = "ClybW"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    lr_scheduler: str = "cosine"
+    lr_scheduler_args: dict[str, Any] = field(default_factory=lambda: {"num_cycles": 0.375})
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    train_batch_size: int = 8
+    gradient_accumulation_steps: int = 6
+    max_train_steps: int = 80
+    gradient_checkpointing: bool = True
+    sdpa: bool = True
+    mixed_precision: str = "bf16"
+    no_half_vae: bool = True
+    multires_noise_iterations: int = 12
+    multires_noise_discount: float = 0.4
+
+    # --- saving, sampling, logging
+    save_every_n_steps: int = 1
+    save_precision: str = "fp16"
+    save_model_as: str = "safetensors"
+    sample_prompts: str = "sample-prompts.txt"  # relative to the dataset folder
+    sample_sampler: str = "euler_a"
+    sample_every_n_steps: int = 10
+    log_with: str = "tensorboard"
+    log_prefix: str = "xl-locon"
+
+    # --- after training (loradrop's stages, from the guide)
+    resize_recipe: str = "fro_ckpt=1,thr=-3.55"
+
+    # ------------------------------------------------------------------ TOML and overrides
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "recipe") -> "Recipe":
+        return cls().updated(values, source=source)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Recipe":
+        return cls.from_mapping(load_toml(path), source=str(path))
+
+    def updated(self, values: Mapping[str, Any], *, source: str = "recipe") -> "Recipe":
+        """A copy with `values` applied; an unknown key or a wrong type names the problem."""
+        hints = typing.get_type_hints(Recipe)
+        changes = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise UserError(f"{source}: unknown recipe key {key!r}{_did_you_mean(key, hints)}.")
+            changes[key] = _coerce(key, value, hints[key], source)
+        recipe = dataclasses.replace(self, **changes)
+        recipe.validate(source)
+        return recipe
+
+    def with_overrides(self, assignments: list[str], *, source: str = "--set") -> "Recipe":
+        """Apply `key=value` strings; values are read as TOML (so 3e-4, true, "x", {a=1} work),
+        falling back to a bare string."""
+        values = {}
+        for item in assignments:
+            key, eq, text = item.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise UserError(f"{source} {item!r} is not key=value (for example --set max_train_steps=40).")
+            values[key] = parse_value(text.strip())
+        return self.updated(values, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def diff(self, other: "Recipe | None" = None) -> dict[str, Any]:
+        """Settings that differ from `other` (the seed's defaults when omitted)."""
+        base = (other or Recipe()).to_dict()
+        return {k: v for k, v in self.to_dict().items() if base[k] != v}
+
+    # ------------------------------------------------------------------ meaning checks
+
+    def validate(self, source: str = "recipe") -> None:
+        def bad(msg: str) -> UserError:
+            return UserError(f"{source}: {msg}.")
+
+        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "network_dim", "conv_dim", "resolution", "dataset_repeats"):
+            if getattr(self, key) < 1:
+                raise bad(f"{key} must be at least 1, not {getattr(self, key)}")
+        for key in ("save_every_n_steps", "sample_every_n_steps", "multires_noise_iterations", "lr_warmup_steps", "keep_tokens"):
+            if getattr(self, key) < 0:
+                raise bad(f"{key} must be 0 or more (0 turns it off), not {getattr(self, key)}")
+        if not 0 < self.min_bucket_reso <= self.max_bucket_reso:
+            raise bad("min_bucket_reso must be positive and at most max_bucket_reso")
+        if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:
+            raise bad(f"bucket_reso_steps must be a multiple of 8 (the VAE's scale), not {self.bucket_reso_steps}")
+        choices = {
+            "network_module": ("lycoris.kohya",),
+            "algo": ("locon",),
+            "preset": ("full",),
+            "optimizer_type": ("ClybW", "AdamW"),
+            "lr_scheduler": ("cosine", "constant"),
+            "mixed_precision": ("bf16", "fp16", "no"),
+            "save_precision": ("fp16", "bf16", "float"),
+            "save_model_as": ("safetensors",),
+            "sample_sampler": ("euler_a",),
+            "log_with": ("tensorboard", "none"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise bad(f"{key} {getattr(self, key)!r} is not supported; use one of {', '.join(allowed)}")
+        for key in ("use_tucker", "use_scalar", "dora_wd", "train_norm"):
+            if getattr(self, key):
+                raise bad(f"{key}=true is not supported (files with it do not load in diffusers); set it to false")
+        for key in ("network_dropout", "rank_dropout", "module_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise bad(f"{key} must be in [0, 1)")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm must be 0 (off) or more")
+        if not self.output_name or any(c in self.output_name for c in "/\\\0") or self.output_name.startswith("."):
+            raise bad(f"output_name {self.output_name!r} must be a plain file name")
+        unknown = set(self.lr_scheduler_args) - {"num_cycles"}
+        if unknown:
+            raise bad(f"lr_scheduler_args accepts num_cycles only, not {', '.join(sorted(unknown))}")
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train_batch_size * self.gradient_accumulation_steps
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(key: str, value: Any, hint, source: str) -> Any:
+    origin = typing.get_origin(hint) or hint
+    ok = True
+    if origin is bool:
+        ok = isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif origin is str:
+        ok = isinstance(value, str)
+    elif origin is dict:
+        ok = isinstance(value, dict)
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}[origin]
+        raise UserError(f"{source}: {key} must be {kind}, not {value!r}.")
+    return value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; expected a recipe TOML file.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML ({e}).") from None

@@ -1,0 +1,5 @@
+import sys
+
+from loradrop.cli import main
+
+sys.exit(main())
