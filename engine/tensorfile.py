@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from loradrop.errors import UserError
 from loradrop.fsutil import atomic_path
@@ -161,8 +160,42 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return tf.metadata
 
 
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def serialize_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The 8-byte length, the JSON header (padded to 8 bytes) and the tensor order.
+
+    Tensors go widest dtype first, then by name, so every tensor starts aligned to its item size,
+    and the same tensors always give the same bytes (the safetensors library orders metadata by
+    hash, so its output differs from run to run).
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, order
+
+
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: a temporary name beside it, fsync, rename."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+    """Write a safetensors file atomically (temporary name beside it, fsync, rename), streaming
+    one tensor at a time."""
+    head, order = serialize_header(tensors, metadata)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(head)
+        for key in order:
+            f.write(tensor_bytes(tensors[key]))
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a tensor, without a copy when it is contiguous on the CPU."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")

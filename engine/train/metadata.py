@@ -1,0 +1,151 @@
+"""The metadata kohya writes into a LoRA: `ss_*` training facts and the SAI `modelspec.*` card.
+
+Tools people use to inspect LoRAs (A1111's metadata view, Civitai, ComfyUI nodes) read these keys,
+so they follow kohya's names and string formats. Values are strings, as safetensors requires.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..recipe import Recipe
+
+
+def training_metadata(
+    recipe: Recipe,
+    *,
+    captions: Sequence[str],
+    buckets: Sequence[tuple[int, int]],
+    dataset_dir: Path,
+    num_batches_per_epoch: int,
+    world_size: int,
+    model_path: str | None,
+    model_hashes: tuple[str, str] | None,
+    started_at: float,
+) -> dict[str, str]:
+    """Everything known when training starts; per-save values are added by `at_save`."""
+    optimizer = recipe.optimizer_type
+    if recipe.optimizer_args:
+        optimizer += f"({','.join(f'{k}={v}' for k, v in recipe.optimizer_args.items())})"
+    num_epochs = -(-recipe.max_train_steps * recipe.gradient_accumulation_steps * world_size // max(1, num_batches_per_epoch))
+    network_args = {
+        "preset": recipe.preset,
+        "conv_dim": str(recipe.conv_dim),
+        "conv_alpha": str(recipe.conv_alpha),
+        "rank_dropout": str(recipe.rank_dropout),
+        "module_dropout": str(recipe.module_dropout),
+        "use_tucker": str(recipe.use_tucker),
+        "use_scalar": str(recipe.use_scalar),
+        "algo": recipe.algo,
+        "dora_wd": str(recipe.dora_wd),
+        "train_norm": str(recipe.train_norm),
+    }
+    bucket_counts = collections.Counter(buckets)
+    meta: dict[str, Any] = {
+        "ss_session_id": uuid.uuid4().int % 2**32,
+        "ss_training_started_at": started_at,
+        "ss_output_name": recipe.output_name,
+        "ss_learning_rate": recipe.learning_rate,
+        "ss_text_encoder_lr": recipe.text_encoder_lr,
+        "ss_unet_lr": recipe.unet_lr,
+        "ss_num_train_images": len(captions) * recipe.dataset_repeats,
+        "ss_num_reg_images": 0,
+        "ss_num_batches_per_epoch": num_batches_per_epoch,
+        "ss_num_epochs": num_epochs,
+        "ss_gradient_checkpointing": recipe.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "ss_max_train_steps": recipe.max_train_steps,
+        "ss_lr_warmup_steps": recipe.lr_warmup_steps,
+        "ss_lr_scheduler": recipe.lr_scheduler,
+        "ss_network_module": recipe.network_module,
+        "ss_network_dim": recipe.network_dim,
+        "ss_network_alpha": recipe.network_alpha,
+        "ss_network_dropout": recipe.network_dropout,
+        "ss_network_args": json.dumps(network_args),
+        "ss_mixed_precision": recipe.mixed_precision,
+        "ss_full_fp16": False,
+        "ss_v2": False,
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_clip_skip": None,
+        "ss_max_token_length": None,
+        "ss_cache_latents": recipe.cache_latents,
+        "ss_seed": recipe.seed,
+        "ss_lowram": False,
+        "ss_noise_offset": None,
+        "ss_multires_noise_iterations": recipe.multires_noise_iterations,
+        "ss_multires_noise_discount": recipe.multires_noise_discount,
+        "ss_adaptive_noise_scale": None,
+        "ss_zero_terminal_snr": False,
+        "ss_training_comment": None,
+        "ss_sd_scripts_commit_hash": "loradrop",
+        "ss_optimizer": optimizer,
+        "ss_max_grad_norm": recipe.max_grad_norm,
+        "ss_caption_dropout_rate": 0.0,
+        "ss_caption_dropout_every_n_epochs": 0,
+        "ss_caption_tag_dropout_rate": 0.0,
+        "ss_face_crop_aug_range": None,
+        "ss_prior_loss_weight": 1.0,
+        "ss_min_snr_gamma": None,
+        "ss_scale_weight_norms": None,
+        "ss_batch_size_per_device": recipe.train_batch_size,
+        "ss_total_batch_size": recipe.train_batch_size * recipe.gradient_accumulation_steps * world_size,
+        "ss_resolution": f"({recipe.resolution}, {recipe.resolution})",
+        "ss_color_aug": False,
+        "ss_flip_aug": recipe.flip_aug,
+        "ss_random_crop": False,
+        "ss_shuffle_caption": recipe.shuffle_caption,
+        "ss_enable_bucket": recipe.enable_bucket,
+        "ss_bucket_no_upscale": False,
+        "ss_min_bucket_reso": recipe.min_bucket_reso,
+        "ss_max_bucket_reso": recipe.max_bucket_reso,
+        "ss_keep_tokens": recipe.keep_tokens,
+        "ss_dataset_dirs": json.dumps({dataset_dir.name: {"n_repeats": recipe.dataset_repeats, "img_count": len(captions)}}),
+        "ss_reg_dataset_dirs": json.dumps({}),
+        "ss_tag_frequency": json.dumps({dataset_dir.name: tag_frequency(captions)}),
+        "ss_bucket_info": json.dumps(
+            {
+                "buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(bucket_counts.items()))},
+                "mean_img_ar_error": 0.0,
+            }
+        ),
+    }
+    if model_path:
+        meta["ss_sd_model_name"] = Path(model_path).name
+    if model_hashes:
+        meta["ss_sd_model_hash"], meta["ss_new_sd_model_hash"] = model_hashes
+    return {k: str(v) for k, v in meta.items()}
+
+
+def at_save(meta: dict[str, str], recipe: Recipe, *, step: int, epoch: int, title: str) -> dict[str, str]:
+    """The per-file values: steps and epoch so far, finish time, and the modelspec card."""
+    now = time.time()
+    out = dict(meta)
+    out.update(
+        {
+            "ss_training_finished_at": str(now),
+            "ss_steps": str(step),
+            "ss_epoch": str(epoch),
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": title,
+            "modelspec.resolution": f"{recipe.resolution}x{recipe.resolution}",
+            "modelspec.date": datetime.datetime.fromtimestamp(now).replace(microsecond=0).isoformat(),
+            "modelspec.prediction_type": "epsilon",
+        }
+    )
+    return out
+
+
+def tag_frequency(captions: Sequence[str]) -> dict[str, int]:
+    """How often each comma-separated tag appears, as kohya records it."""
+    counts: collections.Counter[str] = collections.Counter()
+    for caption in captions:
+        counts.update(t.strip() for t in caption.split(",") if t.strip())
+    return dict(counts)

@@ -1,0 +1,155 @@
+"""The recipe's LyCORIS LoCon on SDXL, built with lycoris-lora and named as kohya names it.
+
+lycoris names its modules after diffusers paths (`lycoris_down_blocks_0_resnets_0_conv1`); files
+that A1111, ComfyUI, diffusers and the resize/chop tools read use kohya's SGM names
+(`lora_unet_input_blocks_1_0_in_layers_2`). Each module is renamed through the key map when the
+network is built, and saved and loaded under that name.
+
+The modules run in lycoris' bypass mode: y = W·x + scale·up(down(x)). It is the same ΔW as
+rebuilding W + ΔW every step, without forming a full-size weight per layer (cheaper for the
+3×3 convs at rank 256) and without losing ΔW to bf16 rounding of W + ΔW − W.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..models import keymap
+from ..models.sdxl import SDXL
+from ..recipe import Recipe
+
+UNET_TARGETS = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+TE_TARGETS_MLP = ["CLIPMLP"]
+TE_TARGETS_ALL = ["CLIPMLP", "CLIPAttention"]
+
+
+class LoConNetwork(nn.Module):
+    """LoCon adapters on the UNet and both text encoders, keyed by kohya name."""
+
+    def __init__(self, model: SDXL, recipe: Recipe, *, multiplier: float = 1.0):
+        super().__init__()
+        self.components: dict[str, str] = {}  # kohya name -> "unet" | "te1" | "te2"
+        self._lycoris = []
+        mods: dict[str, nn.Module] = {}
+        te_targets = TE_TARGETS_ALL if recipe.text_encoder_attention else TE_TARGETS_MLP
+        for comp, targets in (("unet", UNET_TARGETS), ("te1", te_targets), ("te2", te_targets)):
+            root = model.component(comp)
+            net = _create(root, targets, recipe, multiplier)
+            paths = {id(m): n for n, m in root.named_modules()}
+            for i, lora in enumerate(net.loras):
+                lora = net.loras[i] = _cap_rank(lora, recipe, multiplier)
+                name = keymap.lora_name(comp, paths[id(lora.org_module[0])], model.unet_names)
+                mods[name] = lora
+                self.components[name] = comp
+            self._lycoris.append(net)
+        # ModuleDict keys may not contain dots; kohya names have none.
+        self.loras = nn.ModuleDict(mods)
+
+    # ---------------------------------------------------------------- hooking into the model
+
+    def apply_to(self) -> None:
+        """Route each wrapped layer's forward through its adapter."""
+        for lora in self.loras.values():
+            lora.apply_to()
+
+    def restore(self) -> None:
+        """Give the base model back untouched (the daemon keeps it loaded for the next job)."""
+        for lora in self.loras.values():
+            lora.restore()
+
+    # ---------------------------------------------------------------- parameters
+
+    def named_for(self, component: str) -> Iterator[tuple[str, nn.Module]]:
+        return ((n, m) for n, m in self.loras.items() if self.components[n] == component)
+
+    def param_groups(self, recipe: Recipe) -> list[dict]:
+        """UNet at unet_lr, both text encoders together at text_encoder_lr (kohya's two groups).
+        A component whose lr is 0 is frozen rather than given a group."""
+        groups = []
+        unet = [p for _, m in self.named_for("unet") for p in m.parameters()]
+        te = [p for c in ("te1", "te2") for _, m in self.named_for(c) for p in m.parameters()]
+        for params, lr, name in ((unet, recipe.unet_lr, "unet"), (te, recipe.text_encoder_lr, "text_encoder")):
+            if lr > 0 and params:
+                groups.append({"params": params, "lr": lr, "initial_lr": lr, "name": name})
+            else:
+                for p in params:
+                    p.requires_grad_(False)
+        return groups
+
+    def trains(self, component: str) -> bool:
+        return any(p.requires_grad for _, m in self.named_for(component) for p in m.parameters())
+
+    # ---------------------------------------------------------------- kohya-format state
+
+    def lora_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`, as kohya saves them."""
+        out = {}
+        for name, lora in self.loras.items():
+            for suffix, tensor in (
+                ("lora_down.weight", lora.lora_down.weight),
+                ("lora_up.weight", lora.lora_up.weight * lora.scalar),
+                ("alpha", lora.alpha),
+            ):
+                t = tensor.detach()
+                out[f"{name}.{suffix}"] = t.to(dtype) if dtype is not None else t.clone()
+        return out
+
+    @torch.no_grad()
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.lora_state_dict())
+        if set(state) != expected:
+            missing = sorted(expected - set(state))[:3]
+            extra = sorted(set(state) - expected)[:3]
+            raise ValueError(f"LoRA state does not match the network (missing {missing}, unexpected {extra})")
+        for name, lora in self.loras.items():
+            lora.lora_down.weight.copy_(state[f"{name}.lora_down.weight"])
+            lora.lora_up.weight.copy_(state[f"{name}.lora_up.weight"])
+
+
+def _cap_rank(lora: nn.Module, recipe: Recipe, multiplier: float) -> nn.Module:
+    """Rebuild a module whose rank exceeds what its layer allows, min(out, in·k·k).
+
+    At SDXL's widths no layer is capped (the narrowest 3×3 conv has 320·9 inputs); on the tiny
+    twin a rank-256 conv on 16 channels would only add parameters that cannot change ΔW.
+    """
+    from lycoris.modules.locon import LoConModule
+
+    weight = lora.org_module[0].weight
+    cap = min(weight.shape[0], weight[0].numel())
+    if lora.lora_dim <= cap:
+        return lora
+    return LoConModule(
+        lora.lora_name,
+        lora.org_module[0],
+        multiplier,
+        cap,
+        float(lora.alpha),
+        recipe.network_dropout,
+        recipe.rank_dropout,
+        recipe.module_dropout,
+        bypass_mode=True,
+    )
+
+
+def _create(root: nn.Module, targets: list[str], recipe: Recipe, multiplier: float):
+    from lycoris import LycorisNetwork, create_lycoris
+
+    # lycoris keeps its target lists on the class: set them before every build.
+    LycorisNetwork.apply_preset({"target_module": targets, "target_name": []})
+    return create_lycoris(
+        root,
+        multiplier,
+        linear_dim=recipe.network_dim,
+        linear_alpha=recipe.network_alpha,
+        algo=recipe.algo,
+        conv_dim=recipe.conv_dim,
+        conv_alpha=recipe.conv_alpha,
+        dropout=recipe.network_dropout,
+        rank_dropout=recipe.rank_dropout,
+        module_dropout=recipe.module_dropout,
+        bypass_mode=True,
+        warn_on_unmatched=False,
+    )

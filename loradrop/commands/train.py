@@ -1,0 +1,101 @@
+"""`loradrop train`: the seed recipe on one dataset folder, offline (no daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a LoCon on a folder of captioned images (the seed's 80-step recipe)",
+        description=(
+            "Train an SDXL LyCORIS LoCon on DATASET (images with same-stem .txt captions, an "
+            "optional sample-prompts.txt) with the seed recipe: 80 ClybW updates of 8x6 images, "
+            "cosine schedule, multires noise, samples every 10 steps, a LoRA saved every step. "
+            "Without --model it trains on the embedded tiny twin, which runs on a CPU. "
+            "Under `accelerate launch --num_processes N` it trains data-parallel on N GPUs."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  loradrop train ./mychar --model ponyDiffusionV6XL.safetensors -o out/\n"
+            "  loradrop train ./mychar -o out/ --set max_train_steps=40 --set network_dim=16\n"
+            "  loradrop train ./mychar -o out/ --resume     # continue after a crash"
+        ),
+    )
+    p.add_argument("dataset", metavar="DATASET", type=Path, help="folder of images and .txt captions")
+    p.add_argument("-o", "--out", metavar="OUTDIR", type=Path, required=True, help="where LoRAs, samples and logs go")
+    p.add_argument("--model", metavar="CKPT", help="SDXL base: single-file .safetensors or a diffusers folder (default: the tiny twin)")
+    p.add_argument("--recipe", metavar="FILE.toml", type=Path, help="recipe file (see `loradrop recipe show`)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides", help="override one recipe key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the last training state in OUTDIR")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--cache-dir", type=Path, help="latent cache (default: ~/.cache/loradrop/latents)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from loradrop.engine.recipe import Recipe
+    from loradrop.errors import UserError
+    from loradrop.progress import ProgressLine, describe_progress
+
+    recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe()
+    recipe = recipe.with_overrides(args.overrides)
+    if not args.dataset.is_dir():
+        raise UserError(f"{args.dataset} is not a folder; expected a folder of images with .txt captions.")
+
+    import torch
+
+    from loradrop.engine.models.hashes import model_hashes
+    from loradrop.engine.models.sdxl import load_sdxl
+    from loradrop.engine.models.tiny import default_model_path
+    from loradrop.engine.train.distributed import init_from_env, pick_device
+    from loradrop.engine.train.loop import Precision, train
+
+    world = init_from_env()
+    device = pick_device(args.device, world)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but this machine has no usable CUDA GPU.")
+    precision = Precision.for_run(recipe, device)
+    model_path = args.model or str(default_model_path())
+    bar = ProgressLine() if world.is_main else None
+
+    def emit(kind: str, payload: dict) -> None:
+        if bar is None:
+            return
+        if kind == "progress":
+            label = "step" if payload["stage"] == "train" else payload["stage"]
+            bar.update(label, payload["done"], payload["total"], describe_progress(payload))
+        elif kind == "log":
+            bar.message(("warning: " if payload["level"] == "warning" else "") + payload["text"])
+        elif kind == "sample":
+            bar.message(f"sample  {payload['path']}")
+        elif kind == "artifact" and payload["kind"] == "final":
+            bar.message(f"saved   {payload['path']}")
+
+    if bar:
+        bar.message(f"loading {model_path}")
+    model = load_sdxl(model_path, dtype=precision.weights, vae_dtype=torch.float32 if recipe.no_half_vae else precision.weights)
+    for part in ("unet", "te1", "te2", "vae"):
+        model.component(part).to(device)
+    cache_dir = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loradrop" / "latents"
+    result = train(
+        model,
+        args.dataset,
+        args.out,
+        recipe,
+        device=device,
+        cache_dir=cache_dir,
+        emit=emit,
+        resume=args.resume,
+        world=world,
+        model_hashes=model_hashes(model_path) if Path(model_path).is_file() else None,
+    )
+    if bar:
+        bar.close()
+        print(result.final, file=sys.stdout)
+    return 0

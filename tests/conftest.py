@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny twin, written once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the tests' caches (twin, latents, hashes) out of the user's home."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> Path:
+    from loradrop.engine.models.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-sdxl.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path):
+    """The twin loaded in fp32. Tests must not change its weights (use copies for that)."""
+    from loradrop.engine.models.sdxl import load_sdxl
+
+    return load_sdxl(tiny_path)
