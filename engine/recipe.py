@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -111,7 +112,7 @@ class Recipe:
         changes = {}
         for key, value in values.items():
             if key not in hints:
-                raise UserError(f"{source}: unknown recipe key {key!r}{_did_you_mean(key, hints)}.")
+                raise UserError(f"{source}: unknown recipe key {key!r}{did_you_mean(key, hints)}.")
             changes[key] = _coerce(key, value, hints[key], source)
         recipe = dataclasses.replace(self, **changes)
         recipe.validate(source)
@@ -120,13 +121,18 @@ class Recipe:
     def with_overrides(self, assignments: list[str], *, source: str = "--set") -> "Recipe":
         """Apply `key=value` strings; values are read as TOML (so 3e-4, true, "x", {a=1} work),
         falling back to a bare string."""
+        hints = typing.get_type_hints(Recipe)
         values = {}
         for item in assignments:
             key, eq, text = item.partition("=")
-            key = key.strip()
+            key, text = key.strip(), text.strip()
             if not eq or not key:
                 raise UserError(f"{source} {item!r} is not key=value (for example --set max_train_steps=40).")
-            values[key] = parse_value(text.strip())
+            value = parse_value(text)
+            # `output_name=2024` reads as a TOML number; a string setting wants the text as typed.
+            if hints.get(key) is str and not isinstance(value, str):
+                value = text
+            values[key] = value
         return self.updated(values, source=source)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +160,9 @@ class Recipe:
                 raise bad(f"{key} must be 0 or more (0 turns it off), not {getattr(self, key)}")
         if not 0 < self.min_bucket_reso <= self.max_bucket_reso:
             raise bad("min_bucket_reso must be positive and at most max_bucket_reso")
+        if self.enable_bucket and not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+            # kohya refuses this too: the square bucket of side `resolution` must be a legal bucket.
+            raise bad(f"resolution {self.resolution} must lie between min_bucket_reso and max_bucket_reso ({self.min_bucket_reso}..{self.max_bucket_reso})")
         if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:
             raise bad(f"bucket_reso_steps must be a multiple of 8 (the VAE's scale), not {self.bucket_reso_steps}")
         choices = {
@@ -177,6 +186,13 @@ class Recipe:
         for key in ("network_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(f"{key} must be in [0, 1)")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f"{f.name} must be a finite number, not {value}")
+        for key in ("learning_rate", "unet_lr", "text_encoder_lr", "network_alpha", "conv_alpha", "multires_noise_discount"):
+            if getattr(self, key) < 0:
+                raise bad(f"{key} must be 0 or more, not {getattr(self, key)}")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm must be 0 (off) or more")
         if not self.output_name or any(c in self.output_name for c in "/\\\0") or self.output_name.startswith("."):
@@ -184,13 +200,16 @@ class Recipe:
         unknown = set(self.lr_scheduler_args) - {"num_cycles"}
         if unknown:
             raise bad(f"lr_scheduler_args accepts num_cycles only, not {', '.join(sorted(unknown))}")
+        cycles = self.lr_scheduler_args.get("num_cycles", 0.5)
+        if isinstance(cycles, bool) or not isinstance(cycles, (int, float)) or not 0 < cycles < math.inf:
+            raise bad(f"lr_scheduler_args num_cycles must be a positive number, not {cycles!r}")
 
     @property
     def effective_batch(self) -> int:
         return self.train_batch_size * self.gradient_accumulation_steps
 
 
-def _did_you_mean(key: str, known) -> str:
+def did_you_mean(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -229,5 +248,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; expected a recipe TOML file.") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); expected a recipe TOML file.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid TOML ({e}).") from None

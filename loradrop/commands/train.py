@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .recipe import add_recipe_options, resolve_recipe
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -30,8 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("dataset", metavar="DATASET", type=Path, help="folder of images and .txt captions")
     p.add_argument("-o", "--out", metavar="OUTDIR", type=Path, required=True, help="where LoRAs, samples and logs go")
     p.add_argument("--model", metavar="CKPT", help="SDXL base: single-file .safetensors or a diffusers folder (default: the tiny twin)")
-    p.add_argument("--recipe", metavar="FILE.toml", type=Path, help="recipe file (see `loradrop recipe show`)")
-    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides", help="override one recipe key (repeatable)")
+    add_recipe_options(p)
     p.add_argument("--resume", action="store_true", help="continue from the last training state in OUTDIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--cache-dir", type=Path, help="latent cache (default: ~/.cache/loradrop/latents)")
@@ -39,12 +40,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from loradrop.engine.recipe import Recipe
     from loradrop.errors import UserError
     from loradrop.progress import ProgressLine, describe_progress
 
-    recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe()
-    recipe = recipe.with_overrides(args.overrides)
+    recipe = resolve_recipe(args)
     if not args.dataset.is_dir():
         raise UserError(f"{args.dataset} is not a folder; expected a folder of images with .txt captions.")
 
