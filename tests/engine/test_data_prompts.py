@@ -1,0 +1,96 @@
+"""Sample prompts: kohya's prompt-file format, and prompts taken from the dataset's captions."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from loradrop.engine.data.dataset import Item
+from loradrop.engine.data.prompts import SamplePrompt, parse_prompt_file, prompts_from_captions
+from loradrop.errors import UserError
+
+PROMPTS = """\
+# the seed's prompts
+masterpiece, 1girl, red hair --n lowres, bad anatomy --w 832 --h 1216 --d 42 --s 28 --l 6.5 --ss euler_a
+
+   a plain prompt with defaults
+  # an indented comment
+odd sizes --w 1001 --h 20 --s 5000
+UPPER CASE OPTIONS --W 640 --H 768 --D 7 --L 5
+"""
+
+
+def test_parse_prompt_file(tmp_path):
+    path = tmp_path / "sample-prompts.txt"
+    path.write_text(PROMPTS, encoding="utf-8")
+    warnings = []
+    prompts = parse_prompt_file(path, warnings.append)
+    assert warnings == []
+    assert prompts == [
+        SamplePrompt(
+            prompt="masterpiece, 1girl, red hair",
+            negative="lowres, bad anatomy",
+            width=832,
+            height=1216,
+            seed=42,
+            steps=28,
+            cfg=6.5,
+            sampler="euler_a",
+        ),
+        SamplePrompt(prompt="a plain prompt with defaults", negative="", width=512, height=512, seed=None, steps=30, cfg=7.5, sampler=None),
+        SamplePrompt(prompt="odd sizes", width=1000, height=64, steps=1000),  # floored to 8, at least 64; steps at most 1000
+        SamplePrompt(prompt="UPPER CASE OPTIONS", width=640, height=768, seed=7, cfg=5.0),
+    ]
+
+
+def test_unknown_options_and_bad_values_are_warned_not_fatal(tmp_path, caplog):
+    path = tmp_path / "p.txt"
+    path.write_text("\ufeffa cat --x 3 --w wide --cn control.png --s 0\n", encoding="utf-8")
+    warnings = []
+    (prompt,) = parse_prompt_file(path, warnings.append)
+    assert prompt == SamplePrompt(prompt="a cat", steps=1)
+    assert len(warnings) == 3
+    assert all(w.startswith(f"{path}, line 1: ") for w in warnings)
+    assert "unknown option --x 3" in warnings[0]
+    assert "--w 'wide'" in warnings[1]
+    assert "unknown option --cn control.png" in warnings[2]
+    with caplog.at_level(logging.WARNING, logger="loradrop.engine.data.prompts"):
+        parse_prompt_file(path)
+    assert len(caplog.records) == 3  # the default reporter is the module's logger
+
+
+def test_prompt_file_errors(tmp_path):
+    with pytest.raises(UserError, match="cannot be read"):
+        parse_prompt_file(tmp_path / "missing.txt")
+    path = tmp_path / "latin.txt"
+    path.write_bytes("caf\u00e9 --w 512".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        parse_prompt_file(path)
+
+
+def test_only_comments_gives_no_prompts(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# nothing\n\n   \n")
+    assert parse_prompt_file(path) == []
+
+
+def items(captions: list[str]) -> list[Item]:
+    buckets = [(1024, 1024), (832, 1216), (1216, 832)]
+    return [Item(path=f"{i}.png", caption=c, size=(1, 1), bucket=buckets[i % 3]) for i, c in enumerate(captions)]
+
+
+def test_prompts_from_captions():
+    data = items([f"caption {i}" for i in range(10)])
+    prompts = prompts_from_captions(data, n=4)
+    assert [p.prompt for p in prompts] == ["caption 0", "caption 2", "caption 5", "caption 7"]
+    assert prompts == prompts_from_captions(data, n=4)
+    assert [(p.width, p.height) for p in prompts] == [(1024, 1024), (1216, 832), (1216, 832), (832, 1216)]
+    assert all(p.seed is None and p.steps == 30 and p.cfg == 7.5 and p.negative == "" for p in prompts)
+
+
+def test_prompts_from_few_or_repeated_captions():
+    data = items(["same", "", "same", "other"])
+    assert [p.prompt for p in prompts_from_captions(data, n=4)] == ["same", "other"]
+    assert prompts_from_captions(items(["", ""]), n=4) == []
+    assert [p.prompt for p in prompts_from_captions(data, n=1)] == ["same"]
