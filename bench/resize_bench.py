@@ -1,0 +1,188 @@
+"""Resize a full-size SDXL LoCon against a full-size base: wall time and peak RSS.
+
+    python bench/resize_bench.py            # full size: a ~6 GB base and a ~117 M-parameter LoCon
+    python bench/resize_bench.py --tiny     # the same on the tiny twin (seconds; keeps it from rotting)
+
+Both files are random and built at run time in a temporary folder (never committed): the base is
+SDXL's whole UNet plus both text encoders' MLPs in fp16, written one tensor at a time; the LoCon
+has the seed recipe's module set (lycoris-lora's, on the same model: 788 UNet modules, 88 text
+encoder MLPs; rank 8 alpha 4, 3x3 convs rank 256 alpha 4). Its singular values spread over two
+decades around the recipe's threshold, so about half the dimensions are kept.
+
+The resize runs in a child process, the one whose peak RSS is reported (os.wait4 gives that
+child's own ru_maxrss). resize_lora's figures on the same kind of files, measured on this kind of
+machine (reference/checked-here.md), are printed beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REFERENCE = {"wall_s": 4.7, "peak_rss_gb": 7.0}  # resize_lora -r fro_ckpt=1,thr=-3.55, full size
+RECIPE = "fro_ckpt=1,thr=-3.55"
+_TE_MLP = ("mlp.fc1.", "mlp.fc2.", "mlp.c_fc.", "mlp.c_proj.")
+
+
+def _random(shape, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return (torch.randn(shape, generator=generator) * (scale / math.sqrt(fan_in))).to(torch.float16)
+
+
+def write_streaming(path: Path, shapes: dict[str, tuple[int, ...]], make) -> None:
+    """A safetensors file of fp16 tensors written one at a time, so a 6 GB base never sits in
+    memory (safetensors' own writer wants every tensor at once)."""
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key, shape in shapes.items():
+            f.write(make(key, shape).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def build_base(path: Path, tiny: bool) -> None:
+    if tiny:
+        from loradrop.engine.models.tiny import make_tiny
+
+        make_tiny(path)
+        return
+    from loradrop.engine.models.configs import sdxl_config
+    from loradrop.engine.models.sdxl import build_empty, component_map
+
+    config = sdxl_config()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in build_empty(config, ("unet", "te1", "te2")).items():
+        cmap = component_map(name, config, module)
+        state = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        for entry in cmap.entries:
+            if name != "unet" and not any(m in entry.sgm for m in _TE_MLP):
+                continue
+            parts = [state[d] for d in entry.diffusers]
+            shape = parts[0] if entry.op == "copy" else (sum(p[0] for p in parts), *parts[0][1:])
+            shapes[entry.sgm] = shape
+    g = torch.Generator().manual_seed(0)
+    write_streaming(path, shapes, lambda key, shape: _random(shape, g) if len(shape) > 1 else torch.zeros(shape, dtype=torch.float16))
+
+
+def seed_modules(tiny: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], float]]:
+    """kohya name → (down shape, up shape, alpha) of the seed recipe's LoCon, from lycoris-lora."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    from loradrop.engine.models import keymap
+    from loradrop.engine.models.configs import sdxl_config, tiny_config
+    from loradrop.engine.models.sdxl import build_empty
+
+    config = tiny_config() if tiny else sdxl_config()
+    models = build_empty(config, ("unet", "te1", "te2"))
+    names = keymap.UNetNames(config.unet)
+    out = {}
+    for component, targets, conv in (("unet", ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"], 256), ("te1", ["CLIPMLP"], 0), ("te2", ["CLIPMLP"], 0)):
+        root = models[component]
+        LycorisNetwork.apply_preset({"target_module": targets, "target_name": []})
+        kwargs = {"conv_dim": conv, "conv_alpha": 4} if conv else {}
+        net = create_lycoris(root, 1.0, linear_dim=8, linear_alpha=4, algo="locon", **kwargs)
+        paths = {id(m): p for p, m in root.named_modules()}
+        for lora in net.loras:
+            path = paths[id(lora.org_module[0])]
+            name = keymap.lora_name(component, path, names if component == "unet" else None)
+            out[name] = (tuple(lora.lora_down.weight.shape), tuple(lora.lora_up.weight.shape), float(lora.alpha))
+    return out
+
+
+def build_lora(path: Path, tiny: bool) -> int:
+    from loradrop.engine.lora.lorafile import save_lora
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, (down, up, alpha) in seed_modules(tiny).items():
+        rank = down[0]
+        # Columns of up spread over two decades, so singular values straddle the threshold.
+        spread = torch.logspace(-1, 1, rank)[torch.randperm(rank, generator=g)]
+        tensors[name + ".lora_down.weight"] = _random(down, g)
+        tensors[name + ".lora_up.weight"] = (torch.randn(up, generator=g) * 3e-3 * spread.reshape(1, rank, *([1] * (len(up) - 2)))).half()
+        tensors[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    save_lora(path, tensors, {"ss_network_dim": "8", "ss_network_alpha": "4.0"})
+    return sum(t.numel() for t in tensors.values())
+
+
+_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from loradrop.engine.lora.resize import resize
+t1 = time.perf_counter()
+report = resize(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], "fp16", "cpu")
+t2 = time.perf_counter()
+kept = sum(r[1] for r in report.ranks.values())
+print(json.dumps({"import_s": t1 - t0, "resize_s": t2 - t1, "path": str(report.path), "kept_dims": kept, "params_out": report.params_out}))
+"""
+
+
+def measure(base: Path, lora: Path, out: Path) -> dict:
+    """Run one resize in a child; its wall time (start to exit) and its own peak RSS."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(base), str(lora), RECIPE, str(out)], stdout=subprocess.PIPE)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if child.returncode != 0:
+        raise SystemExit(f"the resize child failed with exit code {child.returncode}")
+    result = json.loads(output)
+    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_gb=usage.ru_maxrss * 1024 / 1e9)  # ru_maxrss: KiB
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="run on the tiny twin (seconds)")
+    parser.add_argument("--runs", type=int, default=2, help="resize runs (the first may read the base from disk)")
+    parser.add_argument("--workdir", type=Path, help="keep the built files here and reuse them (default: a temporary folder, removed)")
+    args = parser.parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="loradrop-resize-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    base, lora = work / "base.safetensors", work / "locon.safetensors"
+    try:
+        t = time.perf_counter()
+        if not base.exists():
+            build_base(base, args.tiny)
+        if not lora.exists():
+            build_lora(lora, args.tiny)
+        print(f"files: base {base.stat().st_size / 1e9:.2f} GB, LoCon {lora.stat().st_size / 1e6:.1f} MB "
+              f"(built or found in {time.perf_counter() - t:.0f}s) in {work}")
+        print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        runs = []
+        for i in range(args.runs):
+            r = measure(base, lora, work / "out")
+            runs.append(r)
+            print(f"run {i + 1}: wall {r['wall_s']:.2f}s (imports {r['import_s']:.2f}s, resize() {r['resize_s']:.2f}s), "
+                  f"CPU {r['cpu_s']:.2f}s, peak RSS {r['peak_rss_gb']:.2f} GB; kept {r['kept_dims']} dims, {r['params_out']:,} params; "
+                  f"load {os.getloadavg()[0]:.2f}")
+        best = min(runs, key=lambda r: r["wall_s"])
+        print(f"best: wall {best['wall_s']:.2f}s, peak RSS {max(r['peak_rss_gb'] for r in runs):.2f} GB (highest of the runs)")
+        if not args.tiny:
+            print(f"resize_lora on the same kind of files: wall {REFERENCE['wall_s']}s, peak RSS {REFERENCE['peak_rss_gb']} GB "
+                  f"(target: no slower, peak under {REFERENCE['peak_rss_gb'] / 3:.2f} GB)")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Keep, drop or weight a LoRA's UNet blocks: chop_blocks, with linear fractional weights.
+
+The vector is entry 0 (a global factor g for the UNet blocks) then one weight v_b per block of
+the file's layout; block b gets w_b = g · v_b. With |w_b| < 1e-6 the block's keys are removed,
+with w_b = 1 they are copied untouched; the text encoders and any non-block key always pass
+through. For other weights chop_blocks multiplies alpha, down and up by w_b, which scales ΔW by
+w_b³; here only the up factor is scaled, so ΔW scales by w_b, as a block weight means in the
+Block Weight loader.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .blocks import Layout, check_length, format_weight, is_plain_numbers, layout, parse_vector
+from .lorafile import UP, read_lora, save_lora
+
+
+@dataclass
+class ChopResult:
+    path: Path
+    layout: Layout
+    vector: list[float]  # as parsed: entry 0 then one weight per block
+    weights: list[float]  # per block, entry 0 applied
+    removed: int  # tensors removed
+
+    def lines(self) -> list[str]:
+        return self.layout.lines(self.weights)
+
+
+def chop(lora: str | os.PathLike, vector: str, out: str | os.PathLike | None = None, *, seed: int = 0) -> ChopResult:
+    """Write the chopped LoRA to `out` (default `<stem>-chop.safetensors` beside the input)."""
+    lf = read_lora(lora)
+    lay = layout(lf.tensors)
+    values = parse_vector(vector, len(lay.blocks), seed=seed)
+    check_length(values, lay, lf.path)
+    weights = [values[0] * v for v in values[1:]]
+    tensors = {k: lf.tensors[k] for k in lay.passthrough}
+    removed = 0
+    for block, w in zip(lay.blocks, weights):
+        if abs(w) < 1e-6:
+            removed += len(block.keys)
+            continue
+        for k in block.keys:
+            t = lf.tensors[k]
+            if abs(w - 1.0) > 1e-6 and k.endswith(UP):
+                t = (t.float() * w).to(t.dtype)
+            tensors[k] = t
+    metadata = dict(lf.metadata)
+    # As chop_blocks: the vector as given; a preset or tokens are recorded as the numbers used.
+    metadata["block_vector_string"] = vector.strip() if is_plain_numbers(vector) else ",".join(map(format_weight, values))
+    path = Path(out).expanduser() if out is not None else lf.path.with_name(f"{lf.path.stem}-chop.safetensors")
+    save_lora(path, tensors, metadata)
+    return ChopResult(path, lay, values, weights, removed)
+
