@@ -1,0 +1,228 @@
+"""How a dataset folder becomes a job: checked, its settings resolved and frozen, recorded.
+
+Settings come in three layers: the Recipe's defaults, then the folder's `loradrop.toml` (recipe
+keys at the top level, plus `name`, `model` and `block_vector`), then the request's own values.
+The result is stored with the job and never read again from the folder, so editing the folder's
+file later does not change a queued job.
+
+Folders of the inbox are known by their inode (`folder_key`): that survives renames, and it is how
+a restarted daemon knows a folder it has already taken.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from loradrop.engine.lora.blocks import vector_tokens
+from loradrop.engine.recipe import Recipe, load_toml
+from loradrop.errors import UserError
+
+from .config import DaemonConfig
+from .errors import Conflict, Refused, RequestError
+from .events import EventLog
+from .home import Home
+from .security import links_out_of, resolve_inside, safe_name
+from .store import CANCELLED, FAILED, QUEUED, Job
+
+log = logging.getLogger(__name__)
+
+FOLDER_FILE = "loradrop.toml"
+FOLDER_KEYS = ("name", "model", "block_vector")  # the folder file's keys that are not recipe keys
+UPLOAD_LIMIT = 8 << 30  # bytes of tar stream one upload may send
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a client (or the inbox) asks for; empty strings mean "not given"."""
+
+    overrides: tuple[str, ...] = ()
+    name: str = ""
+    model: str = ""
+    block_vector: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str
+    model: str | None
+    block_vector: str | None
+    recipe: dict
+
+
+def folder_key(path: Path) -> str:
+    st = path.stat(follow_symlinks=False)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+class Intake:
+    def __init__(self, home: Home, config: DaemonConfig, events: EventLog, wake):
+        self.home, self.config, self.events = home, config, events
+        self._wake = wake  # called when a job was queued, so an idle worker takes it
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, dataset: str, request: Request) -> Job:
+        """A folder already inside the inbox, named by a client."""
+        folder = resolve_inside(dataset, [self.home.inbox], what="dataset")
+        if folder.parent != self.home.inbox:
+            raise Refused(f"dataset {dataset!r} must be a folder directly inside the inbox ({self.home.inbox}).")
+        self._check_folder(folder)
+        settings = self.resolve(folder, request, default_name=folder.name)
+        return self._queue(settings, source="submit", dataset=folder, key=folder_key(folder))
+
+    def upload(self, first: Request, folder_name: str, data: Iterator[bytes]) -> Job:
+        """A tar stream unpacked into a new inbox folder (a hidden one until it is complete)."""
+        name = safe_name(folder_name or first.name, fallback="upload")
+        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.home.inbox))
+        try:
+            with tarfile.open(fileobj=_Stream(data, UPLOAD_LIMIT), mode="r|") as tar:
+                # The "data" filter refuses absolute names, `..`, links out of the folder and devices.
+                tar.extractall(staging, filter="data")
+            settings = self.resolve(staging, first, default_name=name)
+            final = _free_name(self.home.inbox, name)
+            job = self._queue(settings, source="upload", dataset=final, key=folder_key(staging), wake=False)
+            staging.rename(final)  # after the job exists, so the watcher knows the folder as taken
+        except tarfile.TarError as e:
+            raise RequestError(f"the upload is not a valid tar stream of a folder ({e}).") from None
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        self._wake()
+        return job
+
+    def retry(self, job: Job) -> Job:
+        if job.state not in (FAILED, CANCELLED):
+            raise Conflict(f"job {job.id} is {job.state}; only a failed or cancelled job can be retried.")
+        if job.recipe is None:
+            # Refused at intake: read the folder again, the user may have fixed it.
+            folder = Path(job.dataset)
+            self._check_folder(folder)
+            settings = self.resolve(folder, Request(name=job.name), default_name=job.name)
+            self.events.store.set_settings(job.id, settings.model, settings.block_vector, settings.recipe)
+        retried = self.events.transition(job.id, QUEUED, expect=(FAILED, CANCELLED), attempts=0)
+        if retried is None:
+            raise Conflict(f"job {job.id} changed state meanwhile; look at it again.")
+        self._wake()
+        return retried
+
+    # ------------------------------------------------------------------ the inbox watcher's calls
+
+    def known(self, key: str) -> bool:
+        return bool(self.events.store.inbox_jobs(key))
+
+    def folder_ready(self, folder: Path, key: str) -> None:
+        """A new inbox folder has been quiet long enough: queue it, or record why it cannot be."""
+        try:
+            self._check_folder(folder)
+            settings = self.resolve(folder, Request(), default_name=folder.name)
+        except UserError as e:
+            job = self.events.add_job(name=safe_name(folder.name), source="inbox", dataset=str(folder), inbox_key=key,
+                                      model=None, block_vector=None, recipe=None, state=FAILED, error=str(e))
+            self.events.emit("", "log", {"level": "warning", "text": f"inbox: {folder.name} refused as job {job.id}: {e}"})
+            log.warning("inbox folder %s refused: %s", folder, e)
+            return
+        self._queue(settings, source="inbox", dataset=folder, key=key)
+
+    def folder_moved(self, key: str, folder: Path) -> None:
+        for job in self.events.store.inbox_jobs(key):
+            self.events.store.set_inbox(job.id, str(folder), key)
+
+    def folder_removed(self, key: str) -> None:
+        """A folder gone before its job started cancels the job; the key is freed either way
+        (a new folder may get the same inode)."""
+        for job in self.events.store.inbox_jobs(key):
+            if job.state == QUEUED:
+                self.events.transition(job.id, CANCELLED, error="its folder was removed from the inbox", expect=(QUEUED,))
+            self.events.store.set_inbox(job.id, job.dataset, None)
+
+    def forget_missing(self, present: set[str]) -> None:
+        """At start: free the keys of folders that went away while the daemon was down."""
+        for job in self.events.store.jobs():
+            if job.inbox_key and job.inbox_key not in present:
+                self.folder_removed(job.inbox_key)
+
+    # ------------------------------------------------------------------ resolution
+
+    def resolve(self, folder: Path, request: Request, *, default_name: str) -> Settings:
+        """The job's frozen settings: recipe defaults < the folder's loradrop.toml < the request."""
+        values: dict = {}
+        source = folder / FOLDER_FILE
+        if source.is_file():
+            values = load_toml(source)
+        extra = {k: values.pop(k) for k in FOLDER_KEYS if k in values}
+        for key, value in extra.items():
+            if not isinstance(value, str):
+                raise UserError(f"{source}: {key} must be a string, not {value!r}.")
+        recipe = Recipe.from_mapping(values, source=str(source)).with_overrides(list(request.overrides), source="request")
+        name = safe_name(request.name or extra.get("name") or values.get("output_name") or default_name)
+        recipe = recipe.updated({"output_name": name}, source="request")
+        vector = request.block_vector or extra.get("block_vector") or None
+        if vector:
+            vector_tokens(vector)  # a malformed vector is refused now, not after training
+        return Settings(name=name, model=self.model_path(request.model or extra.get("model", "")), block_vector=vector, recipe=recipe.to_dict())
+
+    def model_path(self, text: str) -> str | None:
+        """A base checkpoint a request may use: a file in models/ (by name or path), or the
+        daemon's own --model; empty: the daemon's default (None: the tiny twin)."""
+        if not text:
+            return self.config.model
+        if self.config.model and text == self.config.model:
+            return text
+        path = resolve_inside(text, [self.home.models, self.home.outputs], what="model", base=self.home.models)
+        if not path.is_file():
+            raise RequestError(f"model {text!r} is not a file in {self.home.models}; copy the checkpoint there first.")
+        return str(path)
+
+    def _check_folder(self, folder: Path) -> None:
+        bad = links_out_of(folder, self.home.inbox)
+        if bad:
+            raise Refused(f"{folder} has symlinks pointing outside the inbox ({', '.join(bad[:3])}); copy the files in instead.")
+        if not folder.is_dir():
+            raise RequestError(f"dataset {folder} is not a folder (any more); give a folder of images inside the inbox.")
+
+    def _queue(self, settings: Settings, *, source: str, dataset: Path, key: str | None, wake: bool = True) -> Job:
+        job = self.events.add_job(name=settings.name, source=source, dataset=str(dataset), inbox_key=key, model=settings.model,
+                                  block_vector=settings.block_vector, recipe=settings.recipe)
+        if wake:
+            self._wake()
+        return job
+
+
+def _free_name(parent: Path, name: str) -> Path:
+    candidate, n = parent / name, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = parent / f"{name}-{n}"
+    return candidate
+
+
+class _Stream(io.RawIOBase):
+    """The upload's chunks as a readable file, for tarfile's streaming mode."""
+
+    def __init__(self, chunks: Iterator[bytes], limit: int):
+        self._chunks, self._limit = chunks, limit
+        self._buffer, self._total = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buffer:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._total += len(chunk)
+            if self._total > self._limit:
+                raise RequestError(f"the upload is larger than {self._limit >> 30} GiB; copy the folder into the inbox instead.")
+            self._buffer = chunk
+        n = min(len(b), len(self._buffer))
+        b[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n

@@ -1,0 +1,213 @@
+"""A small typed client for the loradrop daemon, used by the CLI, the TUI and scripts.
+
+    from loradrop.proto.client import Client
+
+    with Client() as daemon:                     # the default home's socket
+        job = daemon.upload("photos/", overrides=["max_train_steps=40"])
+        for event in daemon.events(job.id):      # reconnects by itself, missing nothing
+            print(event.kind, event.log.text if event.HasField("log") else "")
+
+A target is `unix:PATH` (or a path), or `HOST:PORT` (TCP: pass `tls_ca=` for a daemon with TLS
+and `token=`/`token_file=`). It imports no torch and no engine.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import grpc
+
+from loradrop.errors import UserError
+from loradrop.fsutil import atomic_path
+from loradrop.proto.connect import default_target
+from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
+
+MAX_MESSAGE = 64 << 20
+CHUNK = 1 << 20
+TIMEOUT = 30.0  # seconds for a plain call
+TOOL_TIMEOUT = 1800.0  # chop, resize, block layout, preview: they may wait for a worker
+STATES = {name.lower(): code for name, code in pb.JobState.items() if code}  # "queued" -> pb.QUEUED, ...
+
+
+class ClientError(UserError):
+    """A call the daemon refused or could not answer; `code` is the gRPC status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def state_name(state: int) -> str:
+    return pb.JobState.Name(state).lower() if state in STATES.values() else "unknown"
+
+
+class Client:
+    def __init__(self, target: str | None = None, *, token: str | None = None, token_file: str | os.PathLike | None = None, tls_ca: str | os.PathLike | None = None):
+        self.target = _grpc_target(target or default_target())
+        if token_file:
+            token = Path(token_file).expanduser().read_text().strip()
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        if tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).expanduser().read_bytes())
+            self._channel = grpc.secure_channel(self.target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.target, options=options)
+        self._stub = rpc.LoradropStub(self._channel)
+
+    # ------------------------------------------------------------------ command-line plumbing
+
+    @classmethod
+    def from_args(cls, args) -> "Client":
+        """A client for the options `loradrop.proto.connect.add_arguments` declared."""
+        return cls(args.connect, token_file=args.token_file, tls_ca=args.tls_ca)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ calls
+
+    def status(self) -> pb.StatusReply:
+        return self._call(self._stub.Status, pb.StatusRequest())
+
+    def submit(self, dataset: str | os.PathLike, *, overrides: Iterable[str] = (), name: str = "", model: str = "", block_vector: str = "") -> pb.Job:
+        """Queue a folder that already lies inside the daemon's inbox."""
+        request = pb.SubmitJobRequest(dataset=str(dataset), overrides=list(overrides), name=name, model=model, block_vector=block_vector)
+        return self._call(self._stub.SubmitJob, request)
+
+    def upload(self, folder: str | os.PathLike, *, overrides: Iterable[str] = (), name: str = "", model: str = "", block_vector: str = "") -> pb.Job:
+        """Send a local folder (files only; symlinks are sent as the files they point to) and queue it."""
+        folder = Path(folder).expanduser().resolve()
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder; give a folder of captioned images.")
+        job = pb.SubmitJobRequest(dataset=folder.name, overrides=list(overrides), name=name, model=model, block_vector=block_vector)
+        messages = (pb.UploadChunk(job=job if i == 0 else None, data=data) for i, data in enumerate(_tar_chunks(folder)))
+        return self._call(self._stub.UploadDataset, messages, timeout=None)
+
+    def jobs(self, states: Iterable[str] = ()) -> list[pb.Job]:
+        return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(states=[STATES[s] for s in states])).jobs)
+
+    def job(self, job_id: str) -> pb.Job:
+        return self._call(self._stub.GetJob, pb.JobRef(job_id=str(job_id)))
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self._call(self._stub.CancelJob, pb.JobRef(job_id=str(job_id)))
+
+    def retry(self, job_id: str) -> pb.Job:
+        return self._call(self._stub.RetryJob, pb.JobRef(job_id=str(job_id)))
+
+    def save_now(self, job_id: str) -> pb.Job:
+        return self._call(self._stub.SaveNow, pb.JobRef(job_id=str(job_id)))
+
+    def sample_now(self, job_id: str) -> pb.Job:
+        return self._call(self._stub.SampleNow, pb.JobRef(job_id=str(job_id)))
+
+    def events(self, job_id: str = "", since: int = 0, *, follow: bool = True, reconnect: bool = True) -> Iterator[pb.Event]:
+        """Events after `since` (the job's numbers, or the global ones without a job). When the
+        daemon goes away, waits for it and continues after the last event seen: none missed, none twice.
+        With a job and `follow`, ends once the job has ended."""
+        delay = 0.2
+        while True:
+            try:
+                request = pb.StreamEventsRequest(job_id=str(job_id), since=since, follow=follow)
+                for event in self._stub.StreamEvents(request, metadata=self._metadata, wait_for_ready=reconnect):
+                    since = event.seq if job_id else event.global_seq
+                    delay = 0.2
+                    yield event
+                return
+            except grpc.RpcError as e:
+                if not reconnect or e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise self._error(e) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def sample(self, path: str = "", *, job_id: str = "", seq: int = 0, max_size: int = 0) -> pb.Image:
+        """A sample (by path, or by its job and event number) as PNG, fit into `max_size` pixels."""
+        return self._call(self._stub.GetSample, pb.GetSampleRequest(path=str(path), job_id=str(job_id), seq=seq, max_size=max_size))
+
+    def artifacts(self, job_id: str) -> list[pb.Artifact]:
+        return list(self._call(self._stub.ListArtifacts, pb.JobRef(job_id=str(job_id))).artifacts)
+
+    def download(self, path: str, dest: str | os.PathLike) -> Path:
+        """Copy an artifact to `dest` (a file, or a folder to put it in); written atomically."""
+        dest = Path(dest).expanduser()
+        if dest.is_dir():
+            dest = dest / Path(path).name
+        try:
+            with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+                for chunk in self._stub.DownloadArtifact(pb.ArtifactRef(path=str(path)), metadata=self._metadata, timeout=TOOL_TIMEOUT):
+                    f.write(chunk.data)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        return dest
+
+    def block_layout(self, path: str) -> pb.BlockLayoutReply:
+        return self._call(self._stub.BlockLayout, pb.ArtifactRef(path=str(path)), timeout=TOOL_TIMEOUT)
+
+    def chop(self, path: str, vector: str) -> pb.Artifact:
+        return self._call(self._stub.Chop, pb.ChopRequest(path=str(path), vector=vector), timeout=TOOL_TIMEOUT)
+
+    def resize(self, path: str, recipe: str = "") -> pb.Artifact:
+        return self._call(self._stub.Resize, pb.ResizeRequest(path=str(path), recipe=recipe), timeout=TOOL_TIMEOUT)
+
+    def preview(self, path: str, *, vector: str = "", prompts: Iterable[str] = (), seed: int | None = None, max_size: int = 0) -> list[pb.Image]:
+        request = pb.PreviewRequest(path=str(path), vector=vector, prompts=list(prompts), seed=seed, max_size=max_size)
+        return list(self._call(self._stub.Preview, request, timeout=TOOL_TIMEOUT).images)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, method, request, timeout: float | None = TIMEOUT):
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: grpc.RpcError) -> ClientError:
+        code = e.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ClientError(f"cannot reach the daemon at {self.target} ({e.details()}); is it running? Start it with `loradrop daemon`.", code)
+        return ClientError(e.details() or str(code), code)
+
+
+def _grpc_target(target: str) -> str:
+    if target.startswith("unix:"):
+        return target
+    if "/" in target or target.endswith(".sock"):
+        return f"unix:{Path(target).expanduser().absolute()}"
+    return target
+
+
+def _tar_chunks(folder: Path) -> Iterator[bytes]:
+    """The folder as an uncompressed tar stream, produced file by file (memory stays small)."""
+    buffer = _Collect()
+    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT, dereference=True) as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():  # follows symlinks: the daemon receives the files themselves
+                tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+                yield from buffer.take()
+    yield from buffer.take()
+
+
+class _Collect:
+    def __init__(self):
+        self._data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._data += data
+        return len(data)
+
+    def take(self) -> Iterator[bytes]:
+        data, self._data = bytes(self._data), bytearray()
+        for i in range(0, len(data), CHUNK):
+            yield data[i : i + CHUNK]

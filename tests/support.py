@@ -1,0 +1,161 @@
+"""Test helpers shared by every room's tests: tiny real datasets, real daemon processes, waiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from loradrop.proto.client import Client, ClientError
+
+# A recipe that trains in seconds on the tiny twin: 64 px, batch 1, no accumulation, few steps.
+TINY_RECIPE = {
+    "resolution": 64,
+    "min_bucket_reso": 64,
+    "max_bucket_reso": 128,
+    "bucket_reso_steps": 32,
+    "train_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "max_train_steps": 4,
+    "sample_every_n_steps": 0,
+    "save_every_n_steps": 1,
+    "log_with": "none",
+    "mixed_precision": "no",
+    "gradient_checkpointing": False,
+    "max_data_loader_n_workers": 0,
+    "conv_dim": 8,
+    "conv_alpha": 4.0,
+}
+
+
+# Image sizes (w, h) that fall in several buckets, for tests of bucketing and batching.
+BUCKET_SIZES = ((64, 64), (96, 64), (64, 96))
+
+
+def toml_text(values: dict) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(values)
+
+
+def make_dataset(
+    folder: Path,
+    *,
+    images: int = 2,
+    size: int = 64,
+    sizes: tuple[tuple[int, int], ...] | None = None,
+    settings: dict | None = None,
+    prompts: list[str] | None = None,
+) -> Path:
+    """Real PNGs with captions, and a loradrop.toml with the tiny recipe plus `settings` (the
+    engine ignores that file; the daemon reads it). `sizes` cycles image sizes (w, h) for tests
+    that need several buckets; otherwise every image is `size` square."""
+    folder.mkdir(parents=True)
+    for i in range(images):
+        w, h = sizes[i % len(sizes)] if sizes else (size, size)
+        image = Image.new("RGB", (w, h), (40 * i % 256, 120, 200 - 30 * i % 200))
+        for x in range(0, min(w, h), 8):  # some structure, so the latents are not flat
+            image.paste((255 - 20 * i % 256, 10 * x % 256, 60), (x, x // 2, x + 4, x // 2 + 4))
+        image.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of zkw thing, number {i}")
+    (folder / "loradrop.toml").write_text(toml_text({**TINY_RECIPE, **(settings or {})}))
+    if prompts:
+        (folder / "sample-prompts.txt").write_text("\n".join(prompts) + "\n")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    """`loradrop daemon` as a child process; its output goes to a file shown when a test fails."""
+
+    def __init__(self, home: Path, *args: str, connect: str | None = None, client_args: dict | None = None, env: dict | None = None):
+        self.home, self.args, self.env = home, list(args), env
+        self.connect = connect or f"unix:{home / 'daemon.sock'}"
+        self.client_args = client_args or {}
+        self.process: subprocess.Popen | None = None
+        self.output = home.parent / f"{home.name}-daemon.out"
+
+    def start(self, wait: bool = True) -> "Daemon":
+        out = open(self.output, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loradrop", "daemon", "--home", str(self.home), *self.args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})},
+        )
+        out.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the daemon exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with self.client() as c:
+                    c.status()
+                return
+            except ClientError:
+                time.sleep(0.1)
+        raise AssertionError(f"the daemon did not answer in {timeout}s:\n{self.log()}")
+
+    def client(self, **kwargs) -> Client:
+        return Client(self.connect, **{**self.client_args, **kwargs})
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"the daemon did not stop on SIGTERM in {timeout}s:\n{self.log()}")
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def wait_for(predicate, timeout: float = 30, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
