@@ -1,0 +1,113 @@
+"""The TUI's pure parts: the loss plot, bars, the sample index, the block vector being edited."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loradrop.errors import UserError
+from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.tui.formatting import bar, size_text
+from loradrop.tui.images import fit_pixels, image_widget_class, protocol_name
+from loradrop.tui.samples import SampleIndex
+from loradrop.tui.vector import BlockVector
+from loradrop.tui.widgets.loss_plot import braille_plot
+
+
+def _dots(lines: list[str]) -> set[tuple[int, int]]:
+    """(column, row) of every dot drawn, in dot units (2 per cell across, 4 down)."""
+    bits = ((0, 0, 0x01), (0, 1, 0x02), (0, 2, 0x04), (1, 0, 0x08), (1, 1, 0x10), (1, 2, 0x20), (0, 3, 0x40), (1, 3, 0x80))
+    out = set()
+    for r, line in enumerate(lines):
+        for c, ch in enumerate(line):
+            value = ord(ch) - 0x2800
+            assert 0 <= value < 256
+            out |= {(2 * c + dx, 4 * r + dy) for dx, dy, bit in bits if value & bit}
+    return out
+
+
+def test_the_loss_plot_falls_from_top_left_to_bottom_right_without_gaps():
+    lines = braille_plot([(1, 1.0), (2, 0.5), (3, 0.25), (4, 0.0)], width=10, height=3)
+    assert len(lines) == 3 and all(len(line) == 10 for line in lines)
+    dots = _dots(lines)
+    assert (0, 0) in dots and (19, 11) in dots  # the highest loss top left, the lowest bottom right
+    assert {c for c, _ in dots} == set(range(20))  # joined: a dot in every column
+    assert max(r for c, r in dots if c == 10) > min(r for c, r in dots if c == 2)  # it goes down
+
+
+def test_a_flat_loss_is_a_line_across_the_middle():
+    dots = _dots(braille_plot([(1, 0.3), (5, 0.3)], width=4, height=2))
+    assert dots == {(c, 4) for c in range(8)}
+
+
+def test_bars_and_sizes():
+    assert bar(0, 4) == "    "
+    assert bar(1, 4) == "████"
+    assert bar(0.5, 3) == "█▌ "
+    assert bar(2, 2) == "██"
+    assert [size_text(n) for n in (512, 2_862_832, 6_070_000_000)] == ["512 B", "2.9 MB", "6.1 GB"]
+
+
+def _sample(seq: int, step: int, prompt: int) -> pb.Event:
+    return pb.Event(seq=seq, kind="sample", sample=pb.SampleReady(path=f"/o/s{step}_p{prompt}.png", step=step, prompt_index=prompt, prompt=f"prompt {prompt}"))
+
+
+def test_the_sample_index_orders_steps_newest_first_and_series_oldest_first():
+    index = SampleIndex()
+    assert index.add(pb.Event(seq=1, kind="log", log=pb.LogLine(text="hi"))) is None
+    for seq, (step, prompt) in enumerate([(2, 0), (2, 1), (4, 0), (4, 1), (6, 0)], start=2):
+        index.add(_sample(seq, step, prompt))
+    assert index.steps == [6, 4, 2]
+    assert index.prompts == [0, 1]
+    assert [s.step for s in index.series(0)] == [2, 4, 6]
+    assert [s.step for s in index.series(1)] == [2, 4]
+    assert index.at(6, 1) is None
+    assert index.at(4, 1).path == "/o/s4_p1.png"
+    index.add(_sample(20, 4, 1))  # rendered again (a retried job): the newer one counts
+    assert index.at(4, 1).seq == 20 and len(index) == 5
+
+
+def test_the_block_vector_edits_and_refuses_what_does_not_fit():
+    v = BlockVector.for_blocks(["INP01", "MID00", "OUT00"])
+    assert v.text == "1,1,1,1" and v.is_identity
+    v.nudge(1, -0.1)
+    v.nudge(1, -0.1)
+    v.set(3, 0)
+    assert v.text == "1,0.8,1,0"
+    v.apply("1,0,1,0")
+    assert v.weights == [1, 0, 1, 0]
+    assert BlockVector.for_blocks(["A", "B"], "0.5,1,0").weights == [0.5, 1, 0]
+    with pytest.raises(UserError, match="needs 4"):
+        v.apply("1,1,1")
+    with pytest.raises(UserError, match="not a number"):
+        BlockVector.for_blocks(["A", "B"], "1,R,1")
+    with pytest.raises(UserError, match="finite"):
+        v.set(0, float("inf"))
+
+
+def test_each_forced_protocol_gets_its_widget():
+    assert image_widget_class("none") is None and protocol_name(None) == "none"
+    for protocol in ("sixel", "tgp", "halfcell"):
+        assert protocol_name(image_widget_class(protocol)) == protocol
+    assert protocol_name(image_widget_class("auto")) == "unicode"  # no terminal under pytest: textual-image's text fallback
+    with pytest.raises(ValueError, match="kitty"):
+        image_widget_class("kitty")
+
+
+def test_samples_are_asked_for_at_the_size_the_widget_shows():
+    assert fit_pixels(40, 12, "halfcell") == 40  # 40 cells across, 24 half-cells down
+    assert fit_pixels(20, 20, "halfcell") == 40
+    assert fit_pixels(40, 12, "sixel") >= 40 * 2  # real pixels: several per cell
+
+
+def test_the_tui_and_montage_load_no_torch_and_no_engine():
+    code = (
+        "import sys\n"
+        "import loradrop.commands.tui, loradrop.commands.montage, loradrop.tui.app\n"
+        "import loradrop.tui.screens.queue, loradrop.tui.screens.job, loradrop.tui.screens.blocks\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'safetensors') or m.startswith('loradrop.engine')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -1,0 +1,70 @@
+"""The queue screen against a real daemon (no workers: jobs stay queued until cancelled)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loradrop.tui.screens.dialogs import Ask, Confirm
+from loradrop.tui.screens.job import JobScreen
+from loradrop.tui.widgets.jobs_table import JobsTable
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_dropped_folder_appears_and_cancel_and_retry_ask_first(start_daemon, dataset, tui):
+    daemon = start_daemon("--workers", "0")
+
+    async def scenario(app, pilot):
+        table = app.screen.query_one(JobsTable)
+        await tui.until(pilot, lambda: app.connected, what="the app to connect")
+        assert table.row_count == 0
+        dataset(daemon.home / "inbox" / "cats")
+        await tui.until(pilot, lambda: table.row_count == 1, what="the dropped folder to appear as a job")
+        assert table.cell_text("0001-cats", "name") == "cats"
+        assert table.cell_text("0001-cats", "state") == "queued"
+
+        await pilot.press("c")
+        assert isinstance(app.screen, Confirm)
+        await pilot.press("n")  # changed its mind: nothing happens
+        assert not isinstance(app.screen, Confirm)
+        await pilot.pause(0.3)
+        assert table.cell_text("0001-cats", "state") == "queued"
+
+        await pilot.press("c", "y")
+        await tui.until(pilot, lambda: table.cell_text("0001-cats", "state") == "cancelled", what="the job to show cancelled")
+        with daemon.client() as c:
+            assert c.job("0001-cats").error == "cancelled by request"
+
+        await pilot.press("r")
+        assert isinstance(app.screen, Confirm)
+        await pilot.press("y")
+        await tui.until(pilot, lambda: table.cell_text("0001-cats", "state") == "queued", what="the retried job to be queued again")
+
+        await pilot.press("enter")
+        assert isinstance(app.screen, JobScreen) and app.screen.job_id == "0001-cats"
+        log = app.screen.query_one("#job-log")
+        await tui.until(pilot, lambda: any("job cancelled" in line for line in log.lines), what="the job's log")
+
+    tui.run(daemon.connect, scenario)
+
+
+def test_submit_asks_for_a_folder_in_the_inbox(start_daemon, dataset, tui):
+    daemon = start_daemon("--workers", "0", "--quiet-seconds", "600")  # the watcher leaves it to us
+    dataset(daemon.home / "inbox" / "dogs")
+
+    async def scenario(app, pilot):
+        table = app.screen.query_one(JobsTable)
+        await tui.until(pilot, lambda: app.status is not None, what="the app to connect")
+        await pilot.press("s")
+        assert isinstance(app.screen, Ask)
+        await pilot.press(*"dogs", "enter")
+        await tui.until(pilot, lambda: table.row_count == 1, what="the submitted job")
+        assert table.selected == "0001-dogs"
+        assert table.cell_text("0001-dogs", "state") == "queued"
+
+        await pilot.press("s", *"no-such-folder", "enter")  # refused: said, and the queue is unchanged
+        await tui.until(pilot, lambda: app._notifications, what="the refusal to be shown")
+        assert "no-such-folder" in str(list(app._notifications)[-1].message)
+        assert table.row_count == 1
+
+    tui.run(daemon.connect, scenario)
