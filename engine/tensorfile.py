@@ -111,22 +111,26 @@ class TensorFile:
 def _parse_header(f, path: Path, what: str) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     size = os.fstat(f.fileno()).st_size
     head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise UserError(
+    not_st = f"{path} is not a safetensors file; expected {what}."
+    if head[:2] == b"PK" or head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        # Only when the bytes make no sense as a safetensors header length: "PK" and 0x80 can
+        # also start a perfectly good length.
+        not_st = (
             f"{path} is a pickle checkpoint (.ckpt/.pt), which can run code when loaded; "
             f"loradrop reads only {what}: convert it to safetensors first."
         )
-    not_st = f"{path} is not a safetensors file; expected {what}."
     if len(head) < 8:
         raise UserError(not_st)
     (n,) = struct.unpack("<Q", head)
     if n < 2 or n > _MAX_HEADER:
         raise UserError(not_st)
     if 8 + n > size:
+        if "pickle" in not_st:
+            raise UserError(not_st)
         raise UserError(f"{path} is truncated: its header alone needs {8 + n} bytes, the file has {size}; copy it again.")
     try:
         header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UserError(not_st) from None
     if not isinstance(header, dict):
         raise UserError(not_st)

@@ -14,6 +14,17 @@ from loradrop.errors import UserError
 
 # Order is the order of `loradrop --help`.
 COMMANDS = [
+    # the daemon and its clients
+    "daemon",
+    "submit",
+    "jobs",
+    "logs",
+    "status",
+    "cancel",
+    "retry",
+    "tui",
+    "montage",
+    # offline tools
     "train",
     "recipe",
     "resize",

@@ -36,3 +36,4 @@ def tiny_model(tiny_path):
     from loradrop.engine.models.sdxl import load_sdxl
 
     return load_sdxl(tiny_path)
+

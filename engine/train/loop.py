@@ -17,12 +17,13 @@ import random
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..data.captions import shuffle_caption
-from ..data.dataset import Dataset, epoch_batches, scan
+from ..data.dataset import Dataset, epoch_batches
 from ..data.latents import CachedLatent, LatentCache
 from ..data.prompts import SamplePrompt, parse_prompt_file, prompts_from_captions
 from ..lora.lorafile import save_lora
@@ -39,6 +40,7 @@ from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
+RESOLVED_PROMPTS = "sample-prompts.txt"  # in the output folder
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
 
@@ -60,10 +62,14 @@ class Precision:
 
     @classmethod
     def for_run(cls, recipe: Recipe, device: torch.device) -> "Precision":
+        return cls.for_run_settings(recipe.mixed_precision, device)
+
+    @classmethod
+    def for_run_settings(cls, mixed_precision: str, device: torch.device) -> "Precision":
         # Mixed precision is a GPU feature; on a CPU bf16 is slow and gains nothing.
-        if device.type != "cuda" or recipe.mixed_precision == "no":
+        if device.type != "cuda" or mixed_precision == "no":
             return cls(torch.float32, None)
-        dtype = torch.bfloat16 if recipe.mixed_precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
         return cls(dtype, dtype)
 
     def context(self, device: torch.device):
@@ -74,7 +80,7 @@ class Precision:
 
 def train(
     model: SDXL,
-    dataset_dir: Path,
+    dataset: Dataset,
     out_dir: Path,
     recipe: Recipe,
     *,
@@ -85,17 +91,23 @@ def train(
     resume: bool = False,
     world: World = World(),
     model_hashes: tuple[str, str] | None = None,
+    on_network: Callable[[LoConNetwork | None], None] | None = None,
 ) -> TrainResult:
     control = control or NoControl()
     precision = Precision.for_run(recipe, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = recipe.output_name
 
-    # ---- data: scan the folder, cache latents, pick the sample prompts
-    emit("stage", {"stage": "scan"})
-    dataset = scan(dataset_dir, recipe)
+    # ---- data: report what the scan skipped, cache latents, pick the sample prompts
+    dataset_dir = dataset.folder
     _report_skipped(dataset, emit)
     prompts = _sample_prompts(dataset_dir, dataset, recipe, emit)
+    if world.is_main and prompts:
+        # The prompts as sampled, seeds resolved: previews of this job render the same pictures.
+        from loradrop.fsutil import atomic_write_text
+
+        resolved = [dataclasses.replace(p, seed=recipe.seed + i if p.seed is None else p.seed) for i, p in enumerate(prompts)]
+        atomic_write_text(out_dir / RESOLVED_PROMPTS, "".join(p.line() + "\n" for p in resolved))
     emit("stage", {"stage": "cache"})
     latents = _cache_latents(model, dataset, cache_dir, device, world, emit)
     items = [i for i in range(len(latents)) for _ in range(recipe.dataset_repeats)]
@@ -103,14 +115,21 @@ def train(
     num_batches = len(epoch_batches(buckets, recipe.train_batch_size, recipe.seed, 0))
 
     # ---- network and optimizer
-    network = LoConNetwork(model, recipe).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)  # the adapters' initial down weights
+        network = LoConNetwork(model, recipe)
+    network.to(device)
     network.apply_to()
+    if on_network is not None:
+        on_network(network)  # so a preview between two steps can set the adapters aside
+    writer = checkpoints.BackgroundWriter()
+    tb = _tensorboard(out_dir, recipe) if world.is_main else None
     try:
         groups = network.param_groups(recipe)
         params = [p for g in groups for p in g["params"]]
         optimizer = _make_optimizer(groups, recipe)
         train_te = any(g["name"] == "text_encoder" for g in groups)
-        _enable_checkpointing(model, recipe, train_te)
+        _enable_checkpointing(model, recipe, train_te, device)
         scaler = torch.amp.GradScaler(device.type) if precision.autocast == torch.float16 else None
 
         step = 0
@@ -135,8 +154,6 @@ def train(
             model_hashes=model_hashes,
             started_at=time.time(),
         )
-        tb = _tensorboard(out_dir, recipe) if world.is_main else None
-        writer = checkpoints.BackgroundWriter()
         ac = alphas_cumprod().to(device)
         save_dtype = SAVE_DTYPES[recipe.save_precision]
         step_files: list[Path] = []
@@ -255,22 +272,31 @@ def train(
                 for group_name, lr in lrs.items():
                     tb.add_scalar(f"lr/{group_name.replace('_', '')}", lr, step)
 
-            requests = control.poll()
-            if world.is_main and step < total:
-                if "save" in requests or (recipe.save_every_n_steps and step % recipe.save_every_n_steps == 0):
-                    step_files.append(save(step, final=False))
-            if world.is_main and ("sample" in requests or (recipe.sample_every_n_steps and step % recipe.sample_every_n_steps == 0)):
+            # Scheduled saves first, so a cancel or a crash right after keeps this step.
+            saved = world.is_main and step < total and bool(recipe.save_every_n_steps) and step % recipe.save_every_n_steps == 0
+            sampled = world.is_main and bool(recipe.sample_every_n_steps) and step % recipe.sample_every_n_steps == 0
+            if saved:
+                step_files.append(save(step, final=False))
+            if sampled:
+                render_samples(step)
+            requests = control.poll()  # raises Cancelled
+            if world.is_main and "save" in requests and not saved and step < total:
+                step_files.append(save(step, final=False))
+            if world.is_main and "sample" in requests and not sampled:
                 render_samples(step)
 
         final = out_dir / f"{name}.safetensors"
         if world.is_main:
             final = save(step, final=True)
-            writer.close()
-            if tb is not None:
-                tb.close()
+            writer.flush()
         world.barrier()
         return TrainResult(final=final, steps=step, step_files=step_files, samples=sample_files, last_loss=loss_value)
     finally:
+        # Whatever ended the run (done, cancelled, an error), what was submitted reaches the
+        # disk and the base model is given back untouched.
+        writer.close()
+        if tb is not None:
+            tb.close()
         network.restore()
         _disable_checkpointing(model)
 
@@ -279,11 +305,9 @@ def train(
 
 
 def _report_skipped(dataset: Dataset, emit: Emit) -> None:
-    if not dataset.skipped:
-        return
-    lines = "; ".join(f"{p.name}: {why}" for p, why in dataset.skipped[:20])
-    more = f" (and {len(dataset.skipped) - 20} more)" if len(dataset.skipped) > 20 else ""
-    emit("log", {"level": "warning", "text": f"skipped {len(dataset.skipped)} file(s): {lines}{more}"})
+    warning = dataset.skipped_warning()
+    if warning:
+        emit("log", {"level": "warning", "text": warning})
 
 
 def _sample_prompts(dataset_dir: Path, dataset: Dataset, recipe: Recipe, emit: Emit) -> list[SamplePrompt]:
@@ -321,21 +345,27 @@ def _make_optimizer(groups: list[dict], recipe: Recipe) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=recipe.learning_rate, **recipe.optimizer_args)
 
 
-def _enable_checkpointing(model: SDXL, recipe: Recipe, train_te: bool) -> None:
-    if not recipe.gradient_checkpointing:
+def _enable_checkpointing(model: SDXL, recipe: Recipe, train_te: bool, device: torch.device) -> None:
+    # Checkpointing trades compute for GPU memory; on a CPU there is memory to spare and the
+    # recompute only makes each step slower (4x on the tiny twin). The math is the same either way.
+    if not recipe.gradient_checkpointing or device.type != "cuda":
         return
     model.unet.enable_gradient_checkpointing()
     if train_te:
         for te in (model.te1, model.te2):
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed the method; 4.x only has the old name.
+            if hasattr(te, "activation_checkpointing_enable"):
+                te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             te.train()
 
 
 def _disable_checkpointing(model: SDXL) -> None:
     model.unet.disable_gradient_checkpointing()
     for te in (model.te1, model.te2):
-        if te.is_gradient_checkpointing:
-            te.gradient_checkpointing_disable()
+        disable = getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable
+        disable()
         te.eval()
 
 

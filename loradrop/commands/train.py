@@ -47,6 +47,10 @@ def run(args) -> int:
     if not args.dataset.is_dir():
         raise UserError(f"{args.dataset} is not a folder; expected a folder of images with .txt captions.")
 
+    from loradrop.engine.data.dataset import scan
+
+    dataset = scan(args.dataset, recipe)  # before the model loads: a bad folder fails at once
+
     import torch
 
     from loradrop.engine.models.hashes import model_hashes
@@ -84,7 +88,7 @@ def run(args) -> int:
     cache_dir = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loradrop" / "latents"
     result = train(
         model,
-        args.dataset,
+        dataset,
         args.out,
         recipe,
         device=device,

