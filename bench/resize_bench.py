@@ -9,8 +9,8 @@ has the seed recipe's module set (lycoris-lora's, on the same model: 788 UNet mo
 encoder MLPs; rank 8 alpha 4, 3x3 convs rank 256 alpha 4). Its singular values spread over two
 decades around the recipe's threshold, so about half the dimensions are kept.
 
-The resize runs in a child process, the one whose peak RSS is reported (os.wait4 gives that
-child's own ru_maxrss). resize_lora's figures on the same kind of files, measured on this kind of
+The resize runs in a child process, the one whose peak RSS is reported (the child reads its own
+VmHWM). resize_lora's figures on the same kind of files, measured on this kind of
 machine (reference/checked-here.md), are printed beside ours.
 """
 
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,10 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.rows import row, write_rows  # noqa: E402
+from loradrop.engine.tensorfile import write_streaming  # noqa: E402
 
 REFERENCE = {"wall_s": 4.7, "peak_rss_gb": 7.0}  # resize_lora -r fro_ckpt=1,thr=-3.55, full size
 RECIPE = "fro_ckpt=1,thr=-3.55"
@@ -38,22 +41,6 @@ _TE_MLP = ("mlp.fc1.", "mlp.fc2.", "mlp.c_fc.", "mlp.c_proj.")
 def _random(shape, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
     return (torch.randn(shape, generator=generator) * (scale / math.sqrt(fan_in))).to(torch.float16)
-
-
-def write_streaming(path: Path, shapes: dict[str, tuple[int, ...]], make) -> None:
-    """A safetensors file of fp16 tensors written one at a time, so a 6 GB base never sits in
-    memory (safetensors' own writer wants every tensor at once)."""
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        size = 2 * math.prod(shape)
-        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for key, shape in shapes.items():
-            f.write(make(key, shape).contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def build_base(path: Path, tiny: bool) -> None:
@@ -77,7 +64,8 @@ def build_base(path: Path, tiny: bool) -> None:
             shape = parts[0] if entry.op == "copy" else (sum(p[0] for p in parts), *parts[0][1:])
             shapes[entry.sgm] = shape
     g = torch.Generator().manual_seed(0)
-    write_streaming(path, shapes, lambda key, shape: _random(shape, g) if len(shape) > 1 else torch.zeros(shape, dtype=torch.float16))
+    specs = {k: (torch.float16, s) for k, s in shapes.items()}
+    write_streaming(path, specs, lambda key: _random(shapes[key], g) if len(shapes[key]) > 1 else torch.zeros(shapes[key], dtype=torch.float16))
 
 
 def seed_modules(tiny: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], float]]:
@@ -129,12 +117,14 @@ t1 = time.perf_counter()
 report = resize(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], "fp16", "cpu")
 t2 = time.perf_counter()
 kept = sum(r[1] for r in report.ranks.values())
-print(json.dumps({"import_s": t1 - t0, "resize_s": t2 - t1, "path": str(report.path), "kept_dims": kept, "params_out": report.params_out}))
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"import_s": t1 - t0, "resize_s": t2 - t1, "path": str(report.path), "kept_dims": kept, "params_out": report.params_out, "peak": peak}))
 """
 
 
 def measure(base: Path, lora: Path, out: Path) -> dict:
-    """Run one resize in a child; its wall time (start to exit) and its own peak RSS."""
+    """Run one resize in a child; its wall time (start to exit) and its own peak RSS (VmHWM, read
+    by the child: wait4's ru_maxrss would include this process's high-water mark)."""
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(base), str(lora), RECIPE, str(out)], stdout=subprocess.PIPE)
     output = child.stdout.read()
@@ -144,7 +134,7 @@ def measure(base: Path, lora: Path, out: Path) -> dict:
     if child.returncode != 0:
         raise SystemExit(f"the resize child failed with exit code {child.returncode}")
     result = json.loads(output)
-    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_gb=usage.ru_maxrss * 1024 / 1e9)  # ru_maxrss: KiB
+    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_gb=result["peak"] / 1e9)
     return result
 
 
@@ -152,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="run on the tiny twin (seconds)")
     parser.add_argument("--runs", type=int, default=2, help="resize runs (the first may read the base from disk)")
+    parser.add_argument("--json", type=Path, help="also write the result rows as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep the built files here and reuse them (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loradrop-resize-bench-"))
@@ -178,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tiny:
             print(f"resize_lora on the same kind of files: wall {REFERENCE['wall_s']}s, peak RSS {REFERENCE['peak_rss_gb']} GB "
                   f"(target: no slower, peak under {REFERENCE['peak_rss_gb'] / 3:.2f} GB)")
+        # resize_lora cannot be fetched here: its figures are the ones measured on this kind of
+        # machine (checked-here.md), not from this run.
+        ref = "resize_lora (checked-here)" if not args.tiny else ""
+        write_rows([
+            row(f"resize {'tiny' if args.tiny else 'full-size'} LoCon: wall", best["wall_s"], "s", "≤ resize_lora", None if args.tiny else REFERENCE["wall_s"], ref),
+            row(f"resize {'tiny' if args.tiny else 'full-size'} LoCon: peak RSS", max(r["peak_rss_gb"] for r in runs), "GB",
+                f"< {REFERENCE['peak_rss_gb'] / 3:.2f} GB", None if args.tiny else REFERENCE["peak_rss_gb"], ref),
+        ], args.json)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

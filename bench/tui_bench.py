@@ -37,6 +37,8 @@ from pathlib import Path
 
 import grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.rows import row, write_rows  # noqa: E402
 from loradrop.proto.client import Client, ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
@@ -180,6 +182,7 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=30, help="key presses to time")
     parser.add_argument("--rate", type=float, default=1000.0, help="log lines per second while keys are timed")
     parser.add_argument("--image-protocol", default="auto", help="as `loradrop tui --image-protocol` (default: auto)")
+    parser.add_argument("--json", type=Path, help="also write the result rows as JSON here")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="ld-tui-bench-", dir="/tmp"))
@@ -206,6 +209,10 @@ def main() -> int:
         p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
         print(f"start → first frame   median {statistics.median(starts):.3f} s, max {starts[-1]:.3f} s over {len(starts)} starts (target < 1 s; --image-protocol {args.image_protocol})")
         print(f"key latency           p50 {statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms over {len(latencies)} keys at {args.rate:g} log lines/s (target < 100 ms)")
+        write_rows([
+            row("TUI start → first frame (median)", statistics.median(starts), "s", "< 1 s"),
+            row(f"TUI key latency p95 at {args.rate:g} lines/s", p95, "ms", "< 100 ms", statistics.median(latencies), "p50"),
+        ], args.json)
     finally:
         chatty.stop(0)
         daemon.send_signal(signal.SIGTERM)

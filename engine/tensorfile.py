@@ -8,11 +8,12 @@ mapped 6 GB checkpoint counts its touched pages in the process's RSS on top of t
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -167,22 +168,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def serialize_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
-    """The 8-byte length, the JSON header (padded to 8 bytes) and the tensor order.
+def serialize_header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The 8-byte length, the JSON header (padded to 8 bytes) and the tensor order, from each
+    tensor's (dtype, shape).
 
     Tensors go widest dtype first, then by name, so every tensor starts aligned to its item size,
     and the same tensors always give the same bytes (the safetensors library orders metadata by
     hash, so its output differs from run to run).
     """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    order = sorted(specs, key=lambda k: (-specs[k][0].itemsize, k))
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
     offset = 0
     for key in order:
-        t = tensors[key]
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        dtype, shape = specs[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     blob += b" " * (-len(blob) % 8)
@@ -190,13 +192,27 @@ def serialize_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temporary name beside it, fsync, rename), streaming
-    one tensor at a time."""
-    head, order = serialize_header(tensors, metadata)
+    """Write a safetensors file atomically (temporary name beside it, fsync, rename)."""
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    write_streaming(path, specs, tensors.__getitem__, metadata)
+
+
+def write_streaming(
+    path: str | os.PathLike,
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write tensors made one at a time by `produce(key)`, so a file far larger than memory
+    (a random full-size SDXL for a benchmark) never has to exist in RAM."""
+    head, order = serialize_header(specs, metadata)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(head)
         for key in order:
-            f.write(tensor_bytes(tensors[key]))
+            t = produce(key)
+            if t.dtype != specs[key][0] or tuple(t.shape) != tuple(specs[key][1]):
+                raise ValueError(f"{key}: produced {t.dtype} {tuple(t.shape)}, declared {specs[key]}")
+            f.write(tensor_bytes(t))
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -1,0 +1,52 @@
+"""`make bench`: the CPU benchmark set, printed as one table.
+
+Each benchmark is its own script (run any of them alone for details and options); here each
+runs in its own process, writes its rows as JSON, and the rows are gathered into one table with
+every figure beside its baseline from the same run and its target. The GPU benchmark of the
+full-size recipe is bench/gpu_bench.py (run on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.rows import table
+
+HERE = Path(__file__).resolve().parent
+# (script, arguments): the tiny-twin trainer, full-size loading and resize, the daemon, the TUI.
+SET = [
+    ("train_bench.py", []),
+    ("load_bench.py", []),
+    ("resize_bench.py", ["--runs", "2"]),
+    ("daemon_bench.py", []),
+    ("tui_bench.py", []),
+]
+
+
+def main() -> int:
+    rows, failed = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for script, extra in SET:
+            out = Path(tmp) / f"{script}.json"
+            start = time.perf_counter()
+            print(f"== {script} {' '.join(extra)}", flush=True)
+            r = subprocess.run([sys.executable, str(HERE / script), *extra, "--json", str(out)])
+            print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+            if r.returncode != 0 or not out.exists():
+                failed.append(script)
+                continue
+            rows += json.loads(out.read_text())
+    print()
+    print(table(rows))
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

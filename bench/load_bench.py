@@ -1,0 +1,102 @@
+"""Loading a full-size SDXL checkpoint: peak RSS against the file's size (target: at most 1.3×).
+
+    python bench/load_bench.py [--tiny] [--json OUT]
+
+A random single-file SDXL (UNet, VAE, both text encoders, fp16, the real key set: ~6.9 GB) is
+written at run time, one tensor at a time, into a temporary folder and removed afterwards. Each
+measurement runs in a child process, whose own peak RSS is read from wait4:
+  ours      engine.models.sdxl.load_sdxl, streaming tensors into meta-built modules (fp16);
+  baseline  safetensors.torch.load_file: the whole file read into a dict, no modules at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.rows import PEAK_RSS_SNIPPET, row, table, write_rows  # noqa: E402
+from loradrop.engine.tensorfile import write_streaming  # noqa: E402
+
+_OURS = """
+import sys, torch
+from loradrop.engine.models.sdxl import load_sdxl
+model = load_sdxl(sys.argv[1], dtype=torch.float16, vae_dtype=torch.float16)
+"""
+_BASELINE = """
+import sys
+from safetensors.torch import load_file
+tensors = load_file(sys.argv[1])
+"""
+
+
+def build_checkpoint(path: Path) -> None:
+    from loradrop.engine.models.configs import sdxl_config
+    from loradrop.engine.models.sdxl import CONFIG_METADATA_KEY, build_empty, component_map
+
+    config = sdxl_config()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in build_empty(config).items():
+        state = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        for entry in component_map(name, config, module).entries:
+            parts = [state[d] for d in entry.diffusers]
+            if entry.op == "qkv":
+                shapes[entry.sgm] = (sum(p[0] for p in parts), *parts[0][1:])
+            elif entry.op == "transpose":
+                shapes[entry.sgm] = parts[0][::-1]
+            elif entry.op == "conv1x1":
+                shapes[entry.sgm] = (*parts[0], 1, 1)
+            else:
+                shapes[entry.sgm] = parts[0]
+    g = torch.Generator().manual_seed(0)
+    specs = {k: (torch.float16, s) for k, s in shapes.items()}
+    write_streaming(path, specs, lambda key: (torch.randn(shapes[key], generator=g) * 0.02).to(torch.float16))
+
+
+def measure(code: str, path: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS bytes) of one child process."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code + PEAK_RSS_SNIPPET, str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"a measuring child failed: {out.stderr}")
+    return time.perf_counter() - start, float(out.stdout.split()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the tiny twin instead (seconds; keeps the bench from rotting)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="loradrop-load-bench-"))
+    try:
+        path = root / "sdxl.safetensors"
+        if args.tiny:
+            from loradrop.engine.models.tiny import make_tiny
+
+            make_tiny(path)
+        else:
+            build_checkpoint(path)
+        size = path.stat().st_size
+        ours_s, ours_rss = measure(_OURS, path)
+        base_s, base_rss = measure(_BASELINE, path)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    what = "tiny twin" if args.tiny else "full SDXL"
+    rows = [
+        row(f"load {what} ({size / 1e9:.2f} GB): peak RSS", ours_rss / 1e9, "GB", f"≤ 1.3× file (is {ours_rss / size:.2f}×)", base_rss / 1e9, "safetensors load_file"),
+        row(f"load {what}: wall time", ours_s, "s", "-", base_s, "safetensors load_file"),
+    ]
+    print(table(rows))
+    write_rows(rows, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
