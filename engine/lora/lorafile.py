@@ -208,6 +208,9 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
 # ------------------------------------------------------------------ writing, with kohya's hashes
 
 
+_LEGACY_START, _LEGACY_END = 0x100000, 0x110000
+
+
 def lora_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) as kohya sd-scripts computes them.
 
@@ -216,20 +219,33 @@ def lora_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     bytes after the header, the legacy hash the first 8 hex digits of the sha256 of the 64 KiB at
     offset 1 MiB.
     """
-    from safetensors.torch import save
+    layout = tensorfile.Layout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
+    return _hashes(layout, tensorfile.payload(tensors, layout.order), metadata)
 
+
+def _hashes(layout: tensorfile.Layout, payload: memoryview, metadata: Mapping[str, str] | None) -> tuple[str, str]:
+    # Our serialisation has the library's layout and header length, so the file kohya hashes is
+    # our header (with the ss_* metadata alone) followed by our payload.
     ss = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, ss)
-    header = int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(memoryview(data)[8 + header:]).hexdigest()
-    legacy_hash = hashlib.sha256(memoryview(data)[0x100000:0x110000]).hexdigest()[:8]
-    return model_hash, legacy_hash
+    head = layout.header(ss)
+    whole = len(head) + len(payload)
+    tail = payload[max(_LEGACY_START - len(head), 0): max(min(_LEGACY_END, whole) - len(head), 0)]
+    window = head[_LEGACY_START:_LEGACY_END] + bytes(tail)
+    return hashlib.sha256(payload).hexdigest(), hashlib.sha256(window).hexdigest()[:8]
 
 
 def save_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> dict[str, str]:
     """Write a LoRA atomically with its hashes updated; return the metadata written."""
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = lora_hashes(tensors, meta)
-    tensorfile.write(path, tensors, meta)
-    return meta
+    layout = tensorfile.Layout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
+    return save_lora_payload(path, layout, tensorfile.payload(tensors, layout.order), metadata)
 
+
+def save_lora_payload(path: str | os.PathLike, layout: tensorfile.Layout, payload: torch.Tensor | memoryview, metadata: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`save_lora` for tensors already laid out as the file's payload (the trainer's flat buffer):
+    `payload` holds their bytes in `layout`'s order."""
+    if isinstance(payload, torch.Tensor):
+        payload = memoryview(payload.reshape(-1).view(torch.uint8).numpy())
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _hashes(layout, payload, meta)
+    tensorfile.write_payload(path, layout, payload, meta)
+    return meta

@@ -1,5 +1,9 @@
 """Saving off the training thread: step LoRAs and the full training state, atomically.
 
+The writer thread runs no torch ops (only byte copies, hashing and file writes): a torch op on a
+second thread starts a second OpenMP team, whose spinning threads halved the tiny twin's training
+speed on a 2-core machine.
+
 The training thread only copies tensors to the CPU (cheap) and hands them over; a writer thread
 serialises and writes them. Step files are all written, in order. Training state is big (fp32
 network plus two optimizer moments: ~1.4 GB at SDXL size), so state saves coalesce: if the writer
@@ -101,8 +105,7 @@ def capture_state(network, optimizer: torch.optim.Optimizer, *, step: int, extra
     Returns (tensors, json-able info); the copy is what the writer thread serialises later.
     """
     tensors: dict[str, torch.Tensor] = {}
-    for k, v in network.lora_state_dict().items():
-        tensors[f"net/{k}"] = v.detach().to("cpu", copy=True)
+    tensors["net"] = network.snapshot()  # the flat fp32 buffer, in network.keys order
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in opt["state"].items():
@@ -138,7 +141,9 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def restore_state(network, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> int:
     """Put a captured state back; returns the number of optimizer updates already done."""
-    network.load_lora_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")})
+    from .network import unflatten
+
+    network.load_lora_state_dict(unflatten(tensors["net"], network.keys, network.shapes))
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("opt/"):

@@ -26,10 +26,11 @@ from ..data.captions import shuffle_caption
 from ..data.dataset import Dataset, epoch_batches
 from ..data.latents import CachedLatent, LatentCache
 from ..data.prompts import SamplePrompt, parse_prompt_file, prompts_from_captions
-from ..lora.lorafile import save_lora
+from ..lora.lorafile import save_lora_payload
 from ..models.sdxl import SDXL
-from ..pipeline import Control, Emit, NoControl
+from ..pipeline import Cancelled, Control, Emit, NoControl
 from ..recipe import Recipe
+from .. import tensorfile
 from . import checkpoints, metadata
 from .conditioning import encode_text, size_ids, tokenize
 from .distributed import World, average_gradients
@@ -41,6 +42,10 @@ from .schedule import lr_factor
 log = logging.getLogger(__name__)
 
 RESOLVED_PROMPTS = "sample-prompts.txt"  # in the output folder
+# The full training state (fp32 network and optimizer: ~1.4 GB at SDXL size) goes with a step
+# file at most this often, and always when a job stops or ends; a resume from an older state
+# retrains the steps since, to the same weights (every step is a pure function of the state).
+STATE_INTERVAL_S = 30.0
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
 
@@ -92,6 +97,7 @@ def train(
     world: World = World(),
     model_hashes: tuple[str, str] | None = None,
     on_network: Callable[[LoConNetwork | None], None] | None = None,
+    state_interval_s: float = STATE_INTERVAL_S,
 ) -> TrainResult:
     control = control or NoControl()
     precision = Precision.for_run(recipe, device)
@@ -118,7 +124,7 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)  # the adapters' initial down weights
         network = LoConNetwork(model, recipe)
-    network.to(device)
+    network.place(device)
     network.apply_to()
     if on_network is not None:
         on_network(network)  # so a preview between two steps can set the adapters aside
@@ -201,20 +207,30 @@ def train(
                 ).sample
             return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
 
+        last_state = -math.inf
+        file_layout = tensorfile.Layout({k: (save_dtype, network.shapes[k]) for k in network.keys})
+        assert file_layout.order == network.keys  # the flat buffer is the file's payload
+
         def save(step: int, final: bool) -> Path:
             path = out_dir / (f"{name}.safetensors" if final else f"{name}-step{step:08d}.safetensors")
-            tensors = {k: v.to("cpu", copy=True) for k, v in network.lora_state_dict(save_dtype).items()}
+            payload = network.snapshot(save_dtype)
             epoch = step * micro_per_update // max(1, num_batches) + 1
             file_meta = metadata.at_save(meta, recipe, step=step, epoch=epoch, title=f"{name}" if final else f"{name}-step{step:08d}")
 
             def write() -> None:
-                save_lora(path, tensors, file_meta)
+                save_lora_payload(path, file_layout, payload, file_meta)
                 emit("artifact", {"path": str(path), "kind": "final" if final else "step", "bytes": path.stat().st_size, "step": step})
 
             writer.submit(write)
+            if final or time.monotonic() - last_state >= state_interval_s:
+                save_state(step)
+            return path
+
+        def save_state(step: int) -> None:
+            nonlocal last_state
+            last_state = time.monotonic()
             state_tensors, info = checkpoints.capture_state(network, optimizer, step=step, extra={"fingerprint": fingerprint})
             writer.submit_state(lambda: checkpoints.write_state(state_path, state_tensors, info))
-            return path
 
         def render_samples(step: int) -> None:
             network.eval()
@@ -279,7 +295,12 @@ def train(
                 step_files.append(save(step, final=False))
             if sampled:
                 render_samples(step)
-            requests = control.poll()  # raises Cancelled
+            try:
+                requests = control.poll()
+            except Cancelled:
+                if world.is_main:
+                    save_state(step)  # a stopped job resumes exactly here
+                raise
             if world.is_main and "save" in requests and not saved and step < total:
                 step_files.append(save(step, final=False))
             if world.is_main and "sample" in requests and not sampled:
