@@ -39,7 +39,7 @@ class Recipe:
     dataset_repeats: int = 1
     cache_latents: bool = True
     cache_latents_to_disk: bool = True
-    max_data_loader_n_workers: int = 8
+    max_data_loader_n_workers: int = 8  # threads decoding images for the latent cache
 
     # --- network: LyCORIS LoCon, preset full
     network_module: str = "lycoris.kohya"
@@ -73,7 +73,7 @@ class Recipe:
     gradient_accumulation_steps: int = 6
     max_train_steps: int = 80
     gradient_checkpointing: bool = True
-    sdpa: bool = True
+    sdpa: bool = True  # PyTorch's scaled-dot-product attention; false: diffusers' plain attention
     mixed_precision: str = "bf16"
     no_half_vae: bool = True
     multires_noise_iterations: int = 12
@@ -155,7 +155,7 @@ class Recipe:
         for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "network_dim", "conv_dim", "resolution", "dataset_repeats"):
             if getattr(self, key) < 1:
                 raise bad(f"{key} must be at least 1, not {getattr(self, key)}")
-        for key in ("save_every_n_steps", "sample_every_n_steps", "multires_noise_iterations", "lr_warmup_steps", "keep_tokens"):
+        for key in ("save_every_n_steps", "sample_every_n_steps", "multires_noise_iterations", "lr_warmup_steps", "keep_tokens", "max_data_loader_n_workers"):
             if getattr(self, key) < 0:
                 raise bad(f"{key} must be 0 or more (0 turns it off), not {getattr(self, key)}")
         if not 0 < self.min_bucket_reso <= self.max_bucket_reso:

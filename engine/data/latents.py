@@ -63,7 +63,7 @@ class LatentCache:
     with its flipped twin in the same forward pass.
     """
 
-    def __init__(self, root: str | os.PathLike, vae, vae_id: str, device, dtype: torch.dtype = torch.float32, batch_size: int = 2):
+    def __init__(self, root: str | os.PathLike, vae, vae_id: str, device, dtype: torch.dtype = torch.float32, batch_size: int = 2, workers: int = 2):
         if not vae_id:
             raise ValueError("vae_id must identify the VAE's weights")
         self.root = Path(root)
@@ -72,6 +72,7 @@ class LatentCache:
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size
+        self.workers = max(1, workers)  # threads decoding and resizing images ahead of the VAE
         self.encodes = 0
         config = vae.config
         self.channels = int(config.latent_channels)
@@ -95,11 +96,18 @@ class LatentCache:
             progress(done, total)
         if todo:
             self._place_vae()
-        for bucket in sorted(todo):
-            jobs = todo[bucket]
-            for start in range(0, len(jobs), self.batch_size):
-                batch = jobs[start : start + self.batch_size]
-                for job, cached in zip(batch, self._encode(batch)):
+        size = self.batch_size
+        batches = [todo[b][i: i + size] for b in sorted(todo) for i in range(0, len(todo[b]), size)]
+        # Images are decoded and fitted on worker threads (PIL releases the GIL) a few batches
+        # ahead of the VAE, which then never waits for a JPEG.
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            ahead = [[pool.submit(self._prepare, job) for job in batch] for batch in batches[: self.workers + 1]]
+            for n, batch in enumerate(batches):
+                if n + self.workers + 1 < len(batches):
+                    ahead.append([pool.submit(self._prepare, job) for job in batches[n + self.workers + 1]])
+                prepared = [f.result() for f in ahead[n]]
+                ahead[n] = []
+                for job, cached in zip(batch, self._encode(batch, prepared)):
                     results[job.index] = cached
                 done += len(batch)
                 if progress:
@@ -146,23 +154,25 @@ class LatentCache:
             log.warning("latent cache entry %s is unusable (%s); encoding the image again", path, e)
             return None
 
+    def _prepare(self, job: _Job) -> tuple[torch.Tensor, str, tuple[int, int], tuple[int, int]]:
+        """Read, decode and fit one image: (pixels [3, h, w] uint8, key, crop, original size)."""
+        try:
+            data = job.path.read_bytes()
+            img = load_rgb(job.path, data)
+        except OSError as e:
+            raise UserError(f"{job.path} cannot be read any more ({e.strerror or e}); restore it or remove it from the dataset.") from None
+        except BadImage as e:  # corruption the scan's header checks could not see
+            raise UserError(f"{job.path} cannot be decoded ({e.reason}); remove or replace it and run again.") from None
+        fitted, crop, original = fit_to_bucket(img, job.bucket)
+        # Hash the bytes actually decoded: if the file changed since the key pass, the entry is
+        # stored under the new content's key, never the old one.
+        key = self._key(hashlib.sha256(data).hexdigest(), job.bucket)
+        return torch.from_numpy(np.asarray(fitted).copy()).permute(2, 0, 1), key, crop, original
+
     @torch.no_grad()
-    def _encode(self, batch: list[_Job]) -> list[CachedLatent]:
-        pixels, metas = [], []
-        for job in batch:
-            try:
-                data = job.path.read_bytes()
-                img = load_rgb(job.path, data)
-            except OSError as e:
-                raise UserError(f"{job.path} cannot be read any more ({e.strerror or e}); restore it or remove it from the dataset.") from None
-            except BadImage as e:  # corruption the scan's header checks could not see
-                raise UserError(f"{job.path} cannot be decoded ({e.reason}); remove or replace it and run again.") from None
-            fitted, crop, original = fit_to_bucket(img, job.bucket)
-            # Hash the bytes actually decoded: if the file changed since the key pass, the entry
-            # is stored under the new content's key, never the old one.
-            key = self._key(hashlib.sha256(data).hexdigest(), job.bucket)
-            pixels.append(torch.from_numpy(np.asarray(fitted).copy()).permute(2, 0, 1))
-            metas.append((key, crop, original))
+    def _encode(self, batch: list[_Job], prepared: list[tuple]) -> list[CachedLatent]:
+        pixels = [p[0] for p in prepared]
+        metas = [p[1:] for p in prepared]
         x = torch.stack(pixels).to(self.device, self.dtype) / 127.5 - 1.0
         x = torch.cat([x, x.flip(-1)])  # originals, then their mirror images
         dist = self.vae.encode(x).latent_dist

@@ -115,7 +115,7 @@ def train(
         resolved = [dataclasses.replace(p, seed=recipe.seed + i if p.seed is None else p.seed) for i, p in enumerate(prompts)]
         atomic_write_text(out_dir / RESOLVED_PROMPTS, "".join(p.line() + "\n" for p in resolved))
     emit("stage", {"stage": "cache"})
-    latents = _cache_latents(model, dataset, cache_dir, device, world, emit)
+    latents = _cache_latents(model, dataset, cache_dir, device, world, emit, recipe.max_data_loader_n_workers)
     items = [i for i in range(len(latents)) for _ in range(recipe.dataset_repeats)]
     buckets = [latents[i].target_size for i in items]
     num_batches = len(epoch_batches(buckets, recipe.train_batch_size, recipe.seed, 0))
@@ -136,6 +136,10 @@ def train(
         optimizer = _make_optimizer(groups, recipe)
         train_te = any(g["name"] == "text_encoder" for g in groups)
         _enable_checkpointing(model, recipe, train_te, device)
+        if not recipe.sdpa:
+            from diffusers.models.attention_processor import AttnProcessor
+
+            model.unet.set_attn_processor(AttnProcessor())
         scaler = torch.amp.GradScaler(device.type) if precision.autocast == torch.float16 else None
 
         step = 0
@@ -320,6 +324,8 @@ def train(
             tb.close()
         network.restore()
         _disable_checkpointing(model)
+        if not recipe.sdpa:
+            model.unet.set_default_attn_processor()  # the model stays loaded for the next job
 
 
 # ---------------------------------------------------------------- pieces
@@ -341,8 +347,8 @@ def _sample_prompts(dataset_dir: Path, dataset: Dataset, recipe: Recipe, emit: E
     return prompts_from_captions(dataset.items)
 
 
-def _cache_latents(model: SDXL, dataset: Dataset, cache_dir: Path, device, world: World, emit: Emit) -> list[CachedLatent]:
-    cache = LatentCache(cache_dir, model.vae, model.vae_id, device)
+def _cache_latents(model: SDXL, dataset: Dataset, cache_dir: Path, device, world: World, emit: Emit, workers: int) -> list[CachedLatent]:
+    cache = LatentCache(cache_dir, model.vae, model.vae_id, device, workers=workers)
 
     def progress(done: int, total: int) -> None:
         emit("progress", {"stage": "cache", "done": done, "total": total, "loss": None, "avg_loss": None,
@@ -393,7 +399,7 @@ def _disable_checkpointing(model: SDXL) -> None:
 # Settings that change what is saved or shown, not the weights: a resume may change them.
 _NOT_MATH = {
     "output_name", "sample_prompts", "sample_sampler", "sample_every_n_steps", "save_every_n_steps",
-    "save_precision", "save_model_as", "log_with", "log_prefix", "resize_recipe", "max_data_loader_n_workers",
+    "save_precision", "save_model_as", "log_with", "log_prefix", "resize_recipe", "max_data_loader_n_workers", "sdpa",
 }
 
 
