@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -295,3 +296,59 @@ def test_unusable_dataset_fails_in_one_sentence(tmp_path, make):
     r = subprocess.run([sys.executable, "-m", "loradrop", "train", str(data), "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0 and str(data) in r.stderr
+
+
+def test_gradient_checkpointing_path_gives_the_same_gradients(tiny_path):
+    """Checkpointing is switched on only on a GPU; its code path is checked here on the CPU (the
+    device argument only selects it): same gradients as without, and switched off afterwards."""
+    from loradrop.engine.train.conditioning import encode_text, tokenize
+    from loradrop.engine.train.loop import _disable_checkpointing, _enable_checkpointing
+    from loradrop.engine.train.network import LoConNetwork
+
+    model = load_sdxl(tiny_path)
+    recipe = Recipe.from_mapping({**RECIPE, "gradient_checkpointing": True})
+    torch.manual_seed(0)
+    net = LoConNetwork(model, recipe)
+    net.place(CPU)
+    net.apply_to()
+    params = [p for g in net.param_groups(recipe) for p in g["params"]]
+    for p in params:  # make every adapter active, so every path carries gradient
+        p.data.normal_(0, 0.01)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+
+    def grads():
+        for p in params:
+            p.grad = None
+        context, pooled = encode_text(model, *tokenize(model, ["a", "b"], CPU))
+        model.unet(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample.square().mean().backward()
+        return [None if p.grad is None else p.grad.clone() for p in params]  # TE1's last layer: None
+
+    try:
+        plain = grads()
+        _enable_checkpointing(model, recipe, True, torch.device("cuda"))
+        assert model.unet.is_gradient_checkpointing and model.te2.training
+        checkpointed = grads()
+        _disable_checkpointing(model)
+        assert not model.unet.is_gradient_checkpointing and not model.te2.training
+    finally:
+        net.restore()
+    assert [a is None for a in plain] == [b is None for b in checkpointed]
+    for a, b in zip(plain, checkpointed):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_path_trains(tiny_path, tmp_path, monkeypatch):
+    """The GPU's precision setup (bf16 frozen weights, bf16 autocast, fp32 adapters), forced on
+    the CPU, which supports bf16 autocast too: every dtype meets where it should."""
+    from loradrop.engine.train import loop
+
+    monkeypatch.setattr(loop.Precision, "for_run_settings", classmethod(lambda cls, mp, device: cls(torch.bfloat16, torch.bfloat16)))
+    model = load_sdxl(tiny_path, dtype=torch.bfloat16)
+    data = make_dataset(tmp_path / "data", images=2, sizes=SIZES, prompts=PROMPTS)
+    events = []
+    result = _train(model, data, tmp_path / "out", tmp_path / "cache", events, max_train_steps=2, sample_every_n_steps=2)
+    losses = [p["loss"] for k, p in events if k == "progress" and p["stage"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert result.samples and _tensors(result.final)["lora_unet_output_blocks_1_1_proj_in.lora_up.weight"].abs().sum() > 0
