@@ -28,5 +28,8 @@ proto: setup
 bench: setup
 	$(PY) -m bench
 
+chaos: setup
+	$(PY) bench/chaos.py --jobs 12 --kills 40 --steps 10 --seed 1
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -23,3 +23,7 @@ class Conflict(RequestError):
 
 class Unavailable(RequestError):
     """The daemon cannot do it now, for example while stopping (UNAVAILABLE)."""
+
+
+class Busy(RequestError):
+    """The daemon serves as many of these as it can now (RESOURCE_EXHAUSTED)."""

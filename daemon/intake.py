@@ -28,7 +28,7 @@ from .config import DaemonConfig
 from .errors import Conflict, Refused, RequestError
 from .events import EventLog
 from .home import Home
-from .security import links_out_of, resolve_inside, safe_name
+from .security import links_out_of, printable, resolve_inside, safe_name
 from .store import CANCELLED, FAILED, QUEUED, Job
 
 log = logging.getLogger(__name__)
@@ -123,16 +123,17 @@ class Intake:
             self._check_folder(folder)
             settings = self.resolve(folder, Request(), default_name=folder.name)
         except UserError as e:
-            job = self.events.add_job(name=safe_name(folder.name), source="inbox", dataset=str(folder), inbox_key=key,
-                                      model=None, block_vector=None, recipe=None, state=FAILED, error=str(e))
-            self.events.emit("", "log", {"level": "warning", "text": f"inbox: {folder.name} refused as job {job.id}: {e}"})
-            log.warning("inbox folder %s refused: %s", folder, e)
+            error = printable(str(e))
+            job = self.events.add_job(name=safe_name(folder.name), source="inbox", dataset=printable(str(folder)), inbox_key=key,
+                                      model=None, block_vector=None, recipe=None, state=FAILED, error=error)
+            self.events.emit("", "log", {"level": "warning", "text": f"inbox: {printable(folder.name)} refused as job {job.id}: {error}"})
+            log.warning("inbox folder %s refused: %s", printable(str(folder)), error)
             return
         self._queue(settings, source="inbox", dataset=folder, key=key)
 
     def folder_moved(self, key: str, folder: Path) -> None:
         for job in self.events.store.inbox_jobs(key):
-            self.events.store.set_inbox(job.id, str(folder), key)
+            self.events.store.set_inbox(job.id, printable(str(folder)), key)
 
     def folder_removed(self, key: str) -> None:
         """A folder gone before its job started cancels the job; the key is freed either way
@@ -181,9 +182,11 @@ class Intake:
         return str(path)
 
     def _check_folder(self, folder: Path) -> None:
+        if printable(str(folder)) != str(folder):
+            raise RequestError(f"the name of {printable(str(folder))} is not valid UTF-8; rename the folder.")
         bad = links_out_of(folder, self.home.inbox)
         if bad:
-            raise Refused(f"{folder} has symlinks pointing outside the inbox ({', '.join(bad[:3])}); copy the files in instead.")
+            raise Refused(f"{folder} has symlinks pointing outside the inbox, or nowhere ({printable(', '.join(bad[:3]))}); copy the files in instead.")
         if not folder.is_dir():
             raise RequestError(f"dataset {folder} is not a folder (any more); give a folder of images inside the inbox.")
 

@@ -10,6 +10,7 @@ import hmac
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 
@@ -43,7 +44,11 @@ def resolve_inside(text: str, roots: list[Path], *, what: str, base: Path | None
     path = Path(text).expanduser()
     if not path.is_absolute():
         path = (base or roots[0]) / path
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+        resolved.exists()  # a name too long for the file system raises here, not in the caller
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python before 3.13)
+        raise RequestError(f"{what} {text!r} cannot be resolved ({getattr(e, 'strerror', None) or e}).") from None
     if not any(inside(resolved, root) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise Refused(f"{what} {text!r} is outside the daemon's folders ({allowed}); put it inside them.")
@@ -51,16 +56,49 @@ def resolve_inside(text: str, roots: list[Path], *, what: str, base: Path | None
 
 
 def links_out_of(folder: Path, root: Path) -> list[str]:
-    """Symlinks under `folder` (the folder itself included) that resolve outside `root`."""
-    bad = []
-    if folder.is_symlink() and not inside(folder.resolve(), root):
-        bad.append(folder.name)
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in dirnames + filenames:
-            entry = Path(dirpath) / name
-            if entry.is_symlink() and not inside(entry.resolve(), root):
-                bad.append(str(entry.relative_to(folder)))
+    """Symlinks under `folder` (the folder itself included) that resolve outside `root`, or
+    nowhere (a loop)."""
+    bad = [folder.name] if folder.is_symlink() and not _resolves_inside(folder, root) else []
+    for entry in tree(folder):
+        if entry.is_symlink() and not _resolves_inside(Path(entry.path), root):
+            bad.append(os.path.relpath(entry.path, folder))
     return bad
+
+
+def _resolves_inside(link: Path, root: Path) -> bool:
+    try:
+        return inside(link.resolve(), root)
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        return False
+
+
+def tree(folder: str | os.PathLike) -> Iterator[os.DirEntry]:
+    """Every entry below `folder`, without following symlinks and without recursion (os.walk
+    recurses: a folder nested a thousand deep would end it with RecursionError); folders that
+    cannot be listed are passed over."""
+    stack = [os.fspath(folder)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
+            yield entry
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+            except OSError:
+                pass
+
+
+def printable(text: str) -> str:
+    """`text` with U+FFFD for what UTF-8 cannot spell: a file name that is not UTF-8 reaches
+    Python as lone surrogates, which neither sqlite nor protobuf accepts."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 # ---------------------------------------------------------------------------- transport
@@ -98,10 +136,57 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     def refuse(_request, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token; pass the daemon's token (authorization: Bearer TOKEN).")
 
+    return _like(handler, refuse, handler.request_deserializer)
+
+
+class MalformedRequests(grpc.ServerInterceptor):
+    """A request whose bytes do not parse as its message gets INVALID_ARGUMENT; left to grpc, it
+    would be INTERNAL, as if the daemon had failed."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except Exception:  # protobuf's DecodeError, whatever the bytes were
+                return _MALFORMED
+
+        if handler.request_streaming:
+            behavior = handler.stream_unary or handler.stream_stream
+
+            def checked(requests, context):
+                return behavior(_parsed(requests, method), context)
+        else:
+            behavior = handler.unary_unary or handler.unary_stream
+
+            def checked(request, context):
+                if request is _MALFORMED:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request to {method} is not a valid message; use the daemon's .proto.")
+                return behavior(request, context)
+
+        return _like(handler, checked, deserialize)
+
+
+_MALFORMED = object()
+
+
+def _parsed(requests, method: str):
+    for request in requests:
+        if request is _MALFORMED:
+            raise RequestError(f"a message streamed to {method} is not a valid message; use the daemon's .proto.")
+        yield request
+
+
+def _like(handler: grpc.RpcMethodHandler, behavior, deserializer) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` (streaming or not, each way) running `behavior`."""
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return factory(refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return factory(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)

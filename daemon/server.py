@@ -27,8 +27,8 @@ from .events import EventLog
 from .home import HomeLock
 from .hooks import JobEndCommand
 from .intake import Intake
-from .security import TokenInterceptor, read_token
-from .service import Service
+from .security import MalformedRequests, TokenInterceptor, read_token
+from .service import MAX_STREAMS, Service
 from .store import Store
 from .supervisor import Supervisor
 from .watcher import InboxWatcher
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Loradrop"].full_name
 MAX_MESSAGE = 64 << 20  # previews at full size can pass gRPC's 4 MB default
-RPC_THREADS = 64  # each open event stream holds one
+RPC_THREADS = MAX_STREAMS + 28  # each open event stream holds one; the rest answer plain calls, downloads, uploads
 
 
 class Daemon:
@@ -74,6 +74,7 @@ class Daemon:
         token = read_token(self.config.token_file) if self.config.token_file else None
         if token:
             interceptors.append(TokenInterceptor(token))
+        interceptors.append(MalformedRequests())
         server = grpc.server(
             ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
             interceptors=interceptors,

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -21,17 +22,18 @@ import grpc
 import tomli_w
 
 from loradrop import __version__
+from loradrop.engine.data.prompts import parse_prompt_line
 from loradrop.engine.lora.blocks import vector_tokens
 from loradrop.errors import UserError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
 
 from .config import DaemonConfig
-from .errors import Conflict, NotFound, Refused, RequestError, Unavailable
+from .errors import Busy, Conflict, NotFound, Refused, RequestError, Unavailable
 from .events import EventLog
 from .home import Home
 from .intake import Intake, Request
-from .security import resolve_inside
+from .security import printable, resolve_inside
 from .store import CANCELLED, QUEUED, RUNNING, STATES, TERMINAL, Event, Job
 from .supervisor import CallFailed, Supervisor
 from .watcher import InboxWatcher
@@ -40,7 +42,12 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 TOOL_TIMEOUT = {"blocks": 300.0, "chop": 300.0, "resize": 1800.0, "preview": 1800.0}
+MAX_PREVIEW_PIXELS = 2048 * 2048
+# Open event streams each hold one of the server's threads until they end; past this many a new
+# one is refused, so that plain calls always find a thread (server.RPC_THREADS is larger).
+MAX_STREAMS = 100
 _ERROR_CODES = [  # most specific first
+    (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Refused, grpc.StatusCode.PERMISSION_DENIED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
@@ -54,15 +61,15 @@ def _answers(method):
 
     def fail(e: Exception, context) -> None:
         if isinstance(e, CallFailed):
-            code = grpc.StatusCode.INVALID_ARGUMENT if e.user else grpc.StatusCode.INTERNAL
-            context.abort(code, str(e))
+            code = grpc.StatusCode.INVALID_ARGUMENT if e.user else grpc.StatusCode.RESOURCE_EXHAUSTED if e.space else grpc.StatusCode.INTERNAL
+            context.abort(code, printable(str(e)))
         if isinstance(e, FutureTimeout):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method.__name__} took too long; the worker is still busy with it.")
         for kind, code in _ERROR_CODES:
             if isinstance(e, kind):
-                context.abort(code, str(e))
+                context.abort(code, printable(str(e)))
         log.exception("%s failed", method.__name__)
-        context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the daemon ({type(e).__name__}: {e}); see daemon.log.")
+        context.abort(grpc.StatusCode.INTERNAL, printable(f"{method.__name__} failed inside the daemon ({type(e).__name__}: {e}); see daemon.log."))
 
     if inspect.isgeneratorfunction(method):
 
@@ -96,6 +103,7 @@ class Service(rpc.LoradropServicer):
         self.store = events.store
         self.started = time.time()
         self.stopping = False
+        self._streams = threading.BoundedSemaphore(MAX_STREAMS)
 
     # ------------------------------------------------------------------ daemon and jobs
 
@@ -173,9 +181,14 @@ class Service(rpc.LoradropServicer):
         if request.since < 0:
             raise RequestError(f"since must be 0 or more, not {request.since}.")
         job_id = self._job(request.job_id).id if request.job_id else None
-        stopped = lambda: self.stopping or not context.is_active()  # noqa: E731
-        for event in self.events.follow(job_id, request.since, follow=request.follow, stopped=stopped):
-            yield event_message(event)
+        if not self._streams.acquire(blocking=False):
+            raise Busy(f"{MAX_STREAMS} event streams are open already; close some and try again.")
+        try:
+            stopped = lambda: self.stopping or not context.is_active()  # noqa: E731
+            for event in self.events.follow(job_id, request.since, follow=request.follow, stopped=stopped):
+                yield event_message(event)
+        finally:
+            self._streams.release()
         if self.stopping:  # not the stream's end: a client reconnects and continues after its last event
             raise Unavailable("the daemon is stopping.")
 
@@ -254,6 +267,8 @@ class Service(rpc.LoradropServicer):
         if request.vector:
             vector_tokens(request.vector)
         _check_max_size(request.max_size)
+        for line in request.prompts:
+            _check_preview_prompt(line)
         seed = request.seed if request.HasField("seed") else (job.recipe or {}).get("seed", 0)
         images = self._call(
             "preview",
@@ -358,19 +373,25 @@ def event_message(event: Event) -> pb.Event:
 
 
 def image_message(path: Path, max_size: int) -> pb.Image:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image.load()
             original = image.size
+            if original[0] * original[1] > Image.MAX_IMAGE_PIXELS:  # decoded here, in the server: refuse bombs first
+                raise RequestError(f"{path} is {original[0]}x{original[1]}, too large to send as a sample.")
+            image.load()
             if max_size and max(original) > max_size:
                 image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
             out = io.BytesIO()
             image.save(out, format="PNG")
             size = image.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise RequestError(f"{path} is not a readable image ({e}).") from None
+    except RequestError:
+        raise
+    # Pillow reports bad data with many exception types (SyntaxError, ValueError, its
+    # DecompressionBombError...); all mean the same here.
+    except Exception as e:
+        raise RequestError(f"{path} is not a readable image ({str(e) or type(e).__name__}).") from None
     return pb.Image(path=str(path), png=out.getvalue(), width=size[0], height=size[1], original_width=original[0], original_height=original[1])
 
 
@@ -382,6 +403,14 @@ def _progress(p: dict[str, Any]) -> pb.Progress:
 def _check_max_size(max_size: int) -> None:
     if max_size < 0:
         raise RequestError(f"max_size must be 0 (full size) or more, not {max_size}.")
+
+
+def _check_preview_prompt(line: str) -> None:
+    """A preview renders in the training worker, between the steps of a running job: a picture
+    far past SDXL's sizes would hold that worker (and the job) for hours, or exhaust its memory."""
+    prompt = parse_prompt_line(line, lambda _warning: None)
+    if prompt.width * prompt.height > MAX_PREVIEW_PIXELS:
+        raise RequestError(f"a preview of {prompt.width}x{prompt.height} is too large; ask for at most {MAX_PREVIEW_PIXELS >> 20} megapixels (e.g. --w 2048 --h 2048).")
 
 
 def _state_name(code: int) -> str:

@@ -136,7 +136,9 @@ class Store:
     def get(self, ref: str) -> Job | None:
         """A job by its id or by its number."""
         with self._lock:
-            if ref.isdigit():
+            if ref.isascii() and ref.isdigit():  # not "²" or "٣", which int() refuses
+                if int(ref) >= 2**63:  # more than sqlite's integers hold: no such job
+                    return None
                 row = self._db.execute("SELECT * FROM jobs WHERE number = ?", (int(ref),)).fetchone()
             else:
                 row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (ref,)).fetchone()
@@ -245,6 +247,8 @@ class Store:
             return [_event(r) for r in rows]
 
     def event(self, job_id: str, seq: int) -> Event | None:
+        if seq < 1:  # numbers start at 1 (and seq - 1 must stay inside sqlite's integers)
+            return None
         events, _ = self.events_after(job_id, seq - 1, 1)
         return events[0] if events and events[0].seq == seq else None
 

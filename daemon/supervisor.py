@@ -267,7 +267,11 @@ class _Slot:
     def _receive(self) -> None:
         try:
             while self.conn.poll():
-                self._handle(self.conn.recv())
+                message = self.conn.recv()
+                try:
+                    self._handle(message)
+                except Exception:  # one message the store could not take must not end this thread, and the worker's queue with it
+                    log.exception("worker %d: message %s could not be handled", self.index, message.get("op"))
         except (EOFError, OSError):
             pass  # the worker is gone; the caller sees it by its exit
 
@@ -285,7 +289,7 @@ class _Slot:
                 if message["ok"]:
                     future.set_result(message["value"])
                 else:
-                    future.set_exception(CallFailed(message["error"], message["user"]))
+                    future.set_exception(CallFailed(message["error"], message["user"], message.get("space", False)))
         elif op == "ready":
             self.state, self.pid, self._failures = ("busy" if self.job_id else "idle"), message["pid"], 0
         elif op == "fatal":
@@ -317,8 +321,9 @@ class _Slot:
 
 
 class CallFailed(Exception):
-    """A worker's call raised; `user` when it was the caller's mistake (a UserError)."""
+    """A worker's call raised; `user` when it was the caller's mistake (a UserError), `space`
+    when the disk was full."""
 
-    def __init__(self, message: str, user: bool):
+    def __init__(self, message: str, user: bool, space: bool = False):
         super().__init__(message)
-        self.user = user
+        self.user, self.space = user, space

@@ -20,6 +20,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .intake import Intake, folder_key
+from .security import printable, tree
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class InboxWatcher:
 
     def waiting(self) -> list[str]:
         with self._lock:
-            return sorted(w.path.name for w in self._waiting.values())
+            return sorted(printable(w.path.name) for w in self._waiting.values())
 
     def touched(self, path: str) -> None:
         rel = os.path.relpath(path, self.inbox)
@@ -80,11 +81,15 @@ class InboxWatcher:
 
     def _run(self) -> None:
         interval = min(0.5, max(0.05, self.quiet / 4))
+        last_error = ""
         while not self._stopping:
             try:
                 self._scan()
-            except Exception:  # the watcher must outlive any one odd folder
-                log.exception("inbox scan failed")
+                last_error = ""
+            except Exception as e:  # the watcher must outlive any one odd folder
+                if repr(e) != last_error:  # once, not several times a second for as long as it lasts
+                    log.exception("inbox scan failed")
+                last_error = repr(e)
             self._wake.wait(interval)
             self._wake.clear()
 
@@ -126,7 +131,7 @@ class InboxWatcher:
         entries = {}
         with os.scandir(self.inbox) as it:
             for entry in it:
-                if entry.name.startswith(".") or not (entry.is_dir() or entry.is_symlink()):
+                if entry.name.startswith(".") or not (entry.is_symlink() or _is_dir(entry)):
                     continue
                 try:
                     entries[folder_key(Path(entry.path))] = Path(entry.path)
@@ -142,17 +147,23 @@ def _signature(path: Path) -> tuple[int, int, int]:
         st = path.lstat()
         return (1, 0, st.st_mtime_ns)
     files = size = newest = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for names, is_file in ((dirnames, False), (filenames, True)):
-            for name in names:
-                try:
-                    st = os.lstat(os.path.join(dirpath, name))
-                except FileNotFoundError:
-                    continue
-                newest = max(newest, st.st_mtime_ns)
-                files += is_file
-                size += st.st_size if is_file else 0
+    for entry in tree(path):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:  # removed meanwhile, or a path longer than the system takes
+            continue
+        is_file = not _is_dir(entry)
+        newest = max(newest, st.st_mtime_ns)
+        files += is_file
+        size += st.st_size if is_file else 0
     return (files, size, newest)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 class _Touches(FileSystemEventHandler):

@@ -15,6 +15,7 @@ kill -9), the reader thread ends the process at once.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -182,10 +183,13 @@ class Worker:
         except UserError as e:
             done.update(outcome="failed", error=str(e))
         except Exception as e:
-            emit("log", {"level": "error", "text": traceback.format_exc()})
-            done.update(outcome="failed", error=_describe(e))
+            if _no_space(e):
+                done.update(outcome="failed", error=f"no space left on the disk holding {spec.out_dir}; free some and retry the job (it resumes from its last full checkpoint).")
+            else:
+                emit("log", {"level": "error", "text": traceback.format_exc()})
+                done.update(outcome="failed", error=_describe(e))
         self._control = None
-        self.send(done)
+        self.send(_plain(done))
 
     # ------------------------------------------------------------------ calls
 
@@ -203,9 +207,13 @@ class Worker:
         except UserError as e:
             reply = {"op": "reply", "id": task["id"], "ok": False, "user": True, "error": str(e)}
         except Exception as e:
-            log.exception("call %s failed", task["name"])
-            reply = {"op": "reply", "id": task["id"], "ok": False, "user": False, "error": _describe(e)}
-        self.send(reply)
+            if _no_space(e):
+                reply = {"op": "reply", "id": task["id"], "ok": False, "user": False, "space": True,
+                         "error": f"no space left on the disk{f' for {e.filename}' if e.filename else ''}; free some and ask again."}
+            else:
+                log.exception("call %s failed", task["name"])
+                reply = {"op": "reply", "id": task["id"], "ok": False, "user": False, "error": _describe(e)}
+        self.send(_plain(reply))
 
 
 def _paths(spec: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -213,8 +221,15 @@ def _paths(spec: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-able copies of the engine's payloads (paths become strings)."""
-    return json.loads(json.dumps(value, default=str))
+    """JSON-able copies of the engine's payloads (paths become strings), with file names that
+    are not UTF-8 made printable: the store and the wire take only valid text."""
+    from .security import printable
+
+    return json.loads(printable(json.dumps(value, default=str, ensure_ascii=False)))
+
+
+def _no_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _describe(e: BaseException) -> str:

@@ -12,7 +12,7 @@ import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Mapping
 
 import tomli_w
@@ -197,6 +197,14 @@ class Recipe:
             raise bad("max_grad_norm must be 0 (off) or more")
         if not self.output_name or any(c in self.output_name for c in "/\\\0") or self.output_name.startswith("."):
             raise bad(f"output_name {self.output_name!r} must be a plain file name")
+        # Names that become paths must stay where they belong: a daemon client could otherwise
+        # have /etc/... read as sample prompts, or tensorboard logs written outside the outputs.
+        prompts = PurePath(self.sample_prompts)
+        if prompts.is_absolute() or ".." in prompts.parts or "\0" in self.sample_prompts:
+            raise bad(f"sample_prompts {self.sample_prompts!r} must name a file inside the dataset folder")
+        for key in ("caption_extension", "log_prefix"):
+            if any(c in getattr(self, key) for c in "/\\\0"):
+                raise bad(f"{key} {getattr(self, key)!r} must not contain / or \\")
         unknown = set(self.lr_scheduler_args) - {"num_cycles"}
         if unknown:
             raise bad(f"lr_scheduler_args accepts num_cycles only, not {', '.join(sorted(unknown))}")

@@ -37,3 +37,32 @@ def tiny_model(tiny_path):
 
     return load_sdxl(tiny_path)
 
+
+
+@pytest.fixture
+def home():
+    """A fresh daemon home with a short path (a unix socket path must stay under ~100 characters)."""
+    import subprocess
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="ld-", dir="/tmp"))
+    yield root / "home"
+    subprocess.run(["rm", "-rf", str(root)], check=False)  # shutil.rmtree recurses: some tests nest folders 1,500 deep
+
+
+@pytest.fixture
+def daemons():
+    """Start daemons with `daemons(home, *args)`; every one still running is killed at the end."""
+    from support import Daemon
+
+    started = []
+
+    def start(home: Path, *args: str, wait: bool = True, **kwargs):
+        d = Daemon(home, *args, **kwargs)
+        started.append(d)
+        return d.start(wait)
+
+    yield start
+    for d in started:
+        if d.process and d.process.poll() is None:
+            d.kill()

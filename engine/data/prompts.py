@@ -86,6 +86,13 @@ def _size(value: str) -> int:
     return max(64, int(value) // 8 * 8)
 
 
+def _seed(value: str) -> int:
+    seed = int(value)
+    if not -(2**63) <= seed < 2**64:  # what a torch generator takes
+        raise ValueError("out of range")
+    return seed
+
+
 def _text(value: str) -> str:
     if not value:
         raise ValueError("empty")
@@ -95,7 +102,7 @@ def _text(value: str) -> str:
 _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "w": ("width", _size),
     "h": ("height", _size),
-    "d": ("seed", int),
+    "d": ("seed", _seed),
     "s": ("steps", lambda v: max(1, min(1000, int(v)))),
     "l": ("cfg", float),
     "n": ("negative", str),

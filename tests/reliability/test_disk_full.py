@@ -1,0 +1,88 @@
+"""A disk that fills up under a running job: outputs/ is a real tmpfs of 64 MB, filled to the last
+byte while the job trains. The job fails with a sentence that says the disk is full, its last good
+checkpoint and every file it lists stay whole, a LoRA tool asked meanwhile says the same, the
+daemon keeps answering; once space is back, the job resumes from that checkpoint and a new job runs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from support import make_dataset, wait_for
+
+from loradrop.engine.tensorfile import TensorFile
+from loradrop.proto.client import ClientError
+from loradrop.proto.v1 import loradrop_pb2 as pb
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def small_outputs(home):
+    """home/outputs on its own 64 MB tmpfs (needs root, as CI and this sandbox run)."""
+    outputs = home / "outputs"
+    outputs.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(outputs)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); this test needs root")
+    yield outputs
+    subprocess.run(["umount", "-l", str(outputs)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Take every free byte of the file system holding `folder`."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):  # down to the last byte
+            try:
+                while f.write(b"\0" * size):
+                    pass
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_fails_the_job_clearly_and_keeps_its_last_checkpoint(home, daemons, small_outputs):
+    d = daemons(home, "--workers", "1", "--quiet-seconds", "3600", "--max-retries", "0", env=ENV)
+    make_dataset(home / "inbox" / "big", settings={"max_train_steps": 400, "resize_recipe": ""})
+    make_dataset(home / "inbox" / "next", settings={"max_train_steps": 2, "resize_recipe": ""})
+    with d.client() as c:
+        job = c.submit("big")
+        wait_for(lambda: c.job(job.id).progress.done >= 3, timeout=120, interval=0.05, what="three steps")
+        filler = _fill(small_outputs)
+        failed = wait_for(lambda: (j := c.job(job.id)).state in (pb.DONE, pb.FAILED) and j, timeout=60, what="the job to fail")
+        assert failed.state == pb.FAILED
+        assert "no space left" in failed.error.lower() and "free" in failed.error, failed.error
+        assert c.status().pid == d.pid
+
+        state = home / "outputs" / job.id / "state" / "training-state.safetensors"
+        with TensorFile(state) as f:  # the last good checkpoint, whole
+            assert f.read_all()
+        listed = c.artifacts(job.id)
+        steps = [a for a in listed if a.kind == "step"]
+        assert steps, "the steps saved before the disk filled are kept"
+        for a in listed:
+            assert not Path(a.path).name.startswith(".") and ".partial" not in a.path, a.path
+            if a.path.endswith(".safetensors"):
+                with TensorFile(a.path) as f:
+                    f.read_all()
+
+        with pytest.raises(ClientError) as e:  # a tool that writes a file says the same
+            c.chop(steps[0].path, "SDXL-LyC-MIDALL")
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no space left" in str(e.value).lower(), (e.value.code, str(e.value))
+
+        filler.unlink()  # space is back
+        assert c.retry(job.id).state == pb.QUEUED
+        wait_for(lambda: any("resuming after step" in e.log.text for e in c.events(job.id, follow=False) if e.HasField("log")),
+                 timeout=120, what="the retry to resume from the kept checkpoint")
+        c.cancel(job.id)
+        after = c.submit("next")
+        done = wait_for(lambda: (j := c.job(after.id)).state in (pb.DONE, pb.FAILED) and j, timeout=120, what="the next job")
+        assert done.state == pb.DONE, done.error
+        assert Path(c.chop(steps[0].path, "SDXL-LyC-MIDALL").path).is_file()
+    assert os.path.ismount(small_outputs)
