@@ -66,3 +66,21 @@ def daemons():
     for d in started:
         if d.process and d.process.poll() is None:
             d.kill()
+
+
+@pytest.fixture
+def tls(tmp_path):
+    """A self-signed certificate for localhost, its key, and a token file, for TCP daemons."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key, token = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "token"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    token.write_text(os.urandom(24).hex() + "\n")
+    return cert, key, token

@@ -59,20 +59,6 @@ def test_insecure_loopback_serves_plain_tcp(home, daemons):
         assert c.status().inbox == str(home / "inbox")
 
 
-@pytest.fixture
-def tls(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    cert, key, token = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "token"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )
-    token.write_text("t0ken-" + "x" * 26 + "\n")
-    return cert, key, token
-
-
 def test_tcp_with_tls_checks_the_token_on_every_call(home, daemons, tls):
     cert, key, token = tls
     port = free_port()

@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -24,20 +23,6 @@ from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
 pytestmark = pytest.mark.timeout(300)
 DEADLINE = 20.0
 SERVICE = pb.DESCRIPTOR.services_by_name["Loradrop"]
-
-
-@pytest.fixture
-def tls(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    cert, key, token = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "token"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )
-    token.write_text(os.urandom(24).hex() + "\n")
-    return cert, key, token
 
 
 def _empty_call(channel: grpc.Channel, method, metadata=()) -> grpc.StatusCode:
