@@ -7,6 +7,7 @@ process's RSS on top of the copies. Copying from the map is ~3x faster than read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -94,19 +95,31 @@ class TensorFile:
         """Read one tensor into fresh memory (and cast it, if `dtype` differs)."""
         info = self.infos[key]
         tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        if info.nbytes:
-            if os.fstat(self._file.fileno()).st_size < info.end:
-                raise UserError(f"{self.path} is truncated inside tensor {key}; copy the file again.")
-            with warnings.catch_warnings():  # the map is read-only, and we only ever read it
-                warnings.filterwarnings("ignore", message="The given buffer is not writable")
-                source = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.start)
-            tensor.view(-1).view(torch.uint8).copy_(source)
-            # Drop the mapped pages again: the copy is what stays, so RSS never holds the file twice.
-            start = info.start - info.start % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        with self.mapped(key) as source:
+            tensor.copy_(source)
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor
+
+    @contextlib.contextmanager
+    def mapped(self, key: str) -> Iterator[torch.Tensor]:
+        """The tensor as a read-only view of the file's bytes, no copy; valid inside the block.
+        On leaving it, the pages are dropped again, so RSS never holds the file twice."""
+        info = self.infos[key]
+        if not info.nbytes:
+            yield torch.empty(info.shape, dtype=DTYPES[info.dtype])
+            return
+        if os.fstat(self._file.fileno()).st_size < info.end:
+            raise UserError(f"{self.path} is truncated inside tensor {key}; copy the file again.")
+        with warnings.catch_warnings():  # the map is read-only, and nothing here writes to it
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+        try:
+            yield raw.view(DTYPES[info.dtype]).view(info.shape)
+        finally:
+            del raw
+            start = info.start - info.start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, in file order (sequential reads are fastest on any disk)."""

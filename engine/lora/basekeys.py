@@ -9,7 +9,9 @@ Face paths, and keymap's te2_map joins those to the OpenCLIP tensors, including 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -87,6 +89,14 @@ class BaseIndex:
 
     def __getitem__(self, name: str) -> BaseTensor:
         return self.by_lora[name]
+
+    @contextlib.contextmanager
+    def mapped(self, name: str) -> Iterator[torch.Tensor]:
+        """The base weight a module adapts as a read-only view of the file (no copy), valid inside
+        the block; for measuring norms without allocating the weight."""
+        entry = self.by_lora[name]
+        with self.tf.mapped(entry.key) as weight:
+            yield weight if entry.chunk is None else weight.chunk(3, dim=0)[entry.chunk]
 
     def read(self, name: str) -> torch.Tensor:
         """The base weight a module adapts, in the checkpoint's dtype.

@@ -215,13 +215,15 @@ def _base_stats(index: BaseIndex, recipe: ResizeRecipe, device: torch.device) ->
         out = BaseStats()
         if not recipe.needs_base:
             return out
-        w = index.read(name).to(device)
-        if recipe.active("fro_ckpt"):
-            out.fro = frobenius(w)
-        if recipe.active("spn_ckpt"):
-            out.spectral = spectral_norm(w)
-        if recipe.active("subspace"):
-            out.weight = w
+        # Measured straight from the mapped file: no copy of a weight that is only summed.
+        with index.mapped(name) as mapped:
+            w = mapped.to(device) if device.type != "cpu" else mapped
+            if recipe.active("fro_ckpt"):
+                out.fro = frobenius(w)
+            if recipe.active("spn_ckpt"):
+                out.spectral = spectral_norm(w)
+            if recipe.active("subspace"):
+                out.weight = w.clone() if w is mapped else w
         return out
 
     return stats
