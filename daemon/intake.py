@@ -28,7 +28,7 @@ from .config import DaemonConfig
 from .errors import Conflict, Refused, RequestError
 from .events import EventLog
 from .home import Home
-from .security import links_out_of, printable, resolve_inside, safe_name
+from .security import printable, refuse_links_out, resolve_inside, safe_name
 from .store import CANCELLED, FAILED, QUEUED, Job
 
 log = logging.getLogger(__name__)
@@ -184,9 +184,7 @@ class Intake:
     def _check_folder(self, folder: Path) -> None:
         if printable(str(folder)) != str(folder):
             raise RequestError(f"the name of {printable(str(folder))} is not valid UTF-8; rename the folder.")
-        bad = links_out_of(folder, self.home.inbox)
-        if bad:
-            raise Refused(f"{folder} has symlinks pointing outside the inbox, or nowhere ({printable(', '.join(bad[:3]))}); copy the files in instead.")
+        refuse_links_out(folder, self.home.inbox)
         if not folder.is_dir():
             raise RequestError(f"dataset {folder} is not a folder (any more); give a folder of images inside the inbox.")
 

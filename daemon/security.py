@@ -55,6 +55,14 @@ def resolve_inside(text: str, roots: list[Path], *, what: str, base: Path | None
     return resolved
 
 
+def refuse_links_out(folder: Path, root: Path) -> None:
+    """Refuse a dataset with symlinks that lead out of `root`: checked when the job is queued,
+    and again by the worker just before it reads the folder (a link may be added in between)."""
+    bad = links_out_of(folder, root)
+    if bad:
+        raise Refused(f"{folder} has symlinks pointing outside the inbox, or nowhere ({printable(', '.join(bad[:3]))}); copy the files in instead.")
+
+
 def links_out_of(folder: Path, root: Path) -> list[str]:
     """Symlinks under `folder` (the folder itself included) that resolve outside `root`, or
     nowhere (a loop)."""

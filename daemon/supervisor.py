@@ -18,7 +18,10 @@ import threading
 import time
 from concurrent.futures import Future
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
+
+from loradrop.fsutil import sweep_partials
 
 from . import worker
 from .config import DaemonConfig
@@ -77,6 +80,7 @@ class Supervisor:
         for job in self.events.store.jobs([RUNNING]):  # left running by a daemon that died
             self.events.transition(job.id, QUEUED, expect=(RUNNING,))
             self.events.emit(job.id, "log", {"level": "warning", "text": "the daemon stopped while this job ran; it resumes from its last full checkpoint"})
+        self.sweep(self.home.outputs)
         for slot in self.trainers:
             slot.start()
 
@@ -133,6 +137,7 @@ class Supervisor:
             "block_vector": job.block_vector,
             "cache_dir": str(self.home.cache),
             "resume": True,  # a job's out_dir is its own: a checkpoint there is from an earlier try
+            "inbox": str(self.home.inbox),  # the worker checks the folder's links again before reading it
         }
 
     def job_ended(self, job_id: str, outcome: str, error: str, result: dict[str, Any]) -> None:
@@ -161,6 +166,14 @@ class Supervisor:
             self.wake()
             return
         self.events.transition(job_id, FAILED, error=f"the worker {reason}", expect=(RUNNING,))
+
+    def sweep(self, *folders: Path) -> None:
+        """Remove the half-written files that killed workers left in `folders` (never listed,
+        but they hold disk space); files of writers still running are left alone."""
+        for folder in (*folders, self.home.cache):
+            removed = sweep_partials(folder)
+            if removed:
+                log.info("removed %d unfinished files in %s left by stopped workers", len(removed), folder)
 
     def _requeue(self, job_id: str, why: str) -> None:
         self.events.emit(job_id, "log", {"level": "warning", "text": why})
@@ -312,6 +325,7 @@ class _Slot:
         for future in calls.values():
             future.set_exception(Unavailable(f"the {self.role} worker {reason}; try again."))
         if job_id:
+            self.sup.sweep(self.sup.home.job_dir(job_id))
             self.sup.job_crashed(job_id, reason)
         if self.sup.stopping:
             return

@@ -163,7 +163,11 @@ class Worker:
         from loradrop.engine.pipeline import Cancelled, JobSpec
         from loradrop.errors import UserError
 
-        spec = JobSpec(**_paths(task["spec"], ("dataset", "out_dir", "cache_dir")))
+        from .security import refuse_links_out
+
+        fields = dict(task["spec"])
+        inbox = Path(fields.pop("inbox"))
+        spec = JobSpec(**_paths(fields, ("dataset", "out_dir", "cache_dir")))
         control: JobControl = task["control"]
 
         coalesce = ProgressCoalescer()
@@ -176,6 +180,7 @@ class Worker:
 
         done = {"op": "done", "job_id": spec.job_id, "outcome": "done", "error": "", "result": {}}
         try:
+            refuse_links_out(spec.dataset, inbox)
             result = self.session.run(spec, emit, control)
             done["result"] = _plain(vars(result))
         except Cancelled:

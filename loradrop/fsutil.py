@@ -8,17 +8,20 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+_PARTIAL = ".partial"
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
     The temporary name starts with a dot and ends in `.partial`, so listings that skip hidden
-    or partial files never see an incomplete artifact.
+    or partial files never see an incomplete artifact; it carries the writer's pid, so the one
+    a killed process leaves behind can be told from one still being written (`sweep_partials`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_PARTIAL, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,6 +34,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def sweep_partials(root: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files under `root` whose writer is no longer running; return them."""
+    removed = []
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            pid = _writer(name)
+            if pid is not None and not _running(pid):
+                path = Path(folder, name)
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _writer(name: str) -> int | None:
+    """The pid in a name atomic_path made (`.<name>.<pid>.<random>.partial`), or None."""
+    if not (name.startswith(".") and name.endswith(_PARTIAL)):
+        return None
+    parts = name[: -len(_PARTIAL)].rsplit(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -208,3 +208,22 @@ def test_a_taken_port_is_one_clear_sentence(home, daemons, tmp_path):
                             "--listen", f"127.0.0.1:{port}", "--insecure-loopback"], capture_output=True, text=True, timeout=30)
     assert other.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_a_link_added_after_queueing_is_refused_by_the_worker(home, daemons, tmp_path):
+    """The folder is checked when queued and again just before the worker reads it."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((make_dataset(tmp_path / "model") / "img0.png").read_bytes())
+    first = daemons(home, "--workers", "0", "--quiet-seconds", "60")
+    folder = make_dataset(home / "inbox" / "late")
+    with first.client() as c:
+        job = c.submit("late")
+        assert job.state == pb.QUEUED
+    first.stop()
+    (folder / "img9.png").symlink_to(secret)
+    (folder / "img9.txt").write_text("a caption")
+    second = daemons(home, "--quiet-seconds", "60")
+    with second.client() as c:
+        done = wait_for(lambda: (j := c.job(job.id)).state in (pb.FAILED, pb.DONE) and j, timeout=90, what="the job to end")
+        assert done.state == pb.FAILED and "symlinks pointing outside the inbox" in done.error and "img9.png" in done.error
+        assert not any((home / "outputs" / job.id).glob("*.safetensors"))

@@ -3,6 +3,8 @@ server process itself free of torch."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -81,3 +83,18 @@ def test_progress_is_coalesced_but_never_its_first_or_last():
     assert kept[0] == 1 and kept[-1] == 100 and len(kept) == 3  # t=0, t=0.05, and the last
     assert c.keep({"stage": "train", "done": 1, "total": 80}, 1000.101)  # a new stage always passes
     assert c.keep({"stage": "train", "done": 2, "total": 80}, 1000.2)  # slow steps all pass
+
+
+def test_half_written_files_of_dead_workers_are_swept_at_start(home, daemons):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    job_dir = home / "outputs" / "0007-old"
+    job_dir.mkdir(parents=True)
+    left = job_dir / f".old.safetensors.{child.pid}.x1y2.partial"
+    left.write_bytes(b"half a file")
+    kept = job_dir / "old.safetensors"
+    kept.write_bytes(b"whole")
+    d = daemons(home, "--workers", "0")
+    with d.client() as c:
+        c.status()
+    assert not left.exists() and kept.exists()
