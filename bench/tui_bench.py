@@ -10,9 +10,10 @@
 
 The first frame is measured against a real daemon (no workers). For the latency, no training
 job logs 1,000 lines a second, so a small gRPC server speaking the daemon's API stands in for it:
-one running job whose StreamEvents sends log lines at --rate (on the job's stream and on the
-whole-daemon stream the queue follows, as the daemon would). The pseudo-terminal answers the
-Device Attributes query like a VT220 without sixel, so `auto` costs what it costs in a terminal.
+one running job whose StreamEvents sends log lines at --rate (on the job's stream, and on the
+whole-daemon stream unless it asks for other kinds only, as the daemon does). The pseudo-terminal
+answers the Device Attributes query like a VT220 without sixel, so `auto` costs what it costs in
+a terminal.
 """
 
 from __future__ import annotations
@@ -146,6 +147,10 @@ class Chatty(rpc.LoradropServicer):
 
     def StreamEvents(self, request, context):
         seq = request.since
+        if request.kinds and "log" not in request.kinds:  # filtered as the daemon filters: no log lines
+            while context.is_active():
+                time.sleep(0.05)
+            return
         while context.is_active():
             due = int((time.monotonic() - self.started) * self.rate)
             while seq < due:

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 TOOL_TIMEOUT = {"blocks": 300.0, "chop": 300.0, "resize": 1800.0, "preview": 1800.0}
 MAX_PREVIEW_PIXELS = 2048 * 2048
+_KIND = re.compile(r"[a-z_]{1,32}")
 # Open event streams each hold one of the server's threads until they end; past this many a new
 # one is refused, so that plain calls always find a thread (server.RPC_THREADS is larger).
 MAX_STREAMS = 100
@@ -180,13 +182,15 @@ class Service(rpc.LoradropServicer):
     def StreamEvents(self, request, context):
         if request.since < 0:
             raise RequestError(f"since must be 0 or more, not {request.since}.")
+        kinds = _kinds(request.kinds)
         job_id = self._job(request.job_id).id if request.job_id else None
         if not self._streams.acquire(blocking=False):
             raise Busy(f"{MAX_STREAMS} event streams are open already; close some and try again.")
         try:
             stopped = lambda: self.stopping or not context.is_active()  # noqa: E731
             for event in self.events.follow(job_id, request.since, follow=request.follow, stopped=stopped):
-                yield event_message(event)
+                if not kinds or event.kind in kinds:
+                    yield event_message(event)
         finally:
             self._streams.release()
         if self.stopping:  # not the stream's end: a client reconnects and continues after its last event
@@ -348,6 +352,13 @@ def job_message(job: Job, out_dir: Path) -> pb.Job:
         chopped=job.result.get("chopped") or "",
         last_seq=job.last_seq,
     )
+
+
+def _kinds(kinds) -> frozenset[str]:
+    """The event kinds a stream asked for; a kind this daemon never emits just matches nothing."""
+    if len(kinds) > 16 or not all(_KIND.fullmatch(k) for k in kinds):
+        raise RequestError("kinds takes at most 16 event kinds, each a lower-case word such as log, progress or state.")
+    return frozenset(kinds)
 
 
 def event_message(event: Event) -> pb.Event:

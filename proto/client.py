@@ -113,14 +113,15 @@ class Client:
     def sample_now(self, job_id: str) -> pb.Job:
         return self._call(self._stub.SampleNow, pb.JobRef(job_id=str(job_id)))
 
-    def events(self, job_id: str = "", since: int = 0, *, follow: bool = True, reconnect: bool = True) -> Iterator[pb.Event]:
-        """Events after `since` (the job's numbers, or the global ones without a job). When the
-        daemon goes away, waits for it and continues after the last event seen: none missed, none twice.
-        With a job and `follow`, ends once the job has ended."""
+    def events(self, job_id: str = "", since: int = 0, *, follow: bool = True, reconnect: bool = True,
+               kinds: Iterable[str] = ()) -> Iterator[pb.Event]:
+        """Events after `since` (the job's numbers, or the global ones without a job), only those
+        of `kinds` when given. When the daemon goes away, waits for it and continues after the
+        last event seen: none missed, none twice. With a job and `follow`, ends once the job has ended."""
         delay = 0.2
         while True:
             try:
-                request = pb.StreamEventsRequest(job_id=str(job_id), since=since, follow=follow)
+                request = pb.StreamEventsRequest(job_id=str(job_id), since=since, follow=follow, kinds=list(kinds))
                 for event in self._stub.StreamEvents(request, metadata=self._metadata, wait_for_ready=reconnect):
                     since = event.seq if job_id else event.global_seq
                     delay = 0.2

@@ -83,12 +83,14 @@ class LoradropApp(App):
         else:
             return
         self.call_from_thread(self._loaded, status, jobs)
-        self.run_feed(self.open_feed("", status.last_event_seq), self)
+        # The queue needs states and progress only: a job logging a thousand lines a second
+        # should cost the screens that do not show its log nothing.
+        self.run_feed(self.open_feed("", status.last_event_seq, kinds=("state", "progress")), self)
 
-    def open_feed(self, job_id: str, since: int) -> EventFeed:
-        """A followed stream of a job's events (every event with `job_id=""`), stopped when the
-        app ends; start it with `run_feed` in a thread."""
-        feed = EventFeed(self.target, job_id, since, retry_delay=self.retry_delay)
+    def open_feed(self, job_id: str, since: int, kinds: tuple[str, ...] = ()) -> EventFeed:
+        """A followed stream of a job's events (every job's with `job_id=""`; only `kinds` when
+        given), stopped when the app ends; start it with `run_feed` in a thread."""
+        feed = EventFeed(self.target, job_id, since, kinds=kinds, retry_delay=self.retry_delay)
         self._feeds.append(feed)
         if self._stop.is_set():  # the app ended meanwhile: a feed opened now must not outlive it
             feed.stop()

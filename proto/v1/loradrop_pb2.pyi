@@ -184,14 +184,16 @@ class ListJobsReply(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class StreamEventsRequest(_message.Message):
-    __slots__ = ("job_id", "since", "follow")
+    __slots__ = ("job_id", "since", "follow", "kinds")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     since: int
     follow: bool
-    def __init__(self, job_id: _Optional[str] = ..., since: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., since: _Optional[int] = ..., follow: _Optional[bool] = ..., kinds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LogLine(_message.Message):
     __slots__ = ("level", "text")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import pytest
 from support import make_dataset, wait_for
 
 from loradrop.daemon.events import EventLog
 from loradrop.daemon.store import DONE, QUEUED, RUNNING, Store
+from loradrop.proto.client import ClientError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -163,3 +165,23 @@ def test_a_client_reconnecting_with_since_misses_none_even_across_a_restart(home
     follower_client.close()
     assert got == [5, 6, 7, 8, 9, 10]
 
+
+
+
+def test_a_stream_can_ask_for_some_kinds_only(home, daemons, tmp_path):
+    d = daemons(home, "--workers", "0", "--quiet-seconds", "0.3")
+    make_dataset(home / "inbox" / "cats")  # queued: a state event
+    sneaky = make_dataset(tmp_path / "sneaky")
+    (sneaky / "extra.txt").symlink_to("/etc/hostname")
+    sneaky.rename(home / "inbox" / "sneaky")  # refused: a state event and a warning
+    with d.client() as c:
+        wait_for(lambda: len(c.jobs()) == 2, what="both folders to be judged")
+        everything = list(c.events(follow=False))
+        states = list(c.events(follow=False, kinds=["state"]))
+        logs = list(c.events(follow=False, kinds=["log", "no_such_kind"]))
+        assert {e.kind for e in everything} >= {"state", "log"}
+        assert [e.global_seq for e in states] == [e.global_seq for e in everything if e.kind == "state"]
+        assert [e.global_seq for e in logs] == [e.global_seq for e in everything if e.kind == "log"]
+        with pytest.raises(ClientError) as bad:
+            list(c.events(follow=False, reconnect=False, kinds=["Log; DROP TABLE"]))
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "kinds" in str(bad.value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +38,24 @@ def normalise(svg: str) -> str:
     return re.sub(r"\b\d\d:\d\d:\d\d\b", "00:00:00", svg)
 
 
-def check(app, name: str, tmp_path: Path) -> None:
-    actual = normalise(app.export_screenshot())
+async def check(app, pilot, name: str, tmp_path: Path, settle: float = 3.0) -> None:
+    """Compare the screen with the stored snapshot, giving it up to `settle` seconds to draw
+    what the widgets already hold (a table repaints its new rows on the next refresh)."""
     path = SNAPSHOTS / f"{name}.svg"
-    if UPDATE or not path.exists():
+    expected = path.read_text() if path.exists() else None
+    deadline = time.monotonic() + settle
+    await pilot.pause()
+    actual = normalise(app.export_screenshot())
+    while actual != expected and not UPDATE and time.monotonic() < deadline:
+        await pilot.pause(0.1)
+        actual = normalise(app.export_screenshot())
+    if UPDATE or expected is None:
         SNAPSHOTS.mkdir(exist_ok=True)
         path.write_text(actual)
         if not UPDATE:
             pytest.fail(f"no snapshot {path.name} yet: written now, look at it and commit it")
         return
-    if actual != path.read_text():
+    if actual != expected:
         (tmp_path / path.name).write_text(actual)
         pytest.fail(f"{name} differs from {path}; the new screenshot is {tmp_path / path.name} (UPDATE_SNAPSHOTS=1 to accept it)")
 
@@ -93,11 +102,11 @@ def test_queue_and_job_log(start_daemon, dataset, tui, tmp_path):
         table = app.screen.query_one(JobsTable)
         await tui.until(pilot, lambda: table.row_count == 3 and table.cell_text("0002-dogs", "state") == "cancelled", what="the queue")
         await tui.until(pilot, lambda: "workers" in str(app.screen.query_one("#daemon-line").render()), what="the daemon's line")
-        check(app, "queue", tmp_path)
+        await check(app, pilot, "queue", tmp_path)
         await pilot.press("down", "enter")
         log = app.screen.query_one("#job-log")
         await tui.until(pilot, lambda: len(log.lines) == 2, what="the job's log")
-        check(app, "job-log", tmp_path)
+        await check(app, pilot, "job-log", tmp_path)
 
     tui.run(daemon.connect, scenario)
 
@@ -129,13 +138,13 @@ def test_job_samples_and_blocks(start_daemon, dataset, tui, tmp_path):
         picture = screen.query_one("#sample-picture", Picture)
         await tui.until(pilot, lambda: picture.image is not None, what="the newest sample")
         await pilot.pause(0.2)
-        check(app, "job-samples", tmp_path)
+        await check(app, pilot, "job-samples", tmp_path)
 
         app.push_screen(BlocksScreen("0001-cats", str(lora)))
         blocks = app.screen
         await tui.until(pilot, lambda: blocks.vector is not None, what="the block layout")
         await pilot.press("down", "down", "0", "down", "minus")
         await pilot.pause(0.2)
-        check(app, "blocks", tmp_path)
+        await check(app, pilot, "blocks", tmp_path)
 
     tui.run(daemon.connect, scenario)
