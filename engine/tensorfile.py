@@ -16,7 +16,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -109,17 +109,31 @@ class TensorFile:
         if not info.nbytes:
             yield torch.empty(info.shape, dtype=DTYPES[info.dtype])
             return
-        if os.fstat(self._file.fileno()).st_size < info.end:
-            raise UserError(f"{self.path} is truncated inside tensor {key}; copy the file again.")
+        self._check_size([key])
+        with self.mapped_bytes(info.start, info.end) as raw:
+            yield raw.view(DTYPES[info.dtype]).view(info.shape)
+
+    @contextlib.contextmanager
+    def mapped_bytes(self, start: int, end: int) -> Iterator[torch.Tensor]:
+        """Bytes [start, end) of the file as a read-only uint8 view; its pages dropped after."""
         with warnings.catch_warnings():  # the map is read-only, and nothing here writes to it
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=start)
         try:
-            yield raw.view(DTYPES[info.dtype]).view(info.shape)
+            yield raw
         finally:
             del raw
-            start = info.start - info.start % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+            first = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+    def _check_size(self, keys: Iterable[str]) -> None:
+        """Refuse to map bytes the file no longer has (it may shrink while open): a read past
+        the end of a map is SIGBUS, not an exception."""
+        size = os.fstat(self._file.fileno()).st_size
+        cut = [k for k in keys if self.infos[k].end > size]
+        if cut:
+            key = min(cut, key=lambda k: self.infos[k].start)
+            raise UserError(f"{self.path} is truncated inside tensor {key}; copy the file again.")
 
     def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, in file order (sequential reads are fastest on any disk)."""
@@ -127,7 +141,26 @@ class TensorFile:
             yield key, self.read(key, dtype)
 
     def read_all(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return dict(self.tensors(dtype))
+        """Every tensor, copied out in one pass into one buffer: a LoRA's thousands of small
+        tensors cost one copy, not a call (and a map, and a madvise) each."""
+        if not self.infos:
+            return {}
+        first = min(i.start for i in self.infos.values())
+        last = max(i.end for i in self.infos.values())
+        self._check_size(self.infos)
+        buffer = torch.empty(last - first, dtype=torch.uint8)
+        if last > first:
+            with self.mapped_bytes(first, last) as raw:
+                buffer.copy_(raw)
+        out = {}
+        for key, info in sorted(self.infos.items(), key=lambda kv: kv[1].start):
+            kind = DTYPES[info.dtype]
+            raw = buffer[info.start - first: info.end - first]
+            if (info.start - first) % kind.itemsize:  # the format does not align tensors: copy this one
+                raw = raw.clone()
+            tensor = raw.view(kind).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=kind)
+            out[key] = tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
+        return out
 
 
 def _parse_header(f, path: Path, what: str) -> tuple[dict[str, str], dict[str, TensorInfo]]:

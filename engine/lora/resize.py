@@ -9,16 +9,18 @@ and the dimensions with s_i > T are kept, one threshold T over the whole LoRA (a
 with none). `size=` picks T so the kept dimensions fit a byte budget. The kept part is written
 back as a LoRA whose ΔW is exactly ρ times the truncated SVD.
 
-Unlike resize_lora, the base is streamed: its tensors are read one at a time (a helper thread
-reads and measures the next one while this one is decomposed), so the memory peak is the LoRA
-plus a base tensor or two in flight, not the checkpoint. Modules the base lacks are kept
+Unlike resize_lora, the base is streamed: its tensors are measured one at a time straight from
+the mapped file (a helper thread, while two others decompose the modules), so the memory peak
+is the LoRA plus a few modules in flight, not the checkpoint. Modules the base lacks are kept
 unchanged and listed, where resize_lora stops with an error; all-zero modules are dropped, as
 resize_lora does. Kept dimensions are those scoring strictly above T, as in resize_lora's code.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -35,7 +37,7 @@ from loradrop.errors import UserError
 from ..models.sdxl import check_is_sdxl
 from ..tensorfile import TensorFile
 from .basekeys import BaseIndex, frobenius
-from .lorafile import Decomposition, kohya_tensors, read_lora, save_lora
+from .lorafile import Decomposition, LoraModule, kohya_tensors, read_lora, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ SCORES = ("spn_lora", "spn_ckpt", "subspace", "fro_lora", "fro_ckpt", "params")
 _BASE_SCORES = ("spn_ckpt", "subspace", "fro_ckpt")
 DEFAULT_RECIPE = "fro_ckpt=1,thr=-3.55"  # the guide's; resize_lora's own default is thr=-3.5
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+_DEPTH = 8  # modules decomposed ahead of the one being cut
 _ACTIVE = 1e-6  # resize_lora ignores score weights this small, and drops layers below this σ_max
 
 
@@ -229,13 +232,18 @@ def _base_stats(index: BaseIndex, recipe: ResizeRecipe, device: torch.device) ->
     return stats
 
 
-def _ahead(pool: ThreadPoolExecutor, fn: Callable, items: list) -> Iterator:
-    """fn(item) for each item in order, the pool working one item ahead of the consumer."""
-    future = pool.submit(fn, items[0]) if items else None
-    for i in range(len(items)):
-        result = future.result()
-        if i + 1 < len(items):
-            future = pool.submit(fn, items[i + 1])
+def _ahead(pool: ThreadPoolExecutor, fn: Callable, items: list, depth: int) -> Iterator:
+    """fn(item) for each item in order, the pool working up to `depth` items ahead of the
+    consumer: module costs vary a hundredfold, so a lockstep pipeline would wait on the
+    slower side at every module instead of once at the end."""
+    pending: collections.deque = collections.deque()
+    queued = iter(items)
+    for item in itertools.islice(queued, depth):
+        pending.append(pool.submit(fn, item))
+    while pending:
+        result = pending.popleft().result()
+        for item in itertools.islice(queued, 1):
+            pending.append(pool.submit(fn, item))
         yield result
 
 
@@ -349,25 +357,38 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
         present = sorted((n for n in lf.names if n in index), key=lambda n: index[n].offset)
         for name in present:
             _check_shape(lf.module(name), index[name].shape, lf.path, tf.path)
-        # Three threads, each running its torch kernels single-threaded: one reads and measures
-        # base tensors, one decomposes LoRA modules, this one scores and cuts what they hand over.
-        with _one_torch_thread_per_caller(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="resize") as pool:
-            stats = _ahead(pool, _base_stats(index, recipe, device), present)
-            decompositions = _ahead(pool, lambda name: lf.module(name).decompose(device), present)
-            for done, (name, base_stats, dec) in enumerate(zip(present, stats, decompositions), 1):
+        # Each thread runs its torch kernels single-threaded. One reads and measures the base
+        # tensors, far ahead (a float or two each); two decompose, score and cut the modules a
+        # few ahead of this one, which collects them in order. The subspace score needs a whole
+        # base weight, so with it each module's weight is read by the thread that cuts it.
+        measure = _base_stats(index, recipe, device)
+        with _one_torch_thread_per_caller(), ThreadPoolExecutor(1, "resize-base") as reader, ThreadPoolExecutor(2, "resize-svd") as solver:
+            ahead = {} if recipe.active("subspace") else {name: reader.submit(measure, name) for name in present}
+
+            def cut(name: str) -> tuple[LoraModule, _Layer | None]:
                 module = lf.module(name)
+                dec = module.decompose(device)
                 if dec.s.numel() == 0 or float(dec.s[0]) < _ACTIVE:
-                    log.warning("LoRA module %s is all zeroes (rank %d); it is dropped.", name, module.rank)
-                    report.zero.append(name)
-                    report.ranks[name] = (module.rank, 0)
-                else:
-                    layer = _Layer(name, module.rank, module.scale, module.in_shape, dec)
-                    layer.scores = _scores(recipe, layer, base_stats)
-                    if recipe.fixed_threshold is not None:
-                        layer.finish(recipe.fixed_threshold, recipe.rescale, out_dtype)
-                    layers.append(layer)
-                if progress:
-                    progress(done, len(present))
+                    return module, None
+                layer = _Layer(name, module.rank, module.scale, module.in_shape, dec)
+                layer.scores = _scores(recipe, layer, ahead.pop(name).result() if ahead else measure(name))
+                if recipe.fixed_threshold is not None:
+                    layer.finish(recipe.fixed_threshold, recipe.rescale, out_dtype)
+                return module, layer
+
+            try:
+                for done, (module, layer) in enumerate(_ahead(solver, cut, present, _DEPTH), 1):
+                    if layer is None:
+                        log.warning("LoRA module %s is all zeroes (rank %d); it is dropped.", module.name, module.rank)
+                        report.zero.append(module.name)
+                        report.ranks[module.name] = (module.rank, 0)
+                    else:
+                        layers.append(layer)
+                    if progress:
+                        progress(done, len(present))
+            finally:
+                for future in list(ahead.values()):  # an error or a cancel: stop reading the base
+                    future.cancel()
     return layers
 
 

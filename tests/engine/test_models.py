@@ -276,3 +276,27 @@ def _scheduler(model):
     from diffusers import EulerAncestralDiscreteScheduler
 
     return EulerAncestralDiscreteScheduler.from_config(model.config.scheduler)
+
+
+def test_read_all_takes_any_layout_and_refuses_a_cut_file(tmp_path):
+    """Tensors as another writer may lay them out: an fp32 tensor at an odd offset, an empty one."""
+    import json
+    import struct
+
+    parts = {"a": torch.tensor([1.5], dtype=torch.float16), "b": torch.arange(3, dtype=torch.float32) / 7, "c": torch.zeros(0, 4)}
+    header, payload = {"__metadata__": {"k": "v"}}, b""
+    for key, t in parts.items():
+        data = t.numpy().tobytes()
+        header[key] = {"dtype": {torch.float16: "F16", torch.float32: "F32"}[t.dtype], "shape": list(t.shape), "data_offsets": [len(payload), len(payload) + len(data)]}
+        payload += data
+    head = json.dumps(header).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + payload)
+    with tensorfile.TensorFile(path) as tf:
+        got = tf.read_all()
+    assert got.keys() == parts.keys() and all(torch.equal(got[k], parts[k]) and got[k].dtype == parts[k].dtype for k in parts)
+    with tensorfile.TensorFile(path) as tf:
+        assert tf.read_all(torch.float64)["b"].dtype == torch.float64
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(UserError, match="is truncated"):
+        tensorfile.TensorFile(path).read_all()
