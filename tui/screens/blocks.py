@@ -58,7 +58,7 @@ class BlocksScreen(Screen):
                 yield Label("with the vector", id="label-vector", classes="preview-label")
                 yield Picture(self.app.image_class, "", id="preview-vector")
         yield Static(id="vector-line")
-        yield Footer()
+        yield Footer(compact=True)  # every key fits an 80-column terminal
 
     def on_mount(self) -> None:
         self.app.call(self, "blocks", lambda c: c.block_layout(self.lora), self._loaded)

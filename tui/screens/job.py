@@ -65,7 +65,7 @@ class JobScreen(Screen):
             with TabPane("files [b]a[/]", id="artifacts"):
                 yield ArtifactsTable(id="artifacts-table")
                 yield Static("", id="artifact-path")
-        yield Footer()
+        yield Footer(compact=True)  # every key fits an 80-column terminal
 
     def on_mount(self) -> None:
         self._show_job()

@@ -29,7 +29,7 @@ class QueueScreen(Screen):
         yield Header()
         yield JobsTable(id="jobs")
         yield Static("", id="daemon-line")
-        yield Footer()
+        yield Footer(compact=True)  # every key fits an 80-column terminal
 
     def on_mount(self) -> None:
         table = self.query_one(JobsTable)
