@@ -1,10 +1,11 @@
 """Loading a full-size SDXL checkpoint: peak RSS against the file's size (target: at most 1.3×).
 
-    python bench/load_bench.py [--tiny] [--json OUT]
+    python bench/load_bench.py [--tiny] [--runs 2] [--json OUT]
 
 A random single-file SDXL (UNet, VAE, both text encoders, fp16, the real key set: ~6.9 GB) is
 written at run time, one tensor at a time, into a temporary folder and removed afterwards. Each
-measurement runs in a child process, whose own peak RSS is read from wait4:
+measurement runs in a child process (the two kinds alternating, --runs of each; the best wall
+time and the highest peak are reported), whose own peak RSS is read from wait4:
   ours      engine.models.sdxl.load_sdxl, streaming tensors into meta-built modules (fp16);
   baseline  safetensors.torch.load_file, every tensor copied into memory (what a state-dict load
             holds before it fills any module), no modules at all.
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny twin instead (seconds; keeps the bench from rotting)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--runs", type=int, default=2, help="loads of each kind, alternating (default 2)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="loradrop-load-bench-"))
     try:
@@ -85,8 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             build_checkpoint(path)
         size = path.stat().st_size
-        ours_s, ours_rss = measure(_OURS, path)
-        base_s, base_rss = measure(_BASELINE, path)
+        # Alternate the two, so neither gains from the other warming the page cache (the file
+        # was just written): the best wall time of each, the highest peak.
+        runs = {"ours": [], "base": []}
+        for _ in range(args.runs):
+            runs["ours"].append(measure(_OURS, path))
+            runs["base"].append(measure(_BASELINE, path))
+        ours_s, ours_rss = min(s for s, _ in runs["ours"]), max(r for _, r in runs["ours"])
+        base_s, base_rss = min(s for s, _ in runs["base"]), max(r for _, r in runs["base"])
+        print("wall times: ours " + ", ".join(f"{s:.1f}" for s, _ in runs["ours"]) + " s; load_file " + ", ".join(f"{s:.1f}" for s, _ in runs["base"]) + " s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     what = "tiny twin" if args.tiny else "full SDXL"
