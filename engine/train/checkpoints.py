@@ -14,6 +14,7 @@ state that reached the disk whole.
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 from pathlib import Path
@@ -74,6 +75,7 @@ class BackgroundWriter:
             raise error
 
     def _run(self) -> None:
+        _yield_to_training()
         while True:
             with self._cond:
                 while not (self._jobs or self._state_job or self._closed):
@@ -94,6 +96,16 @@ class BackgroundWriter:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+def _yield_to_training() -> None:
+    """Lower this thread's CPU priority. Where the CPU trains (or feeds the GPU) on every core,
+    a writer at equal priority preempts a compute thread, and the whole step waits for that
+    one; at low priority the writer takes the cycles the compute threads leave idle."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: only slower, never wrong
+        pass
 
 
 # ---------------------------------------------------------------- training state
