@@ -141,25 +141,20 @@ class TensorFile:
             yield key, self.read(key, dtype)
 
     def read_all(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor, copied out in one pass into one buffer: a LoRA's thousands of small
-        tensors cost one copy, not a call (and a map, and a madvise) each."""
+        """Every tensor, each in its own fresh memory, copied out of one mapping of the whole
+        payload: a LoRA's thousands of small tensors cost one map and one madvise, not one each."""
         if not self.infos:
             return {}
         first = min(i.start for i in self.infos.values())
         last = max(i.end for i in self.infos.values())
         self._check_size(self.infos)
-        buffer = torch.empty(last - first, dtype=torch.uint8)
-        if last > first:
-            with self.mapped_bytes(first, last) as raw:
-                buffer.copy_(raw)
         out = {}
-        for key, info in sorted(self.infos.items(), key=lambda kv: kv[1].start):
-            kind = DTYPES[info.dtype]
-            raw = buffer[info.start - first: info.end - first]
-            if (info.start - first) % kind.itemsize:  # the format does not align tensors: copy this one
-                raw = raw.clone()
-            tensor = raw.view(kind).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=kind)
-            out[key] = tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
+        with self.mapped_bytes(first, max(last, first + 1)) as raw:
+            for key, info in sorted(self.infos.items(), key=lambda kv: kv[1].start):
+                tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+                if info.nbytes:  # bytes to bytes: any offset, any dtype
+                    tensor.reshape(-1).view(torch.uint8).copy_(raw[info.start - first: info.end - first])
+                out[key] = tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
         return out
 
 
