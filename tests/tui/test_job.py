@@ -41,7 +41,8 @@ def test_a_job_trains_live_in_its_screen(start_daemon, dataset, tui):
         bar = screen.query_one("#job-progress")
         assert sorted(screen.query_one("#loss").points) == [1, 2, 3, 4]
         assert bar.total and bar.progress == bar.total
-        assert len(log.lines) == screen.log_lines > seen
+        await tui.until(pilot, lambda: len(log.lines) == log.received, what="every line received in the log")
+        assert log.received > seen
 
         await pilot.press("a")
         files = screen.query_one(ArtifactsTable)

@@ -111,3 +111,36 @@ def test_the_tui_and_montage_load_no_torch_and_no_engine():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_a_flooded_log_is_written_in_batches_and_loses_no_line():
+    import asyncio
+
+    from textual.app import App
+
+    from loradrop.tui.widgets.stream_log import StreamLog
+
+    writes: list[int] = []
+
+    class Counted(StreamLog):
+        def write_lines(self, lines, scroll_end=None):
+            writes.append(len(lines))
+            return super().write_lines(lines, scroll_end)
+
+    class One(App):
+        def compose(self):
+            yield Counted(max_lines=300)
+
+    async def scenario():
+        app = One()
+        async with app.run_test() as pilot:
+            log = app.query_one(Counted)
+            log.add(["first"])
+            assert list(log.lines) == ["first"] and writes == [1]  # a quiet log shows a line at once
+            for i in range(1000):  # a flood: within one flush period
+                log.add([f"line {i}"])
+            await pilot.pause(0.3)
+            assert log.received == 1001 and len(writes) <= 3
+            assert list(log.lines)[-1] == "line 999" and len(log.lines) == 300
+
+    asyncio.run(scenario())

@@ -44,6 +44,6 @@ def test_the_tui_survives_a_daemon_restart(start_daemon, dataset, tui):
         assert seqs == sorted(set(seqs)), f"a line came twice or out of order: {log.lines}"
         expected = [event_line(e) for e in events if e.WhichOneof("body") != "progress"]
         assert list(log.lines) == expected
-        assert screen.log_lines == len(expected)
+        assert log.received == len(expected)
 
     tui.run(first.connect, scenario)

@@ -7,7 +7,7 @@ from functools import partial
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Log, ProgressBar, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 
 from loradrop.commands.logs import event_line
 from loradrop.progress import format_duration
@@ -21,6 +21,7 @@ from ..samples import SampleIndex
 from ..widgets.artifacts import ArtifactsTable
 from ..widgets.gallery import Gallery
 from ..widgets.loss_plot import LossPlot
+from ..widgets.stream_log import StreamLog
 
 MAX_LOG_LINES = 5000  # older lines scroll away; the daemon keeps them all (`loradrop logs`)
 LORA_KINDS = {"final", "resized", "chopped", "step"}
@@ -45,7 +46,6 @@ class JobScreen(Screen):
         self.feed: EventFeed | None = None
         self._feed_worker = None
         self.last_seq = 0
-        self.log_lines = 0  # lines written in all (the widget keeps the last MAX_LOG_LINES)
         self._artifacts_due = False
 
     @property
@@ -59,7 +59,7 @@ class JobScreen(Screen):
         yield LossPlot(id="loss")
         with TabbedContent(initial="log", id="job-tabs"):
             with TabPane("log [b]l[/]", id="log"):
-                yield Log(max_lines=MAX_LOG_LINES, id="job-log")
+                yield StreamLog(max_lines=MAX_LOG_LINES, id="job-log")
             with TabPane("samples [b]g[/]", id="samples"):
                 yield Gallery(self.samples, self.app.image_class, id="gallery")
             with TabPane("files [b]a[/]", id="artifacts"):
@@ -72,7 +72,7 @@ class JobScreen(Screen):
         self._start_feed()
         self.load_artifacts()
         self.set_interval(1.0, self._artifacts_if_due)
-        self.query_one("#job-log", Log).focus()
+        self.query_one("#job-log", StreamLog).focus()
 
     def on_unmount(self) -> None:
         if self.feed is not None:
@@ -106,8 +106,7 @@ class JobScreen(Screen):
         if progress is not None:  # the bar and the title show the latest only
             self._progress(progress)
         if lines:
-            self.query_one("#job-log", Log).write_lines(lines)
-            self.log_lines += len(lines)
+            self.query_one("#job-log", StreamLog).add(lines)
         if samples:
             self.query_one(Gallery).samples_changed()
 
