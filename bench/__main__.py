@@ -18,7 +18,7 @@ from pathlib import Path
 from bench.rows import table
 
 HERE = Path(__file__).resolve().parent
-# (script, arguments): the tiny-twin trainer, full-size loading and resize, the daemon, the TUI.
+# (script, arguments): the tiny-twin trainer, full-size loading, resize and chop, the daemon, the TUI.
 SET = [
     ("train_bench.py", []),
     ("load_bench.py", []),

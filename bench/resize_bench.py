@@ -1,4 +1,4 @@
-"""Resize a full-size SDXL LoCon against a full-size base: wall time and peak RSS.
+"""Resize and chop a full-size SDXL LoCon (against a full-size base): wall time and peak RSS.
 
     python bench/resize_bench.py            # full size: a ~6 GB base and a ~117 M-parameter LoCon
     python bench/resize_bench.py --tiny     # the same on the tiny twin (seconds; keeps it from rotting)
@@ -12,6 +12,10 @@ decades around the recipe's threshold, so about half the dimensions are kept.
 The resize runs in a child process, the one whose peak RSS is reported (the child reads its own
 VmHWM). resize_lora's figures on the same kind of files, measured on this kind of
 machine (reference/checked-here.md), are printed beside ours.
+
+The chop (the guide's kind of vector: a few blocks kept, one of them at 0.5) runs the same way,
+beside a child doing what chop_blocks does with the safetensors library: load the file, keep
+the blocks' keys, save them.
 """
 
 from __future__ import annotations
@@ -122,11 +126,37 @@ print(json.dumps({"import_s": t1 - t0, "resize_s": t2 - t1, "path": str(report.p
 """
 
 
-def measure(base: Path, lora: Path, out: Path) -> dict:
-    """Run one resize in a child; its wall time (start to exit) and its own peak RSS (VmHWM, read
-    by the child: wait4's ru_maxrss would include this process's high-water mark)."""
+_CHOP = """
+import json, sys, time
+t0 = time.perf_counter()
+from loradrop.engine.lora.chop import chop
+result = chop(sys.argv[1], sys.argv[2], sys.argv[3])
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"import_s": 0.0, "resize_s": time.perf_counter() - t0, "peak": peak}))
+"""
+_CHOP_BASELINE = """
+import json, sys, time
+t0 = time.perf_counter()
+from safetensors.torch import load_file, save_file
+from loradrop.engine.lora.blocks import layout, parse_vector
+tensors = load_file(sys.argv[1])
+lay = layout(tensors)
+weights = parse_vector(sys.argv[2], len(lay.blocks))
+keep = set(lay.passthrough) | {k for block, w in zip(lay.blocks, weights[1:]) if w for k in block.keys}
+save_file({k: tensors[k] for k in keep}, sys.argv[3])
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"import_s": 0.0, "resize_s": time.perf_counter() - t0, "peak": peak}))
+"""
+VECTOR = "1,0,0,0,0,0,0,0,1,0.5,0,0,0,1,1,1,0,0,0,0,0"  # IN07, IN08 at half, MID, OUT00, OUT01
+
+
+def measure(base: Path, lora: Path, out: Path, code: str = _CHILD, args: tuple[str, ...] | None = None) -> dict:
+    """Run one resize (or `code` with `args`) in a child; its wall time (start to exit) and its
+    own peak RSS (VmHWM, read by the child: wait4's ru_maxrss would include this process's
+    high-water mark)."""
+    args = args if args is not None else (str(base), str(lora), RECIPE, str(out))
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(base), str(lora), RECIPE, str(out)], stdout=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE)
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -165,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"CPU {r['cpu_s']:.2f}s, peak RSS {r['peak_rss_gb']:.2f} GB; kept {r['kept_dims']} dims, {r['params_out']:,} params; "
                   f"load {os.getloadavg()[0]:.2f}")
         best = min(runs, key=lambda r: r["wall_s"])
+        chops = [measure(base, lora, work, _CHOP, (str(lora), VECTOR, str(work / "chopped.safetensors"))) for _ in range(args.runs)]
+        plain = [measure(base, lora, work, _CHOP_BASELINE, (str(lora), VECTOR, str(work / "plain.safetensors"))) for _ in range(args.runs)]
+        chop_best, plain_best = min(c["wall_s"] for c in chops), min(c["wall_s"] for c in plain)
+        chop_peak, plain_peak = max(c["peak_rss_gb"] for c in chops), max(c["peak_rss_gb"] for c in plain)
+        print(f"chop: wall {chop_best:.2f}s, peak RSS {chop_peak:.2f} GB; load_file + save_file of the kept keys: "
+              f"wall {plain_best:.2f}s, peak RSS {plain_peak:.2f} GB")
         print(f"best: wall {best['wall_s']:.2f}s, peak RSS {max(r['peak_rss_gb'] for r in runs):.2f} GB (highest of the runs)")
         if not args.tiny:
             print(f"resize_lora on the same kind of files: wall {REFERENCE['wall_s']}s, peak RSS {REFERENCE['peak_rss_gb']} GB "
@@ -176,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             row(f"resize {'tiny' if args.tiny else 'full-size'} LoCon: wall", best["wall_s"], "s", "≤ resize_lora", None if args.tiny else REFERENCE["wall_s"], ref),
             row(f"resize {'tiny' if args.tiny else 'full-size'} LoCon: peak RSS", max(r["peak_rss_gb"] for r in runs), "GB",
                 f"< {REFERENCE['peak_rss_gb'] / 3:.2f} GB", None if args.tiny else REFERENCE["peak_rss_gb"], ref),
+            row(f"chop {'tiny' if args.tiny else 'full-size'} LoCon: wall", chop_best, "s", "-", plain_best, "load_file + save_file"),
+            row(f"chop {'tiny' if args.tiny else 'full-size'} LoCon: peak RSS", chop_peak, "GB", "-", plain_peak, "load_file + save_file"),
         ], args.json)
     finally:
         if args.workdir is None:

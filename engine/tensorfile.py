@@ -140,17 +140,19 @@ class TensorFile:
         for key in sorted(self.infos, key=lambda k: self.infos[k].start):
             yield key, self.read(key, dtype)
 
-    def read_all(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor, each in its own fresh memory, copied out of one mapping of the whole
-        payload: a LoRA's thousands of small tensors cost one map and one madvise, not one each."""
-        if not self.infos:
+    def read_all(self, dtype: torch.dtype | None = None, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor (or those of `keys`), each in its own fresh memory, copied out of one
+        mapping of the payload: a LoRA's thousands of small tensors cost one map and one
+        madvise, not one each."""
+        infos = self.infos if keys is None else {k: self.infos[k] for k in keys}
+        if not infos:
             return {}
-        first = min(i.start for i in self.infos.values())
-        last = max(i.end for i in self.infos.values())
-        self._check_size(self.infos)
+        first = min(i.start for i in infos.values())
+        last = max(i.end for i in infos.values())
+        self._check_size(infos)
         out = {}
         with self.mapped_bytes(first, max(last, first + 1)) as raw:
-            for key, info in sorted(self.infos.items(), key=lambda kv: kv[1].start):
+            for key, info in sorted(infos.items(), key=lambda kv: kv[1].start):
                 tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
                 if info.nbytes:  # bytes to bytes: any offset, any dtype
                     tensor.reshape(-1).view(torch.uint8).copy_(raw[info.start - first: info.end - first])

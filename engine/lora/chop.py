@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .blocks import Layout, check_length, format_weight, is_plain_numbers, layout, parse_vector
-from .lorafile import UP, read_lora, save_lora
+from ..tensorfile import TensorFile
+from .lorafile import UP, check_keys, save_lora
 
 
 @dataclass
@@ -32,26 +33,24 @@ class ChopResult:
 
 def chop(lora: str | os.PathLike, vector: str, out: str | os.PathLike | None = None, *, seed: int = 0) -> ChopResult:
     """Write the chopped LoRA to `out` (default `<stem>-chop.safetensors` beside the input)."""
-    lf = read_lora(lora)
-    lay = layout(lf.tensors)
-    values = parse_vector(vector, len(lay.blocks), seed=seed)
-    check_length(values, lay, lf.path)
-    weights = [values[0] * v for v in values[1:]]
-    tensors = {k: lf.tensors[k] for k in lay.passthrough}
-    removed = 0
-    for block, w in zip(lay.blocks, weights):
-        if abs(w) < 1e-6:
-            removed += len(block.keys)
-            continue
-        for k in block.keys:
-            t = lf.tensors[k]
-            if abs(w - 1.0) > 1e-6 and k.endswith(UP):
-                t = (t.float() * w).to(t.dtype)
-            tensors[k] = t
-    metadata = dict(lf.metadata)
+    source = Path(lora).expanduser()
+    with TensorFile(source, what="a LoRA (.safetensors)") as tf:
+        check_keys(tf.keys(), source)
+        lay = layout(tf.keys())
+        values = parse_vector(vector, len(lay.blocks), seed=seed)
+        check_length(values, lay, source)
+        weights = [values[0] * v for v in values[1:]]
+        kept = {k: w for block, w in zip(lay.blocks, weights) if abs(w) >= 1e-6 for k in block.keys}
+        # Only what is kept is read: a chop to a few blocks reads a small part of the file.
+        tensors = tf.read_all(keys=[*lay.passthrough, *kept])
+        metadata = dict(tf.metadata)
+    removed = sum(len(block.keys) for block in lay.blocks) - len(kept)
+    for k, w in kept.items():
+        if abs(w - 1.0) > 1e-6 and k.endswith(UP):
+            tensors[k] = (tensors[k].float() * w).to(tensors[k].dtype)
     # As chop_blocks: the vector as given; a preset or tokens are recorded as the numbers used.
     metadata["block_vector_string"] = vector.strip() if is_plain_numbers(vector) else ",".join(map(format_weight, values))
-    path = Path(out).expanduser() if out is not None else lf.path.with_name(f"{lf.path.stem}-chop.safetensors")
+    path = Path(out).expanduser() if out is not None else source.with_name(f"{source.stem}-chop.safetensors")
     save_lora(path, tensors, metadata)
     return ChopResult(path, lay, values, weights, removed)
 
