@@ -74,12 +74,15 @@ def build_base(path: Path, tiny: bool) -> None:
 
 def seed_modules(tiny: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], float]]:
     """kohya name → (down shape, up shape, alpha) of the seed recipe's LoCon, from lycoris-lora."""
+    import logging
+
     from lycoris import LycorisNetwork, create_lycoris
 
     from loradrop.engine.models import keymap
     from loradrop.engine.models.configs import sdxl_config, tiny_config
     from loradrop.engine.models.sdxl import build_empty
 
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it logs every build at INFO
     config = tiny_config() if tiny else sdxl_config()
     models = build_empty(config, ("unet", "te1", "te2"))
     names = keymap.UNetNames(config.unet)
