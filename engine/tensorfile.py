@@ -116,6 +116,9 @@ class TensorFile:
     @contextlib.contextmanager
     def mapped_bytes(self, start: int, end: int) -> Iterator[torch.Tensor]:
         """Bytes [start, end) of the file as a read-only uint8 view; its pages dropped after."""
+        if end <= start:  # nothing to map (a map cannot start at the file's end)
+            yield torch.empty(0, dtype=torch.uint8)
+            return
         with warnings.catch_warnings():  # the map is read-only, and nothing here writes to it
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=start)
@@ -151,7 +154,7 @@ class TensorFile:
         last = max(i.end for i in infos.values())
         self._check_size(infos)
         out = {}
-        with self.mapped_bytes(first, max(last, first + 1)) as raw:
+        with self.mapped_bytes(first, last) as raw:
             for key, info in sorted(infos.items(), key=lambda kv: kv[1].start):
                 tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
                 if info.nbytes:  # bytes to bytes: any offset, any dtype

@@ -300,3 +300,7 @@ def test_read_all_takes_any_layout_and_refuses_a_cut_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(UserError, match="is truncated"):
         tensorfile.TensorFile(path).read_all()
+    empty_head = json.dumps({"e": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(empty_head)) + empty_head)  # no payload at all
+    with tensorfile.TensorFile(path) as tf:
+        assert tf.read_all()["e"].shape == (0, 4)
