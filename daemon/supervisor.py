@@ -80,7 +80,7 @@ class Supervisor:
         for job in self.events.store.jobs([RUNNING]):  # left running by a daemon that died
             self.events.transition(job.id, QUEUED, expect=(RUNNING,))
             self.events.emit(job.id, "log", {"level": "warning", "text": "the daemon stopped while this job ran; it resumes from its last full checkpoint"})
-        self.sweep(self.home.outputs)
+        self.sweep(self.home.outputs, self.home.cache)
         for slot in self.trainers:
             slot.start()
 
@@ -170,7 +170,7 @@ class Supervisor:
     def sweep(self, *folders: Path) -> None:
         """Remove the half-written files that killed workers left in `folders` (never listed,
         but they hold disk space); files of writers still running are left alone."""
-        for folder in (*folders, self.home.cache):
+        for folder in folders:
             removed = sweep_partials(folder)
             if removed:
                 log.info("removed %d unfinished files in %s left by stopped workers", len(removed), folder)
@@ -325,7 +325,7 @@ class _Slot:
         for future in calls.values():
             future.set_exception(Unavailable(f"the {self.role} worker {reason}; try again."))
         if job_id:
-            self.sup.sweep(self.sup.home.job_dir(job_id))
+            self.sup.sweep(self.sup.home.job_dir(job_id), self.sup.home.cache)
             self.sup.job_crashed(job_id, reason)
         if self.sup.stopping:
             return

@@ -363,7 +363,8 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
         # base weight, so with it each module's weight is read by the thread that cuts it.
         measure = _base_stats(index, recipe, device)
         with _one_torch_thread_per_caller(), ThreadPoolExecutor(1, "resize-base") as reader, ThreadPoolExecutor(2, "resize-svd") as solver:
-            ahead = {} if recipe.active("subspace") else {name: reader.submit(measure, name) for name in present}
+            streamed = not recipe.active("subspace")
+            ahead = {name: reader.submit(measure, name) for name in present} if streamed else {}
 
             def cut(name: str) -> tuple[LoraModule, _Layer | None]:
                 module = lf.module(name)
@@ -371,7 +372,7 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
                 if dec.s.numel() == 0 or float(dec.s[0]) < _ACTIVE:
                     return module, None
                 layer = _Layer(name, module.rank, module.scale, module.in_shape, dec)
-                layer.scores = _scores(recipe, layer, ahead.pop(name).result() if ahead else measure(name))
+                layer.scores = _scores(recipe, layer, ahead.pop(name).result() if streamed else measure(name))
                 if recipe.fixed_threshold is not None:
                     layer.finish(recipe.fixed_threshold, recipe.rescale, out_dtype)
                 return module, layer
