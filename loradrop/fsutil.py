@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 _PARTIAL = ".partial"
+_PROC_SELF = Path("/proc/self/stat")
 
 
 @contextlib.contextmanager
@@ -42,7 +43,7 @@ def sweep_partials(root: str | os.PathLike) -> list[Path]:
     for folder, _dirs, files in os.walk(root):
         for name in files:
             pid = _writer(name)
-            if pid is not None and not _running(pid):
+            if pid is not None and not process_running(pid):
                 path = Path(folder, name)
                 path.unlink(missing_ok=True)
                 removed.append(path)
@@ -57,14 +58,22 @@ def _writer(name: str) -> int | None:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process `pid` still runs: it exists (anyone's) and is not a zombie (exited, not
+    yet reaped by its parent)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
+    except PermissionError:  # someone else's process
+        pass
+    if not _PROC_SELF.exists():  # no /proc to ask: existing is running
         return True
-    return True
+    try:
+        # "pid (name) state ...": the name may hold spaces and parentheses; the state follows the last ")".
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:  # gone meanwhile
+        return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

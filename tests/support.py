@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from loradrop.fsutil import process_running
 from loradrop.proto.client import Client, ClientError
 
 # A recipe that trains in seconds on the tiny twin: 64 px, batch 1, no accumulation, few steps.
@@ -149,13 +150,11 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.1, what: str = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+pid_alive = process_running  # a zombie (exited, not yet reaped) counts as gone
+
+
+def dead_pid() -> int:
+    """The pid of a process that has run and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

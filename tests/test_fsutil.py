@@ -7,14 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from support import dead_pid, wait_for
 
-from loradrop.fsutil import atomic_path, atomic_write_text, sweep_partials
-
-
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
+from loradrop.fsutil import atomic_path, atomic_write_text, process_running, sweep_partials
 
 
 def test_a_failed_write_leaves_neither_the_name_nor_a_temporary(tmp_path):
@@ -37,10 +32,19 @@ def test_the_temporary_names_its_writer(tmp_path):
 def test_sweep_removes_only_what_dead_writers_left(tmp_path):
     nested = tmp_path / "job" / "samples"
     nested.mkdir(parents=True)
-    dead = [nested / f".s.png.{_dead_pid()}.k2j_x.partial", tmp_path / f".a.safetensors.{_dead_pid()}.abc.partial"]
+    dead = [nested / f".s.png.{dead_pid()}.k2j_x.partial", tmp_path / f".a.safetensors.{dead_pid()}.abc.partial"]
     alive = tmp_path / f".b.safetensors.{os.getpid()}.abc.partial"
     others = [tmp_path / ".a.safetensors.abc.partial", tmp_path / "notes.partial", tmp_path / "a.safetensors"]
     for p in (*dead, alive, *others):
         p.write_text("x")
     assert sorted(sweep_partials(tmp_path)) == sorted(dead)
     assert all(p.exists() for p in (alive, *others)) and not any(p.exists() for p in dead)
+
+
+def test_a_zombie_writer_counts_as_gone():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not reaped until wait()
+    try:
+        wait_for(lambda: not process_running(child.pid), what="the child to exit")
+        assert process_running(os.getpid())
+    finally:
+        child.wait()

@@ -3,13 +3,11 @@ server process itself free of torch."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
-from support import make_dataset, pid_alive, wait_for
+from support import dead_pid, make_dataset, pid_alive, wait_for
 
 from loradrop.daemon.supervisor import describe_exit, visible_devices
 from loradrop.proto.client import ClientError
@@ -86,11 +84,9 @@ def test_progress_is_coalesced_but_never_its_first_or_last():
 
 
 def test_half_written_files_of_dead_workers_are_swept_at_start(home, daemons):
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
     job_dir = home / "outputs" / "0007-old"
     job_dir.mkdir(parents=True)
-    left = job_dir / f".old.safetensors.{child.pid}.x1y2.partial"
+    left = job_dir / f".old.safetensors.{dead_pid()}.x1y2.partial"
     left.write_bytes(b"half a file")
     kept = job_dir / "old.safetensors"
     kept.write_bytes(b"whole")
