@@ -99,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="loradrop-gpu-bench-"))
     try:
         ckpt = root / "sdxl.safetensors"
-        if args.tiny:
-            from loradrop.engine.models.tiny import make_tiny
-
-            make_tiny(ckpt)
-        else:
-            build_checkpoint(ckpt)
+        build_checkpoint(ckpt, args.tiny)
         seed = Recipe()
         overrides = {"max_train_steps": steps, "sample_every_n_steps": 0, "save_every_n_steps": 0, "log_with": "none"}
         if args.tiny:

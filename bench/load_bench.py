@@ -39,7 +39,13 @@ tensors = {k: v.clone() for k, v in load_file(sys.argv[1]).items()}
 """
 
 
-def build_checkpoint(path: Path) -> None:
+def build_checkpoint(path: Path, tiny: bool = False) -> None:
+    """A random full-size SDXL single file at `path` (or the tiny twin, with `tiny`)."""
+    if tiny:
+        from loradrop.engine.models.tiny import make_tiny
+
+        make_tiny(path)
+        return
     from loradrop.engine.models.configs import sdxl_config
     from loradrop.engine.models.sdxl import CONFIG_METADATA_KEY, build_empty, component_map
 
@@ -80,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="loradrop-load-bench-"))
     try:
         path = root / "sdxl.safetensors"
-        if args.tiny:
-            from loradrop.engine.models.tiny import make_tiny
-
-            make_tiny(path)
-        else:
-            build_checkpoint(path)
+        build_checkpoint(path, args.tiny)
         size = path.stat().st_size
         # Alternate the two, so neither gains from the other warming the page cache (the file
         # was just written): the best wall time of each, the highest peak.
