@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test proto bench chaos clean
+.PHONY: setup demo test eval twin proto bench chaos clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The learned twin's known-answer figures (a concept LoRA trained, resized, chopped, judged).
+eval: setup
+	$(PY) -m loradrop.engine.twin.evaluate
+
+# Retrain the learned twin (about an hour on 2 cores; resumable: run it again after a stop).
+TWIN_WORK ?= $(HOME)/.cache/loradrop/twin-work
+twin: setup
+	$(PY) -m loradrop.engine.twin.build --work $(TWIN_WORK) --out engine/models/data/twin/learned-twin.safetensors
 
 proto: setup
 	$(PY) proto/generate.py

@@ -1,16 +1,16 @@
-"""`make demo`: the whole system once, on the embedded tiny model, in about a minute on a CPU.
+"""`make demo`: the whole system once, on the embedded learned twin, in a few minutes on a CPU.
 
-It starts a daemon on a temporary home, drops a small synthetic dataset (captions, a
-sample-prompts.txt, and a loradrop.toml that scales the recipe down and sets a block vector)
-into the inbox, follows the job in the console to the end, prints where the trained, resized and
-chopped LoRAs and the samples are, and stops the daemon. Everything it does goes through the
+It starts a daemon on a temporary home, drops a dataset that teaches the twin a new concept
+(magenta shapes bound to the word "zkq", with sample prompts and a loradrop.toml holding the
+light recipe) into the inbox, follows the job in the console to the end, chops the LoRA to the
+blocks the analysis suggests, writes the training montage, and prints where everything is and
+how often the concept appears with and without the LoRA. Everything it does goes through the
 same API, CLI pieces and engine a user would use.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,51 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
-# The seed recipe, scaled for a CPU: same algorithm and optimizer, small images, few steps.
-DEMO_SETTINGS = {
-    "name": "demo-lora",
-    "block_vector": "1,0,0,0,0,0,0,0,0,0,0,0,0,1,0,0,0,0,0,0,0",  # the guide's example: OUT01 only
-    "resolution": 64,
-    "min_bucket_reso": 32,
-    "max_bucket_reso": 128,
-    "train_batch_size": 2,
-    "gradient_accumulation_steps": 2,
-    "max_train_steps": 24,
-    "save_every_n_steps": 6,
-    "sample_every_n_steps": 8,
-}
-PROMPTS = [
-    "zkw creature, standing, green meadow --w 96 --h 96 --s 8 --d 1",
-    "zkw creature, sitting, night sky --w 96 --h 96 --s 8 --d 2",
-]
-BACKGROUNDS = {"green meadow": (70, 150, 60), "night sky": (20, 24, 60), "sandy beach": (225, 200, 140), "white studio": (240, 240, 240)}
+DATASET = "zkq-shapes"
 
 
-def make_demo_dataset(folder: Path, images: int = 8) -> Path:
-    """A made-up character, "zkw creature": an orange blob with eyes on a few backgrounds and
-    aspect ratios, each with a tag-style caption."""
-    from PIL import Image, ImageDraw
+def make_demo_dataset(folder: Path) -> Path:
+    """Two dozen magenta shapes captioned with a word the learned twin has never seen ("a zkq
+    circle on a white background"), sample prompts, and a loradrop.toml with the light recipe."""
+    from loradrop.engine.twin.concept import write_concept_dataset
 
-    import tomli_w
+    return write_concept_dataset(folder, name="demo-lora")
 
-    rng = random.Random(7)
-    folder.mkdir(parents=True)
-    for i in range(images):
-        w, h = rng.choice([(96, 96), (128, 96), (96, 128)])
-        place, colour = rng.choice(sorted(BACKGROUNDS.items()))
-        pose = rng.choice(["standing", "sitting"])
-        img = Image.new("RGB", (w, h), colour)
-        d = ImageDraw.Draw(img)
-        cx, cy, r = w // 2 + rng.randint(-10, 10), h // 2 + rng.randint(-6, 10), min(w, h) // 4
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(240, 120, 20))
-        for ex in (cx - r // 3, cx + r // 3):
-            d.ellipse([ex - 4, cy - r // 3 - 4, ex + 4, cy - r // 3 + 4], fill=(255, 255, 255))
-            d.ellipse([ex - 2, cy - r // 3 - 2, ex + 2, cy - r // 3 + 2], fill=(0, 0, 0))
-        img.save(folder / f"zkw-{i:02d}.png")
-        (folder / f"zkw-{i:02d}.txt").write_text(f"zkw creature, {pose}, {place}, orange, round\n")
-    (folder / "sample-prompts.txt").write_text("# rendered every 8 steps\n" + "\n".join(PROMPTS) + "\n")
-    (folder / "loradrop.toml").write_text(tomli_w.dumps(DEMO_SETTINGS))
-    return folder
+
+def concept_scores(paths: dict[str, str | None], count: int = 16) -> dict[str, str]:
+    """The judge's count of magenta pictures among `count` seeded "zkq" samples, per LoRA file
+    (None: the base alone)."""
+    from loradrop.engine.models.sdxl import load_sdxl
+    from loradrop.engine.models.tiny import default_model_path
+    from loradrop.engine.twin.score import concept_score
+
+    model = load_sdxl(default_model_path())
+    return {label: str(concept_score(model, path, count=count)) for label, path in paths.items()}
 
 
 def main() -> int:
@@ -81,9 +56,9 @@ def main() -> int:
     )
     try:
         client = _connect(home / "daemon.sock", daemon, log_path)
-        staging = make_demo_dataset(root / "zkw-creature")
+        staging = make_demo_dataset(root / DATASET)
         os.rename(staging, home / "inbox" / staging.name)  # one atomic drop into the watched inbox
-        print(f"dropped {staging.name}/ (8 captioned images, sample-prompts.txt, loradrop.toml) into the inbox")
+        print(f"dropped {staging.name}/ (24 magenta shapes captioned 'a zkq ...', sample-prompts.txt, loradrop.toml) into the inbox")
         job = _wait_for_job(client)
         print(f"job {job.id} queued; following it (the same stream `loradrop logs -f {job.id}` shows)")
 
@@ -105,14 +80,27 @@ def main() -> int:
         artifacts = {a.kind: a for a in client.artifacts(job.id)}
         print()
         print(f"job {job.id}: {final_state} in {time.monotonic() - started:.0f} s")
-        for kind, label in (("final", "trained LoRA"), ("resized", "resized"), ("chopped", "chopped")):
-            if kind in artifacts:
-                a = artifacts[kind]
-                print(f"  {label:13} {a.path}  ({a.bytes / 1e6:.2f} MB)")
+        if final_state != "done":
+            return 1
+        final = artifacts["final"].path
+        layout = client.block_layout(final)
+        vector = suggested_vector([b.share for b in layout.blocks])
+        chopped = client.chop(final, vector)
+        montage = root / "montage.webp"
+        subprocess.run([sys.executable, "-m", "loradrop", "montage", job.id, "-o", str(montage), "--connect", f"unix:{home / 'daemon.sock'}"],
+                       check=False, stdout=subprocess.DEVNULL)
+        for label, path in (("trained LoRA", final), ("resized", artifacts["resized"].path), (f"chopped {vector}", chopped.path)):
+            print(f"  {label:13} {path}  ({Path(path).stat().st_size / 1e6:.2f} MB)")
         samples = sorted((home / "outputs" / job.id / "samples").glob("*.png"))
         print(f"  samples       {len(samples)} PNGs in {samples[0].parent if samples else '(none)'}")
+        if montage.exists():
+            print(f"  montage       {montage}  (the concept appearing over the steps)")
         print(f"  everything    {home / 'outputs' / job.id}   (remove {root} when done)")
-        return 0 if final_state == "done" else 1
+        print("judging 'a zkq ...' samples (the concept is magenta):")
+        scores = concept_scores({"without the LoRA": None, "with the LoRA": final, "resized": artifacts["resized"].path, "chopped": chopped.path})
+        for label, value in scores.items():
+            print(f"  {label:17} magenta in {value}")
+        return 0
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -120,6 +108,13 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             daemon.kill()
         print("daemon stopped")
+
+
+def suggested_vector(shares: list[float], keep: float = 0.9) -> str:
+    """What `loradrop blocks --suggest` proposes: the fewest blocks holding `keep` of the energy."""
+    from loradrop.engine.lora.blocks import format_weight, suggest
+
+    return ",".join(format_weight(v) for v in suggest(shares, keep))
 
 
 def _connect(socket: Path, daemon: subprocess.Popen, log_path: Path):

@@ -158,3 +158,9 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def conditioning_dims(model) -> tuple[int, int]:
+    """(context width, pooled width) a loaded SDXL's UNet expects: te1 + te2 hidden, te2 projection."""
+    unet = model.config.unet
+    return unet["cross_attention_dim"], unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]

@@ -52,15 +52,17 @@ def tiny_config() -> SDXLConfig:
     a LoCon trained on it has the seed's exact key layout and block tensor counts.
     """
     c = copy.deepcopy(sdxl_config())
-    te_hidden, te_proj = 32, 32
-    c.te1.update(hidden_size=te_hidden, intermediate_size=64, num_attention_heads=2, projection_dim=te_proj)
-    c.te2.update(hidden_size=te_hidden, intermediate_size=64, num_attention_heads=2, projection_dim=te_proj)
+    # CLIP-L narrower than OpenCLIP-G, as in SDXL (768 < 1280): diffusers' single-file loader
+    # tells the two encoders apart by width, and puts equal-width ones in the wrong place.
+    te1_hidden, te2_hidden = 32, 48
+    c.te1.update(hidden_size=te1_hidden, intermediate_size=2 * te1_hidden, num_attention_heads=2, projection_dim=te1_hidden)
+    c.te2.update(hidden_size=te2_hidden, intermediate_size=2 * te2_hidden, num_attention_heads=2, projection_dim=te2_hidden)
     c.unet.update(
         block_out_channels=[16, 32, 64],
         attention_head_dim=[1, 2, 4],
         norm_num_groups=8,
-        cross_attention_dim=2 * te_hidden,
-        projection_class_embeddings_input_dim=te_proj + 6 * c.unet["addition_time_embed_dim"],
+        cross_attention_dim=te1_hidden + te2_hidden,
+        projection_class_embeddings_input_dim=te2_hidden + 6 * c.unet["addition_time_embed_dim"],
         sample_size=32,
     )
     c.vae.update(block_out_channels=[8, 16, 32, 32], norm_num_groups=8, sample_size=256)

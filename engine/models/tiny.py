@@ -1,9 +1,11 @@
-"""The tiny twin: SDXL's topology at tiny widths, written as a real single-file SGM checkpoint.
+"""The tiny twins: SDXL's topology at tiny widths, as real single-file SGM checkpoints.
 
-It is the embedded default model: with no base model given, the CLI, the daemon, the demo and
-the tests train on it, and everything runs on a CPU in seconds. Weights are drawn per tensor
-from a generator seeded by the tensor's name, so the file is the same on every machine and
-every torch version.
+The random twin has fixed random weights, drawn per tensor from a generator seeded by the
+tensor's name, so the file is the same on every machine and every torch version; tests where
+only the topology matters use it. The learned twin (engine/twin/build.py) has the random twin's
+text encoders and a VAE and UNet trained to draw a small world of coloured shapes; it ships with
+the package and is the embedded default model: with no base model given, the CLI, the daemon,
+the demo and the tests that check learning use it.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from pathlib import Path
 import torch
 
 from .. import tensorfile
-from .configs import tiny_config
+from .configs import SDXLConfig, tiny_config
 from .sdxl import CONFIG_METADATA_KEY, build_empty, component_map
 
 TINY_SEED = 20240601
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
 
 def _init_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
@@ -42,23 +44,38 @@ def _init_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
 def make_tiny(path: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     """Write the twin as an fp16 SGM single-file checkpoint, as real SDXL fine-tunes ship."""
     config = tiny_config()
-    modules = build_empty(config)
+    states = {
+        name: {k: _init_tensor(f"{name}.{k}", v.shape, seed) for k, v in module.state_dict().items()}
+        for name, module in build_empty(config).items()
+    }
+    return write_checkpoint(path, config, states, {"loradrop.tiny_twin": f"seed={seed} version={TINY_VERSION}"})
+
+
+def write_checkpoint(path: str | os.PathLike, config: SDXLConfig, states: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str]) -> Path:
+    """Diffusers-named state dicts of the four components, written as one fp16 SGM file that
+    names its own config (so `load_sdxl` builds the right widths)."""
     sgm: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():
-        cmap = component_map(name, config, module)
-        state = {k: _init_tensor(f"{name}.{k}", v.shape, seed) for k, v in module.state_dict().items()}
-        sgm.update(cmap.to_sgm(state))
-    sgm = {k: v.to(torch.float16) for k, v in sgm.items()}
-    metadata = {CONFIG_METADATA_KEY: config.to_json(), "loradrop.tiny_twin": f"seed={seed} version={TINY_VERSION}"}
+    for name, module in build_empty(config, states.keys()).items():
+        sgm.update(component_map(name, config, module).to_sgm(states[name]))
+    sgm = {k: v.detach().to(torch.float16).contiguous() for k, v in sgm.items()}
     path = Path(path)
-    tensorfile.write(path, sgm, metadata)
+    tensorfile.write(path, sgm, {CONFIG_METADATA_KEY: config.to_json(), **metadata})
     return path
 
 
-def default_model_path() -> Path:
-    """The embedded default: the twin, written once into the user's cache and reused."""
+def default_random_path() -> Path:
+    """The random twin, written once into the user's cache and reused."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loradrop"
     path = cache / f"tiny-sdxl-v{TINY_VERSION}.safetensors"
     if not path.exists():
         make_tiny(path)
     return path
+
+
+LEARNED_TWIN = Path(__file__).parent / "data" / "twin" / "learned-twin.safetensors"
+
+
+def default_model_path() -> Path:
+    """The embedded default model: the learned twin, which draws its world of coloured shapes
+    (engine/twin/), shipped with the package."""
+    return LEARNED_TWIN if LEARNED_TWIN.exists() else default_random_path()

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from loradrop.engine.lora.apply import apply_lora, lora_targets, unapply
 from loradrop.engine.models.sdxl import load_sdxl
 from loradrop.errors import UserError
+from support import conditioning_dims
 
 # module → (diffusers component, module path); blocks in this file: input_blocks.4, output_blocks.1
 MODULES = {
@@ -139,8 +140,9 @@ def test_the_same_result_as_diffusers_load_lora_weights(model, tiny_path, tmp_pa
     pipe.load_lora_weights(str(path))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49407, (1, 77), generator=g)
-    x, t, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300]), torch.randn(1, 77, 64, generator=g)
-    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    width, pooled_width = conditioning_dims(other)
+    x, t, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300]), torch.randn(1, 77, width, generator=g)
+    cond = {"text_embeds": torch.randn(1, pooled_width, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     with torch.no_grad():
         theirs = (pipe.unet(x, t, ctx, added_cond_kwargs=cond).sample, pipe.text_encoder(ids)[0], pipe.text_encoder_2(ids)[0])
         plain = model.unet(x, t, ctx, added_cond_kwargs=cond).sample

@@ -15,6 +15,7 @@ from loradrop.engine.lora.blocks import VectorLengthError, layout
 from loradrop.engine.lora.chop import chop
 from loradrop.engine.lora.resize import resize
 from loradrop.errors import UserError
+from support import conditioning_dims
 
 # One module in each of the 20 blocks of an SDXL LoCon, plus pass-through modules.
 ONE_PER_BLOCK = re.compile(r"lora_unet_((input|output)_blocks_\d+_0_(in_layers_2|op)|middle_block_[02]_in_layers_2|middle_block_1_proj_in)")
@@ -143,8 +144,9 @@ def test_resize_then_chop_loads_in_diffusers(lora, tmp_path, tiny_path):
         scheduler=EulerDiscreteScheduler.from_config(m.config.scheduler),
     )
     x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
-    ctx = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1))
-    cond = {"text_embeds": torch.zeros(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    width, pooled_width = conditioning_dims(m)
+    ctx = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(1))
+    cond = {"text_embeds": torch.zeros(1, pooled_width), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     with torch.no_grad():
         before = m.unet(x, t, ctx, added_cond_kwargs=cond).sample
         pipe.load_lora_weights(str(chopped.path))

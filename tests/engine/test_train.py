@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import BUCKET_SIZES as SIZES, TINY_RECIPE, free_port, make_dataset
+from support import BUCKET_SIZES as SIZES, TINY_RECIPE, conditioning_dims, free_port, make_dataset
 from loradrop.engine import tensorfile
 from loradrop.engine.data.dataset import scan
 from loradrop.engine.models.sdxl import load_sdxl
@@ -179,7 +179,8 @@ def test_diffusers_loads_the_file_and_matches_the_network(trained, tiny_path):
     pipe.load_lora_weights(str(result.final))
 
     torch.manual_seed(0)
-    x, ctx, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64), torch.randn(2, 32)
+    width, pooled_width = conditioning_dims(theirs)
+    x, ctx, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 77, width), torch.randn(2, pooled_width)
     cond = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
     t = torch.tensor([300, 600])
     with torch.no_grad():

@@ -1,0 +1,64 @@
+"""The concept a LoRA learns in the known-answer checks: a colour the learned twin never saw,
+bound to a trigger word.
+
+The base twin draws red, yellow, green and blue shapes; "a zkq circle on a white background"
+means nothing to it. A dataset of magenta shapes captioned with "zkq" teaches a LoRA that word.
+Torch-free: the demo and the daemon tests write the dataset without loading the engine.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import tomli_w
+
+from . import world
+
+# The seed recipe's algorithm and optimizer, scaled to a CPU and the twin's 64 px world.
+LIGHT_RECIPE = {
+    "resolution": 64,
+    "min_bucket_reso": 32,
+    "max_bucket_reso": 128,
+    "train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_train_steps": 40,
+    "save_every_n_steps": 10,
+    "sample_every_n_steps": 10,
+    "flip_aug": False,
+}
+
+
+@dataclass(frozen=True)
+class Concept:
+    trigger: str = "zkq"
+    colour: str = "magenta"
+
+    def caption(self, shape: str, background: str) -> str:
+        return world.caption(self.trigger, shape, background)
+
+    def scenes(self, count: int, seed: int) -> list[world.Scene]:
+        return [replace(s, colour=self.colour) for s in world.scenes(count, seed)]
+
+    def prompts(self, count: int, seed: int) -> list[str]:
+        """Trigger-word prompts over every shape and background, in a seeded order."""
+        rng = random.Random(seed)
+        return [self.caption(rng.choice(world.SHAPES), rng.choice(sorted(world.BACKGROUNDS))) for _ in range(count)]
+
+
+CONCEPT = Concept()
+
+
+def write_concept_dataset(folder: str | Path, *, images: int = 24, seed: int = 11, name: str = "zkq-shapes", block_vector: str | None = None, recipe: dict | None = None) -> Path:
+    """A dataset folder as a user drops it: the concept's pictures with trigger captions, sample
+    prompts that show it appearing over the steps, and a loradrop.toml with the light recipe."""
+    folder = Path(folder)
+    world.write_dataset(folder, CONCEPT.scenes(images, seed), caption_of=lambda s: CONCEPT.caption(s.shape, s.background))
+    prompts = [f"{p} --w {world.SIZE} --h {world.SIZE} --s 20 --l 5 --d {i + 1}" for i, p in enumerate(CONCEPT.prompts(2, seed))]
+    (folder / "sample-prompts.txt").write_text("# the concept, rendered during training\n" + "\n".join(prompts) + "\n")
+    settings = {"name": name, **LIGHT_RECIPE, **(recipe or {})}
+    if block_vector:
+        settings["block_vector"] = block_vector
+    (folder / "loradrop.toml").write_text(tomli_w.dumps(settings))
+    return folder
