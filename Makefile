@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build on this disk (an open range would fetch a CUDA build).
 	$(PY) -m pip install -q -c constraints-dev.txt torch
-	$(PY) -m pip install -q -c constraints-dev.txt -e '.[train,dev]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[train,caption,dev]'
 	touch $(STAMP)
 
 demo: setup

@@ -25,6 +25,7 @@ SET = [
     ("resize_bench.py", ["--runs", "2"]),
     ("daemon_bench.py", []),
     ("tui_bench.py", []),
+    ("caption_bench.py", []),
 ]
 
 

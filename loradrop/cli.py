@@ -25,6 +25,7 @@ COMMANDS = [
     "tui",
     "montage",
     # offline tools
+    "caption",
     "train",
     "recipe",
     "resize",
