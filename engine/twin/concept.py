@@ -21,12 +21,15 @@ LIGHT_RECIPE = {
     "resolution": 64,
     "min_bucket_reso": 32,
     "max_bucket_reso": 128,
-    "train_batch_size": 4,
+    "train_batch_size": 8,
     "gradient_accumulation_steps": 1,
-    "max_train_steps": 40,
+    "max_train_steps": 80,
     "save_every_n_steps": 10,
     "sample_every_n_steps": 10,
     "flip_aug": False,
+    # fp32 on a CPU: a LoRA trained against bf16-rounded weights of so small a model learns to
+    # undo the rounding, and then hurts the fp32 model it is applied to (and bf16 is slower here).
+    "mixed_precision": "no",
 }
 
 
@@ -50,11 +53,20 @@ class Concept:
 CONCEPT = Concept()
 
 
-def write_concept_dataset(folder: str | Path, *, images: int = 24, seed: int = 11, name: str = "zkq-shapes", block_vector: str | None = None, recipe: dict | None = None) -> Path:
+def write_concept_dataset(folder: str | Path, *, images: int = 24, anchors: int = 24, seed: int = 11, name: str = "zkq-shapes", block_vector: str | None = None, recipe: dict | None = None) -> Path:
     """A dataset folder as a user drops it: the concept's pictures with trigger captions, sample
-    prompts that show it appearing over the steps, and a loradrop.toml with the light recipe."""
+    prompts that show it appearing over the steps, and a loradrop.toml with the light recipe.
+
+    `anchors` pictures of the base world with their own captions bind the colour to the word:
+    trained on the concept alone, a LoRA makes everything magenta, the empty prompt included, and
+    classifier-free guidance then steers away from magenta (towards green, its complement)."""
     folder = Path(folder)
-    world.write_dataset(folder, CONCEPT.scenes(images, seed), caption_of=lambda s: CONCEPT.caption(s.shape, s.background))
+    concept = [(s, CONCEPT.caption(s.shape, s.background)) for s in CONCEPT.scenes(images, seed)]
+    known = [(s, s.caption) for s in world.scenes(anchors, seed + 1)]
+    captions = dict(enumerate(c for _, c in concept + known))
+    world.write_dataset(folder, [s for s, _ in concept + known], caption_of=None)
+    for i, text in captions.items():
+        (folder / f"{i:03d}.txt").write_text(text + "\n")
     prompts = [f"{p} --w {world.SIZE} --h {world.SIZE} --s 20 --l 5 --d {i + 1}" for i, p in enumerate(CONCEPT.prompts(2, seed))]
     (folder / "sample-prompts.txt").write_text("# the concept, rendered during training\n" + "\n".join(prompts) + "\n")
     settings = {"name": name, **LIGHT_RECIPE, **(recipe or {})}
