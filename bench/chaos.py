@@ -1,5 +1,6 @@
 """`make chaos`: jobs trained on a real daemon while its worker, or the whole daemon, is killed
-with SIGKILL at random points (and now and then stopped cleanly with SIGTERM, which makes a job
+with SIGKILL at random points (now and then the worker is frozen with SIGSTOP instead, which the
+daemon's heartbeat must notice, and the daemon is stopped cleanly with SIGTERM, which makes a job
 save its state mid-run and resume from there); then the invariants that must hold whatever happened.
 
     python bench/chaos.py [--jobs 12] [--kills 40] [--seed 1] [--steps 10] [--json OUT] [--keep]
@@ -46,6 +47,7 @@ from loradrop.proto.v1 import loradrop_pb2 as pb  # noqa: E402
 
 VECTOR = "1,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0"
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny steps gain nothing from two threads on a shared 2-core machine
+HEARTBEAT = 6  # seconds: the daemon's deadline for a frozen worker in this run
 TERMINAL = (pb.DONE, pb.FAILED, pb.CANCELLED)
 # Two kinds of job, so a mix-up between jobs would show: different data, seed and bucket layout.
 VARIANTS = (
@@ -63,6 +65,7 @@ class Report:
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     worker_kills: int = 0
+    worker_freezes: int = 0
     daemon_kills: int = 0
     daemon_stops: int = 0
     kills_while_training: int = 0
@@ -98,7 +101,8 @@ def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, m
     rng = random.Random(seed)
     report = Report(seed=seed, jobs=jobs, steps=steps)
     home = root / "home"
-    d = Daemon(home, "--quiet-seconds", "3600", "--workers", "1", "--max-retries", str(max_retries), env=ENV).start()
+    d = Daemon(home, "--quiet-seconds", "3600", "--workers", "1", "--max-retries", str(max_retries),
+               "--heartbeat-seconds", str(HEARTBEAT), env=ENV).start()
     workers_seen: set[int] = set()
     try:
         with d.client() as c:
@@ -128,13 +132,26 @@ def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, m
                 workers_seen.update(w.pid for w in status.workers if w.pid)
                 training = any(w.state == "busy" for w in status.workers)
             victim = rng.random()
-            if victim < 0.55:
+            if victim < 0.45:
                 pids = [w.pid for w in status.workers if w.pid]
                 if not pids:
                     continue
                 os.kill(pids[0], signal.SIGKILL)
                 report.worker_kills += 1
                 what = f"worker {pids[0]}"
+            elif victim < 0.55:  # frozen: the daemon must notice by its heartbeat, kill it and resume the job
+                pids = [w.pid for w in status.workers if w.pid]
+                if not pids:
+                    continue
+                os.kill(pids[0], signal.SIGSTOP)
+                report.worker_freezes += 1
+                with d.client() as c:
+                    try:
+                        wait_for(lambda: all(w.pid != pids[0] for w in c.status().workers), timeout=HEARTBEAT + 30, what="the frozen worker to be replaced")
+                    except AssertionError:
+                        report.violations.append(f"the frozen worker {pids[0]} was not replaced (kill {k + 1})")
+                        os.kill(pids[0], signal.SIGKILL)
+                what = f"worker {pids[0]} frozen (SIGSTOP)"
             elif victim < 0.85:
                 children = _children(d.pid)
                 workers_seen.update(children)
@@ -311,7 +328,7 @@ def _check_database(path: Path, violations: list[str]) -> list[int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=12)
-    p.add_argument("--kills", type=int, default=40, help="interruptions: worker or daemon SIGKILL, or daemon SIGTERM")
+    p.add_argument("--kills", type=int, default=40, help="interruptions: worker SIGKILL or SIGSTOP, daemon SIGKILL, or daemon SIGTERM")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="training steps per job")
     p.add_argument("--json", type=Path, help="write the report here")

@@ -6,7 +6,8 @@
 Both files are random and built at run time in a temporary folder (never committed): the base is
 SDXL's whole UNet plus both text encoders' MLPs in fp16, written one tensor at a time; the LoCon
 has the seed recipe's module set (lycoris-lora's, on the same model: 788 UNet modules, 88 text
-encoder MLPs; rank 8 alpha 4, 3x3 convs rank 256 alpha 4). Its singular values spread over two
+encoder MLPs; rank 8 alpha 4, 3x3 convs rank 256 alpha 4, capped as the trainer caps them) and
+the metadata a trained file of the seed recipe carries. Its singular values spread over two
 decades around the recipe's threshold, so about half the dimensions are kept.
 
 The resize runs in a child process, the one whose peak RSS is reported (the child reads its own
@@ -72,8 +73,9 @@ def build_base(path: Path, tiny: bool) -> None:
     write_streaming(path, specs, lambda key: _random(shapes[key], g) if len(shapes[key]) > 1 else torch.zeros(shapes[key], dtype=torch.float16))
 
 
-def seed_modules(tiny: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], float]]:
-    """kohya name → (down shape, up shape, alpha) of the seed recipe's LoCon, from lycoris-lora."""
+def seed_modules(tiny: bool, preset=None, recipe=None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], float]]:
+    """kohya name → (down shape, up shape, alpha) of a LoCon built by lycoris-lora on SDXL (or the
+    twin): the recipe's module set and ranks by default (the seed's), or those of `preset`."""
     import logging
 
     from lycoris import LycorisNetwork, create_lycoris
@@ -81,26 +83,48 @@ def seed_modules(tiny: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]
     from loradrop.engine.models import keymap
     from loradrop.engine.models.configs import sdxl_config, tiny_config
     from loradrop.engine.models.sdxl import build_empty
+    from loradrop.engine.recipe import Recipe
+    from loradrop.engine.train.network import Preset
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it logs every build at INFO
+    recipe = recipe or Recipe()
+    preset = preset or Preset.for_recipe(recipe)
     config = tiny_config() if tiny else sdxl_config()
     models = build_empty(config, ("unet", "te1", "te2"))
     names = keymap.UNetNames(config.unet)
     out = {}
-    for component, targets, conv in (("unet", ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"], 256), ("te1", ["CLIPMLP"], 0), ("te2", ["CLIPMLP"], 0)):
+    te = (preset.text_encoder_target_module, preset.text_encoder_target_name)
+    for component, (modules, targets) in (("unet", (preset.unet_target_module, preset.unet_target_name)), ("te1", te), ("te2", te)):
         root = models[component]
-        LycorisNetwork.apply_preset({"target_module": targets, "target_name": []})
-        kwargs = {"conv_dim": conv, "conv_alpha": 4} if conv else {}
-        net = create_lycoris(root, 1.0, linear_dim=8, linear_alpha=4, algo="locon", **kwargs)
+        LycorisNetwork.apply_preset({"target_module": list(modules), "target_name": list(targets)})
+        conv = {"conv_dim": recipe.conv_dim, "conv_alpha": recipe.conv_alpha} if preset.enable_conv else {}
+        net = create_lycoris(root, 1.0, linear_dim=recipe.network_dim, linear_alpha=recipe.network_alpha, algo=recipe.algo, **conv)
         paths = {id(m): p for p, m in root.named_modules()}
         for lora in net.loras:
             path = paths[id(lora.org_module[0])]
             name = keymap.lora_name(component, path, names if component == "unet" else None)
-            out[name] = (tuple(lora.lora_down.weight.shape), tuple(lora.lora_up.weight.shape), float(lora.alpha))
+            down, up = tuple(lora.lora_down.weight.shape), tuple(lora.lora_up.weight.shape)
+            rank = min(down[0], up[0], math.prod(down[1:]))  # capped at what the layer allows, as the trainer does
+            out[name] = ((rank, *down[1:]), (up[0], rank, *up[2:]), float(lora.alpha))
     return out
 
 
-def build_lora(path: Path, tiny: bool) -> int:
+def lora_metadata(name: str, base: Path) -> dict[str, str]:
+    """The metadata a trained file of the seed recipe carries (kohya's ss_* keys, the modelspec
+    card, the base's hashes), for a LoCon that was built rather than trained: no images, no steps."""
+    from loradrop.engine.models.hashes import model_hashes
+    from loradrop.engine.recipe import Recipe
+    from loradrop.engine.train import metadata
+
+    recipe = Recipe(output_name=name)
+    meta = metadata.training_metadata(
+        recipe, captions=[], buckets=[], dataset_dir=Path(name), num_batches_per_epoch=0, world_size=1,
+        model_path=str(base), model_hashes=model_hashes(base), started_at=time.time(),
+    )
+    return metadata.at_save(meta, recipe, step=0, epoch=0, title=name)
+
+
+def build_lora(path: Path, tiny: bool, base: Path) -> int:
     from loradrop.engine.lora.lorafile import save_lora
 
     g = torch.Generator().manual_seed(1)
@@ -112,7 +136,7 @@ def build_lora(path: Path, tiny: bool) -> int:
         tensors[name + ".lora_down.weight"] = _random(down, g)
         tensors[name + ".lora_up.weight"] = (torch.randn(up, generator=g) * 3e-3 * spread.reshape(1, rank, *([1] * (len(up) - 2)))).half()
         tensors[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float16)
-    save_lora(path, tensors, {"ss_network_dim": "8", "ss_network_alpha": "4.0"})
+    save_lora(path, tensors, lora_metadata(path.stem, base))
     return sum(t.numel() for t in tensors.values())
 
 
@@ -186,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if not base.exists():
             build_base(base, args.tiny)
         if not lora.exists():
-            build_lora(lora, args.tiny)
+            build_lora(lora, args.tiny, base)
         print(f"files: base {base.stat().st_size / 1e9:.2f} GB, LoCon {lora.stat().st_size / 1e6:.1f} MB "
               f"(built or found in {time.perf_counter() - t:.0f}s) in {work}")
         print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

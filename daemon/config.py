@@ -62,6 +62,9 @@ class DaemonConfig:
     on_job_end: str | None = None
     max_retries: int = 1
     workers: int | None = None  # None: one per visible GPU, one on a CPU machine
+    heartbeat_seconds: float = 60.0  # a worker silent this long is frozen, and is killed
+    idle_seconds: float = 60.0  # an upload sending nothing (a download read by no one) this long is ended
+    hook_seconds: float = 300.0  # the most an --on-job-end command may run
 
     def check(self) -> None:
         """Refuse settings that would open the daemon to the network unguarded."""
@@ -69,6 +72,8 @@ class DaemonConfig:
             raise UserError("--tls-cert and --tls-key go together; give both.")
         if self.quiet_seconds < 0 or self.max_retries < 0 or (self.workers is not None and self.workers < 0):
             raise UserError("--quiet-seconds, --max-retries and --workers must be 0 or more.")
+        if min(self.heartbeat_seconds, self.idle_seconds, self.hook_seconds) <= 0:
+            raise UserError("--heartbeat-seconds, --idle-seconds and --on-job-end-seconds must be more than 0.")
         if self.listen.unix:
             if len(str(self.listen.unix)) > 100:
                 raise UserError(f"the socket path {self.listen.unix} is too long for a unix socket (over 100 characters); use a shorter --home or --listen.")

@@ -27,3 +27,11 @@ class Unavailable(RequestError):
 
 class Busy(RequestError):
     """The daemon serves as many of these as it can now (RESOURCE_EXHAUSTED)."""
+
+
+class DiskFull(Busy):
+    """The disk under the daemon's home is full (RESOURCE_EXHAUSTED)."""
+
+
+class BadStore(UserError):
+    """state.sqlite is not a readable job database; the daemon does not start on it."""

@@ -19,11 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loradrop.errors import UserError
-
-
-def default_home() -> Path:
-    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data) / "loradrop"
+from loradrop.home_path import default_home  # noqa: F401  (shared with the clients: $LORADROP_HOME, else XDG)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@
 Settings come in three layers: the Recipe's defaults, then the folder's `loradrop.toml` (recipe
 keys at the top level, plus `name`, `model` and `block_vector`), then the request's own values.
 The result is stored with the job and never read again from the folder, so editing the folder's
-file later does not change a queued job.
+file later does not change a queued job. Everything that can be judged without torch is judged
+here, before any training: every setting's type and range, the block vector's length (a LoRA
+trained here has 21 entries), the sample prompts' sizes and steps; the worker checks the resize
+recipe before it starts.
 
 Folders of the inbox are known by their inode (`folder_key`): that survives renames, and it is how
 a restarted daemon knows a folder it has already taken.
@@ -11,25 +14,27 @@ a restarted daemon knows a folder it has already taken.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import shutil
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from loradrop.engine.lora.blocks import vector_tokens
-from loradrop.engine.recipe import Recipe, load_toml
+from loradrop.engine.data.prompts import parse_prompt_file
+from loradrop.engine.recipe import Recipe, check_block_vector, load_toml
 from loradrop.errors import UserError
 
 from .config import DaemonConfig
-from .errors import Conflict, Refused, RequestError
+from .errors import Conflict, DiskFull, Refused, RequestError
 from .events import EventLog
 from .home import Home
 from .security import printable, refuse_links_out, resolve_inside, safe_name
-from .store import CANCELLED, FAILED, QUEUED, Job
+from .store import CANCELLED, FAILED, QUEUED, RUNNING, Job
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +80,20 @@ class Intake:
             raise Refused(f"dataset {dataset!r} must be a folder directly inside the inbox ({self.home.inbox}).")
         self._check_folder(folder)
         settings = self.resolve(folder, request, default_name=folder.name)
-        return self._queue(settings, source="submit", dataset=folder, key=folder_key(folder))
+        key = folder_key(folder)
+        for job in self.events.store.inbox_jobs(key):
+            if job.state in (QUEUED, RUNNING) and (job.name, job.model, job.block_vector, job.recipe) == (
+                    settings.name, settings.model, settings.block_vector, settings.recipe):
+                raise Conflict(f"{folder.name} is {job.state} already as job {job.id}, with the same settings; wait for it, "
+                               f"cancel it (`loradrop cancel {job.id}`), or give another --name to train it twice.")
+        return self._queue(settings, source="submit", dataset=folder, key=key)
 
     def upload(self, first: Request, folder_name: str, data: Iterator[bytes]) -> Job:
         """A tar stream unpacked into a new inbox folder (a hidden one until it is complete)."""
         name = safe_name(folder_name or first.name, fallback="upload")
-        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.home.inbox))
+        staging = None
         try:
+            staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.home.inbox))
             with tarfile.open(fileobj=_Stream(data, UPLOAD_LIMIT), mode="r|") as tar:
                 # The "data" filter refuses absolute names, `..`, links out of the folder and devices.
                 tar.extractall(staging, filter="data")
@@ -91,8 +103,12 @@ class Intake:
             staging.rename(final)  # after the job exists, so the watcher knows the folder as taken
         except tarfile.TarError as e:
             raise RequestError(f"the upload is not a valid tar stream of a folder ({e}).") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFull(f"disk full: no space left in the inbox ({self.home.inbox}) for the upload; free some space and send it again.") from None
         finally:
-            if staging.exists():
+            if staging is not None and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         self._wake()
         return job
@@ -155,7 +171,7 @@ class Intake:
         """The job's frozen settings: recipe defaults < the folder's loradrop.toml < the request."""
         values: dict = {}
         source = folder / FOLDER_FILE
-        if source.is_file():
+        if _regular_file(source, "a TOML file of recipe settings"):
             values = load_toml(source)
         extra = {k: values.pop(k) for k in FOLDER_KEYS if k in values}
         for key, value in extra.items():
@@ -165,8 +181,11 @@ class Intake:
         name = safe_name(request.name or extra.get("name") or values.get("output_name") or default_name)
         recipe = recipe.updated({"output_name": name}, source="request")
         vector = request.block_vector or extra.get("block_vector") or None
-        if vector:
-            vector_tokens(vector)  # a malformed vector is refused now, not after training
+        if vector:  # refused now, not after the whole job has trained
+            check_block_vector(vector, "the request's block_vector" if request.block_vector else f"{source}: block_vector")
+        prompts = folder / recipe.sample_prompts
+        if recipe.sample_every_n_steps and _regular_file(prompts, "a text file of sample prompts"):
+            parse_prompt_file(prompts, lambda _warning: None)  # a sample past the size or step limits is refused
         return Settings(name=name, model=self.model_path(request.model or extra.get("model", "")), block_vector=vector, recipe=recipe.to_dict())
 
     def model_path(self, text: str) -> str | None:
@@ -194,6 +213,21 @@ class Intake:
         if wake:
             self._wake()
         return job
+
+
+def _regular_file(path: Path, what: str) -> bool:
+    """Whether the folder has this file; one that is there but not a regular file (a FIFO would
+    hang the reader, a folder would be silently ignored) is refused."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); fix or remove it.") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise UserError(f"{path} is {kind}, not {what}; replace it with a file or remove it.")
+    return True
 
 
 def _free_name(parent: Path, name: str) -> Path:

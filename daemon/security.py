@@ -9,6 +9,9 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import socket
+import ssl
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -56,21 +59,41 @@ def resolve_inside(text: str, roots: list[Path], *, what: str, base: Path | None
 
 
 def refuse_links_out(folder: Path, root: Path) -> None:
-    """Refuse a dataset with symlinks that lead out of `root`: checked when the job is queued,
-    and again by the worker just before it reads the folder (a link may be added in between)."""
-    bad = links_out_of(folder, root)
-    if bad:
-        raise Refused(f"{folder} has symlinks pointing outside the inbox, or nowhere ({printable(', '.join(bad[:3]))}); copy the files in instead.")
+    """Refuse a dataset with links that lead out of `root`: checked when the job is queued,
+    and again by the worker just before it reads the folder (a link may be added in between).
+    Hard links count too (as uploads refuse them): a file with a name outside the folder."""
+    if folder.is_symlink() and not _resolves_inside(folder, root):
+        # Never walked: an entry linking to / would have the whole tree read, and named.
+        raise Refused(f"{printable(folder.name)} is a symlink pointing outside the inbox, or nowhere; move or copy the folder itself in instead.")
+    symlinks, hardlinks = links_out_of(folder, root)
+    if symlinks:
+        raise Refused(f"{folder} has symlinks pointing outside the inbox, or nowhere ({printable(', '.join(symlinks))}); copy the files in instead.")
+    if hardlinks:
+        raise Refused(f"{folder} has hard links to files outside it ({printable(', '.join(hardlinks))}); copy the files in instead.")
 
 
-def links_out_of(folder: Path, root: Path) -> list[str]:
-    """Symlinks under `folder` (the folder itself included) that resolve outside `root`, or
-    nowhere (a loop)."""
-    bad = [folder.name] if folder.is_symlink() and not _resolves_inside(folder, root) else []
+def links_out_of(folder: Path, root: Path, most: int = 3) -> tuple[list[str], list[str]]:
+    """Up to `most` symlinks under `folder` that resolve outside `root` or nowhere (a loop), and
+    up to `most` files with hard links outside `folder`: (symlinks, hard links), as paths
+    relative to `folder`. The walk stops at the `most`-th link out."""
+    symlinks: list[str] = []
+    shared: dict[tuple[int, int], list] = {}  # files with several names: [names seen here, links in all, a name]
     for entry in tree(folder):
-        if entry.is_symlink() and not _resolves_inside(Path(entry.path), root):
-            bad.append(os.path.relpath(entry.path, folder))
-    return bad
+        try:
+            if entry.is_symlink():
+                if not _resolves_inside(Path(entry.path), root):
+                    symlinks.append(os.path.relpath(entry.path, folder))
+                    if len(symlinks) >= most:
+                        break
+                continue
+            st = entry.stat(follow_symlinks=False)
+        except OSError:  # removed meanwhile
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            seen = shared.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, os.path.relpath(entry.path, folder)])
+            seen[0] += 1
+    hardlinks = [name for count, links, name in shared.values() if count < links]
+    return symlinks, sorted(hardlinks)[:most]
 
 
 def _resolves_inside(link: Path, root: Path) -> bool:
@@ -112,14 +135,60 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 # ---------------------------------------------------------------------------- transport
 
 
-def read_token(path: str | os.PathLike) -> str:
+def read_token(path: str | os.PathLike, warn=None) -> str:
+    """The token in `path`; `warn` hears, in one sentence, when other users may read it."""
     try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise UserError(f"cannot read the token file {path} ({e.strerror}); give a readable file with one token.") from None
+        with open(path) as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            token = f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the token file {path} ({getattr(e, 'strerror', None) or e}); give a readable file with one token.") from None
     if len(token) < 16:
         raise UserError(f"the token in {path} is shorter than 16 characters; use a long random one (for example: openssl rand -hex 32).")
+    if mode & 0o077 and warn is not None:
+        warn(f"the token file {path} can be read by other users (mode {mode:04o}); make it private: chmod 600 {path}")
     return token
+
+
+def check_tls(cert: Path, key: Path) -> tuple[bytes, bytes]:
+    """The key and certificate, read and checked to belong together before gRPC sees them (it
+    only says "in use, or not allowed" of any fault): one sentence for each way they can fail."""
+    texts = {}
+    for what, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            texts[what] = path.read_bytes()
+        except OSError as e:
+            raise UserError(f"{what} {path} cannot be read ({e.strerror}); give the PEM file's path.") from None
+    if b"PRIVATE KEY-----" in texts["--tls-cert"] and b"CERTIFICATE-----" in texts["--tls-key"]:
+        raise UserError(f"--tls-cert {cert} holds a private key and --tls-key {key} a certificate; swap them.")
+    if b"-----BEGIN CERTIFICATE-----" not in texts["--tls-cert"]:
+        raise UserError(f"--tls-cert {cert} is not a PEM certificate (no BEGIN CERTIFICATE line); give the certificate file.")
+    if b"PRIVATE KEY-----" not in texts["--tls-key"]:
+        raise UserError(f"--tls-key {key} is not a PEM private key (no BEGIN ... PRIVATE KEY line); give the key file.")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        why = "the key does not belong to the certificate" if "MISMATCH" in str(e).upper() else f"OpenSSL cannot load them: {e.reason or e}"
+        raise UserError(f"--tls-cert {cert} and --tls-key {key} do not make a working pair ({why}); give a certificate and its own key.") from None
+    return texts["--tls-key"], texts["--tls-cert"]
+
+
+def refuse_live_socket(path: Path) -> None:
+    """Refuse to take over a unix socket that a running daemon answers on (unlinking it would
+    leave that daemon alive and unreachable); a socket nobody listens on is a dead one's."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise UserError(f"{path} exists and is not a socket; choose another --listen path.")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return  # left by a daemon that died
+        except OSError:
+            return
+    raise UserError(f"another daemon is listening on {path}; stop it first, or choose another --listen.")
 
 
 class TokenInterceptor(grpc.ServerInterceptor):

@@ -3,7 +3,8 @@ server, started in that order and stopped in the reverse one.
 
 This process never imports torch (tests check it): everything that needs it runs in a spawned
 worker. Stopping (SIGTERM, SIGINT) is clean: the running job is interrupted at a step boundary
-and queued again, to resume from its last checkpoint on the next start.
+(or between two denoising steps of a sample) and queued again, to resume from its last checkpoint
+on the next start; a second signal kills the workers that are still busy.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from .events import EventLog
 from .home import HomeLock
 from .hooks import JobEndCommand
 from .intake import Intake
-from .security import MalformedRequests, TokenInterceptor, read_token
-from .service import MAX_STREAMS, Service
+from .limits import RPC_THREADS
+from .security import MalformedRequests, TokenInterceptor, check_tls, read_token, refuse_live_socket
+from .service import Service
 from .store import Store
 from .supervisor import Supervisor
 from .watcher import InboxWatcher
@@ -37,7 +39,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Loradrop"].full_name
 MAX_MESSAGE = 64 << 20  # previews at full size can pass gRPC's 4 MB default
-RPC_THREADS = MAX_STREAMS + 28  # each open event stream holds one; the rest answer plain calls, downloads, uploads
 
 
 class Daemon:
@@ -51,8 +52,8 @@ class Daemon:
         self.lock = HomeLock(self.home)
         self._log_to_file()
         self.store = Store(self.home.database)
-        on_end = JobEndCommand(self.config.on_job_end, self.store, self.home.log) if self.config.on_job_end else None
-        self.events = EventLog(self.store, on_end=on_end)
+        self.hooks = JobEndCommand(self.config.on_job_end, self.store, self.home.log, self.config.hook_seconds) if self.config.on_job_end else None
+        self.events = EventLog(self.store, on_end=self.hooks)
         self.supervisor = Supervisor(self.home, self.config, self.events)
         self.intake = Intake(self.home, self.config, self.events, wake=self.supervisor.wake)
         self.watcher = InboxWatcher(self.home.inbox, self.config.quiet_seconds, self.intake)
@@ -71,7 +72,7 @@ class Daemon:
 
     def _grpc_server(self) -> grpc.Server:
         interceptors = []
-        token = read_token(self.config.token_file) if self.config.token_file else None
+        token = read_token(self.config.token_file, warn=log.warning) if self.config.token_file else None
         if token:
             interceptors.append(TokenInterceptor(token))
         interceptors.append(MalformedRequests())
@@ -90,11 +91,12 @@ class Daemon:
         listen = self.config.listen
         if listen.unix:
             listen.unix.parent.mkdir(parents=True, exist_ok=True)
-            listen.unix.unlink(missing_ok=True)  # left by a daemon that died; the home lock says none runs
+            refuse_live_socket(listen.unix)  # another home's daemon may answer there: never take its socket
+            listen.unix.unlink(missing_ok=True)  # left by a daemon that died
         try:
             if self.config.tls_cert:
-                credentials = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())])
-                server.add_secure_port(listen.grpc_address, credentials)
+                key, cert = check_tls(self.config.tls_cert, self.config.tls_key)
+                server.add_secure_port(listen.grpc_address, grpc.ssl_server_credentials([(key, cert)]))
             else:
                 server.add_insecure_port(listen.grpc_address)
         except RuntimeError:
@@ -109,6 +111,10 @@ class Daemon:
         root.setLevel(logging.INFO)
 
     def request_stop(self, *_args) -> None:
+        supervisor = getattr(self, "supervisor", None)
+        if self._stop.is_set() and supervisor is not None:  # a second signal while stopping: do not wait for the workers
+            log.warning("asked to stop again: workers still busy are killed now")
+            supervisor.hurry()
         self._stop.set()
 
     def wait(self) -> None:
@@ -120,6 +126,8 @@ class Daemon:
         self.server.stop(grace=2).wait()
         self.watcher.stop()
         self.supervisor.stop()
+        if self.hooks is not None:
+            self.hooks.stop()  # --on-job-end commands end with the daemon
         self.store.close()
         if self.config.listen.unix:
             self.config.listen.unix.unlink(missing_ok=True)

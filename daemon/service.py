@@ -6,25 +6,23 @@ work that needs it is a call into a worker process.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
-import io
-import json
 import logging
 import os
 import re
-import threading
 import time
+import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
-import tomli_w
 
 from loradrop import __version__
-from loradrop.engine.data.prompts import parse_prompt_line
-from loradrop.engine.lora.blocks import vector_tokens
+from loradrop.engine.data.prompts import MAX_SAMPLE_STEPS, check_limits, parse_prompt_line
+from loradrop.engine.recipe import check_block_vector
 from loradrop.errors import UserError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
@@ -34,8 +32,10 @@ from .errors import Busy, Conflict, NotFound, Refused, RequestError, Unavailable
 from .events import EventLog
 from .home import Home
 from .intake import Intake, Request
+from .limits import MAX_DOWNLOADS, MAX_STREAMS, MAX_TOOL_CALLS, MAX_UPLOADS, Gate, IdleWatch
+from .messages import event_message, image_message, job_message
 from .security import printable, resolve_inside
-from .store import CANCELLED, QUEUED, RUNNING, STATES, TERMINAL, Event, Job
+from .store import CANCELLED, QUEUED, RUNNING, STATES, TERMINAL, Job
 from .supervisor import CallFailed, Supervisor
 from .watcher import InboxWatcher
 
@@ -43,11 +43,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 TOOL_TIMEOUT = {"blocks": 300.0, "chop": 300.0, "resize": 1800.0, "preview": 1800.0}
-MAX_PREVIEW_PIXELS = 2048 * 2048
 _KIND = re.compile(r"[a-z_]{1,32}")
-# Open event streams each hold one of the server's threads until they end; past this many a new
-# one is refused, so that plain calls always find a thread (server.RPC_THREADS is larger).
-MAX_STREAMS = 100
 _ERROR_CODES = [  # most specific first
     (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Refused, grpc.StatusCode.PERMISSION_DENIED),
@@ -70,6 +66,8 @@ def _answers(method):
         for kind, code in _ERROR_CODES:
             if isinstance(e, kind):
                 context.abort(code, printable(str(e)))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, printable(f"disk full: no space left on the disk under {e.filename or 'the home'}; free some and ask again."))
         log.exception("%s failed", method.__name__)
         context.abort(grpc.StatusCode.INTERNAL, printable(f"{method.__name__} failed inside the daemon ({type(e).__name__}: {e}); see daemon.log."))
 
@@ -105,7 +103,11 @@ class Service(rpc.LoradropServicer):
         self.store = events.store
         self.started = time.time()
         self.stopping = False
-        self._streams = threading.BoundedSemaphore(MAX_STREAMS)
+        self._streams = Gate("event streams", MAX_STREAMS)
+        self._uploads = Gate("uploads", MAX_UPLOADS, per_host=MAX_UPLOADS // 2)
+        self._downloads = Gate("downloads", MAX_DOWNLOADS, per_host=MAX_DOWNLOADS // 2)
+        self._tool_calls = Gate("LoRA tool calls (block layout, chop, resize, preview)", MAX_TOOL_CALLS)
+        self._idle = IdleWatch(config.idle_seconds)
 
     # ------------------------------------------------------------------ daemon and jobs
 
@@ -133,11 +135,13 @@ class Service(rpc.LoradropServicer):
 
     @_answers
     def UploadDataset(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("job"):
-            raise RequestError("an upload must start with a message that carries the job (its folder name and settings).")
-        chunks = (m.data for m in _chain(first, request_iterator))
-        return self._message(self.intake.upload(_request(first.job), first.job.dataset, chunks))
+        with self._uploads.enter(context), self._idle.watching(context) as watched:
+            messages = watched.messages(request_iterator)
+            first = next(messages, None)
+            if first is None or not first.HasField("job"):
+                raise RequestError("an upload must start with a message that carries the job (its folder name and settings).")
+            chunks = (m.data for m in _chain(first, messages))
+            return self._message(self.intake.upload(_request(first.job), first.job.dataset, chunks))
 
     @_answers
     def ListJobs(self, request, context):
@@ -184,15 +188,11 @@ class Service(rpc.LoradropServicer):
             raise RequestError(f"since must be 0 or more, not {request.since}.")
         kinds = _kinds(request.kinds)
         job_id = self._job(request.job_id).id if request.job_id else None
-        if not self._streams.acquire(blocking=False):
-            raise Busy(f"{MAX_STREAMS} event streams are open already; close some and try again.")
-        try:
+        with self._streams.enter(context):
             stopped = lambda: self.stopping or not context.is_active()  # noqa: E731
             for event in self.events.follow(job_id, request.since, follow=request.follow, stopped=stopped):
                 if not kinds or event.kind in kinds:
                     yield event_message(event)
-        finally:
-            self._streams.release()
         if self.stopping:  # not the stream's end: a client reconnects and continues after its last event
             raise Unavailable("the daemon is stopping.")
 
@@ -223,7 +223,7 @@ class Service(rpc.LoradropServicer):
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(out_dir).parts):
                 continue
             st = path.stat()
-            kind = kinds.get(str(path)) or ("sample" if str(path) in samples else "other")
+            kind = kinds.get(str(path)) or ("sample" if str(path) in samples else "preview" if path.parent.name == "previews" else "other")
             artifacts.append(pb.Artifact(path=str(path), kind=kind, bytes=st.st_size, job_id=job.id, mtime=st.st_mtime))
         return pb.ListArtifactsReply(artifacts=artifacts)
 
@@ -231,10 +231,11 @@ class Service(rpc.LoradropServicer):
     def DownloadArtifact(self, request, context):
         path = self._path(request.path, [self.home.outputs], "artifact")
         total = path.stat().st_size
-        with open(path, "rb") as f:
+        with self._downloads.enter(context), self._idle.watching(context) as watched, open(path, "rb") as f:
             offset = 0
             while data := f.read(CHUNK):
-                yield pb.Chunk(data=data, offset=offset, total=total)
+                yield pb.Chunk(data=data, offset=offset, total=total)  # returns once the client took it
+                watched.progressed()
                 offset += len(data)
 
     # ------------------------------------------------------------------ LoRA tools (in a worker)
@@ -242,7 +243,7 @@ class Service(rpc.LoradropServicer):
     @_answers
     def BlockLayout(self, request, context):
         path, _ = self._artifact(request.path)
-        layout = self._call("blocks", path=str(path))
+        layout = self._call("blocks", context, path=str(path))
         return pb.BlockLayoutReply(
             path=layout["path"],
             blocks=[pb.Block(**b) for b in layout["blocks"]],
@@ -254,8 +255,8 @@ class Service(rpc.LoradropServicer):
     @_answers
     def Chop(self, request, context):
         path, job = self._artifact(request.path)
-        vector_tokens(request.vector)
-        return self._new_artifact(job, self._call("chop", path=str(path), vector=request.vector), "chopped")
+        check_block_vector(request.vector, "the vector", entries=None)  # its length is checked against the file's blocks
+        return self._new_artifact(job, self._call("chop", context, path=str(path), vector=request.vector), "chopped")
 
     @_answers
     def Resize(self, request, context):
@@ -263,27 +264,42 @@ class Service(rpc.LoradropServicer):
         recipe = request.recipe or (job.recipe or {}).get("resize_recipe", "")
         if not recipe:
             raise RequestError("give a resize recipe, for example fro_ckpt=1,thr=-3.55.")
-        return self._new_artifact(job, self._call("resize", path=str(path), recipe=recipe, model=job.model), "resized")
+        return self._new_artifact(job, self._call("resize", context, path=str(path), recipe=recipe, model=job.model), "resized")
 
     @_answers
     def Preview(self, request, context):
         path, job = self._artifact(request.path)
         if request.vector:
-            vector_tokens(request.vector)
+            check_block_vector(request.vector, "the vector", entries=None)
         _check_max_size(request.max_size)
+        if not 0 <= request.steps <= MAX_SAMPLE_STEPS:
+            raise RequestError(f"a preview takes 1 to {MAX_SAMPLE_STEPS} steps (0: a quick look), not {request.steps}.")
         for line in request.prompts:
-            _check_preview_prompt(line)
+            check_limits(parse_prompt_line(line, lambda _warning: None), "the preview prompt")
         seed = request.seed if request.HasField("seed") else (job.recipe or {}).get("seed", 0)
+        request_id = request.request_id[:64] or uuid.uuid4().hex[:12]
+
+        def progress(payload: dict) -> None:
+            self.events.emit(job.id, "preview", {"request_id": request_id, **payload})
+
         images = self._call(
             "preview",
+            context,
+            progress=progress,
             lora=str(path),
             vector=request.vector or None,
             prompts=list(request.prompts) or None,
             seed=seed,
             model=job.model,
             out_dir=str(self.home.job_dir(job.id) / "previews"),
+            steps=request.steps,
         )
-        return pb.PreviewReply(images=[image_message(Path(p), request.max_size) for p in images])
+        replies = []
+        for p in images:
+            image = Path(p)
+            self.events.emit(job.id, "artifact", {"path": str(image), "kind": "preview", "bytes": image.stat().st_size, "step": None})
+            replies.append(image_message(image, request.max_size))
+        return pb.PreviewReply(images=replies)
 
     # ------------------------------------------------------------------ helpers
 
@@ -314,44 +330,17 @@ class Service(rpc.LoradropServicer):
             raise NotFound(f"{path} is not inside a job's output folder.")
         return path, job
 
-    def _call(self, name: str, **args) -> Any:
+    def _call(self, name: str, context, progress=None, **args) -> Any:
         if self.stopping:
             raise Unavailable("the daemon is stopping.")
-        return self.supervisor.call(name, args, TOOL_TIMEOUT[name])
+        with self._tool_calls.enter(context):
+            return self.supervisor.call(name, args, TOOL_TIMEOUT[name], progress=progress, cancelled=lambda: not context.is_active())
 
     def _new_artifact(self, job: Job, path_text: str, kind: str) -> pb.Artifact:
         path = Path(path_text)
         st = path.stat()
         self.events.emit(job.id, "artifact", {"path": str(path), "kind": kind, "bytes": st.st_size, "step": None})
         return pb.Artifact(path=str(path), kind=kind, bytes=st.st_size, job_id=job.id, mtime=st.st_mtime)
-
-
-# ---------------------------------------------------------------------------- messages
-
-
-def job_message(job: Job, out_dir: Path) -> pb.Job:
-    return pb.Job(
-        id=job.id,
-        number=job.number,
-        name=job.name,
-        state=pb.JobState.Value(job.state.upper()),
-        source=job.source,
-        dataset=job.dataset,
-        model=job.model or "",
-        block_vector=job.block_vector or "",
-        recipe_toml=tomli_w.dumps(job.recipe) if job.recipe else "",
-        created=job.created,
-        started=job.started or 0.0,
-        ended=job.ended or 0.0,
-        error=job.error,
-        attempts=job.attempts,
-        progress=_progress(job.progress) if job.progress else None,
-        out_dir=str(out_dir),
-        final=job.result.get("final") or "",
-        resized=job.result.get("resized") or "",
-        chopped=job.result.get("chopped") or "",
-        last_seq=job.last_seq,
-    )
 
 
 def _kinds(kinds) -> frozenset[str]:
@@ -361,67 +350,9 @@ def _kinds(kinds) -> frozenset[str]:
     return frozenset(kinds)
 
 
-def event_message(event: Event) -> pb.Event:
-    message = pb.Event(seq=event.seq, global_seq=event.gseq, job_id=event.job_id, time=event.time, kind=event.kind)
-    p = event.payload
-    kind = event.kind
-    if kind == "log":
-        message.log.CopyFrom(pb.LogLine(level=str(p.get("level", "info")), text=str(p.get("text", ""))))
-    elif kind == "stage":
-        message.stage.CopyFrom(pb.StageChange(stage=str(p.get("stage", ""))))
-    elif kind == "progress":
-        message.progress.CopyFrom(_progress(p))
-    elif kind == "sample":
-        message.sample.CopyFrom(pb.SampleReady(path=str(p.get("path", "")), step=int(p.get("step") or 0), prompt_index=int(p.get("prompt_index") or 0), prompt=str(p.get("prompt", ""))))
-    elif kind == "artifact":
-        step = p.get("step")
-        message.artifact.CopyFrom(pb.ArtifactReady(path=str(p.get("path", "")), kind=str(p.get("kind", "")), bytes=int(p.get("bytes") or 0), step=None if step is None else int(step)))
-    elif kind == "state":
-        message.state.CopyFrom(pb.StateChange(state=pb.JobState.Value(str(p.get("state", "")).upper()), error=str(p.get("error", ""))))
-    else:
-        message.other_json = json.dumps(p)
-    return message
-
-
-def image_message(path: Path, max_size: int) -> pb.Image:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            original = image.size
-            if original[0] * original[1] > Image.MAX_IMAGE_PIXELS:  # decoded here, in the server: refuse bombs first
-                raise RequestError(f"{path} is {original[0]}x{original[1]}, too large to send as a sample.")
-            image.load()
-            if max_size and max(original) > max_size:
-                image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
-            out = io.BytesIO()
-            image.save(out, format="PNG")
-            size = image.size
-    except RequestError:
-        raise
-    # Pillow reports bad data with many exception types (SyntaxError, ValueError, its
-    # DecompressionBombError...); all mean the same here.
-    except Exception as e:
-        raise RequestError(f"{path} is not a readable image ({str(e) or type(e).__name__}).") from None
-    return pb.Image(path=str(path), png=out.getvalue(), width=size[0], height=size[1], original_width=original[0], original_height=original[1])
-
-
-def _progress(p: dict[str, Any]) -> pb.Progress:
-    optional = {k: float(p[k]) for k in ("loss", "avg_loss", "lr_unet", "lr_te", "rate", "eta_s") if p.get(k) is not None}
-    return pb.Progress(stage=str(p.get("stage", "")), done=int(p.get("done") or 0), total=int(p.get("total") or 0), **optional)
-
-
 def _check_max_size(max_size: int) -> None:
     if max_size < 0:
         raise RequestError(f"max_size must be 0 (full size) or more, not {max_size}.")
-
-
-def _check_preview_prompt(line: str) -> None:
-    """A preview renders in the training worker, between the steps of a running job: a picture
-    far past SDXL's sizes would hold that worker (and the job) for hours, or exhaust its memory."""
-    prompt = parse_prompt_line(line, lambda _warning: None)
-    if prompt.width * prompt.height > MAX_PREVIEW_PIXELS:
-        raise RequestError(f"a preview of {prompt.width}x{prompt.height} is too large; ask for at most {MAX_PREVIEW_PIXELS >> 20} megapixels (e.g. --w 2048 --h 2048).")
 
 
 def _state_name(code: int) -> str:

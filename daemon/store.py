@@ -1,19 +1,31 @@
 """The daemon's memory across restarts: jobs and their events in one sqlite file (WAL).
 
 A job's state moves queued → running → done | failed | cancelled; a crash or a stop moves a
-running job back to queued. Every state change is stored together with its event, in one
-transaction, so a reader that sees the new state also finds the event that announced it.
+running job back to queued, marked interrupted: it runs again before every job that has not
+started yet. Every state change is stored together with its event, in one transaction, so a
+reader that sees the new state also finds the event that announced it.
+
+A full disk must not cost a state change: the store keeps a reserve file beside the database and
+gives its space up to sqlite when a write finds the disk full (the write is tried again). A file
+that is not a database (random bytes, cut short) is moved aside, never deleted, with a sentence
+that says how to start fresh.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+from .errors import BadStore, DiskFull
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
@@ -38,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts     INTEGER NOT NULL DEFAULT 0,
     progress     TEXT,
     result       TEXT NOT NULL DEFAULT '{}',
-    last_seq     INTEGER NOT NULL DEFAULT 0
+    last_seq     INTEGER NOT NULL DEFAULT 0,
+    interrupted  INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_inbox_key ON jobs(inbox_key);
 CREATE TABLE IF NOT EXISTS events (
@@ -85,24 +98,96 @@ class Event:
     payload: dict[str, Any]
 
 
+RESERVE_BYTES = 8 << 20  # what the reserve file holds back for sqlite on a full disk
+_BAD = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+
 class Store:
     def __init__(self, path: Path):
+        self.path = path
+        self._reserve = path.with_name(path.name + ".reserve")
+        self._lock = threading.RLock()
+        self._refill_after = 0.0
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorcode", None) not in _BAD and not isinstance(e, _Damaged):
+                raise
+            raise BadStore(_set_aside(path, e)) from None
+
+    def _open(self) -> None:
         # One connection shared under a lock: the daemon's writes are few and small, and one
         # writer keeps sqlite from ever answering "database is locked".
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
-        with self._lock:
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes, fast
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise _Damaged(check)
             self._db.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "interrupted" not in columns:  # a database from before the column
+                self._db.execute("ALTER TABLE jobs ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0")
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _tx(self):
-        return _Transaction(self._db, self._lock)
+    def _write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `body` in one transaction; when the disk is full, give sqlite the reserve's space
+        and try once more, then say "disk full" (DiskFull)."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = body(self._db)
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        if self._db.in_transaction:
+                            self._db.execute("ROLLBACK")
+                        raise
+                except sqlite3.OperationalError as e:
+                    if not self._is_full(e):
+                        raise
+                    if attempt == 1 and self._reserve.exists():
+                        log.warning("the disk under %s is full; giving the store its reserve of %d MB", self.path.parent, RESERVE_BYTES >> 20)
+                        self._reserve.unlink()
+                        continue
+                    raise DiskFull(f"disk full: the job database {self.path} cannot be written (no space left on its disk); free some space.") from None
+                if time.monotonic() > self._refill_after:  # the space may be back: hold the reserve again
+                    self._refill_after = time.monotonic() + 30
+                    self._refill_reserve()
+                return result
+
+    def _is_full(self, e: sqlite3.OperationalError) -> bool:
+        code = getattr(e, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL:
+            return True
+        try:  # an I/O error on a disk without space left is the same thing, said differently
+            st = os.statvfs(self.path.parent)
+            return code == sqlite3.SQLITE_IOERR and st.f_bavail * st.f_frsize < RESERVE_BYTES
+        except OSError:
+            return False
+
+    def _refill_reserve(self) -> None:
+        """Put the reserve back when there is room for it and to spare."""
+        if self._reserve.exists():
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 4 * RESERVE_BYTES:
+                return
+            with open(self._reserve, "wb") as f:
+                f.truncate(RESERVE_BYTES)
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)  # real blocks, not a sparse file
+        except OSError:
+            self._reserve.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ jobs
 
@@ -121,7 +206,8 @@ class Store:
     ) -> tuple[Job, Event]:
         """Record a job; returns it with its first event (its state)."""
         now = time.time()
-        with self._tx() as db:
+
+        def add(db):
             number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM jobs").fetchone()[0]
             job_id = f"{number:04d}-{name}"
             db.execute(
@@ -132,6 +218,8 @@ class Store:
             )
             event = self._insert_event(db, job_id, "state", {"state": state, "error": error}, now)
             return self._get(db, job_id), event
+
+        return self._write(add)
 
     def get(self, ref: str) -> Job | None:
         """A job by its id or by its number."""
@@ -164,17 +252,20 @@ class Store:
             return [_job(r) for r in self._db.execute("SELECT * FROM jobs WHERE inbox_key = ? ORDER BY number", (key,))]
 
     def claim_next(self) -> tuple[Job, Event] | None:
-        """The oldest queued job, now running."""
-        with self._tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY number LIMIT 1", (QUEUED,)).fetchone()
+        """The next queued job, now running: interrupted ones first (they hold a checkpoint and
+        had their turn already), then the oldest."""
+
+        def claim(db):
+            row = db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY interrupted DESC, number LIMIT 1", (QUEUED,)).fetchone()
             if row is None:
                 return None
             return self._transition(db, row["id"], RUNNING, "", {QUEUED}, attempts=None)
 
+        return self._write(claim)
+
     def transition(self, job_id: str, state: str, *, error: str = "", expect: Iterable[str], attempts: int | None = None) -> tuple[Job, Event] | None:
         """Move a job to `state` if it is in one of `expect`; None if it was not."""
-        with self._tx() as db:
-            return self._transition(db, job_id, state, error, set(expect), attempts)
+        return self._write(lambda db: self._transition(db, job_id, state, error, set(expect), attempts))
 
     def _transition(self, db, job_id, state, error, expect, attempts):
         now = time.time()
@@ -183,8 +274,8 @@ class Store:
         if state == RUNNING:
             sets += ["started = ?", "progress = NULL"]  # progress is of the current run only
             args.append(now)
-        if state == QUEUED:
-            sets += ["started = NULL", "ended = NULL"]
+        if state == QUEUED:  # back from running: interrupted; queued anew (a retry): not
+            sets += ["started = NULL", "ended = NULL", f"interrupted = (state = '{RUNNING}')"]
         if state in TERMINAL:
             sets.append("ended = ?")
             args.append(now)
@@ -199,24 +290,24 @@ class Store:
         return self._get(db, job_id), event
 
     def set_result(self, job_id: str, result: dict[str, Any]) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(result), job_id))
+        self._write(lambda db: db.execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(result), job_id)))
 
     def set_inbox(self, job_id: str, dataset: str, inbox_key: str | None) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET dataset = ?, inbox_key = ? WHERE id = ?", (dataset, inbox_key, job_id))
+        self._write(lambda db: db.execute("UPDATE jobs SET dataset = ?, inbox_key = ? WHERE id = ?", (dataset, inbox_key, job_id)))
 
     def set_settings(self, job_id: str, model: str | None, block_vector: str | None, recipe: dict[str, Any]) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET model = ?, block_vector = ?, recipe = ? WHERE id = ?", (model, block_vector, json.dumps(recipe), job_id))
+        self._write(lambda db: db.execute("UPDATE jobs SET model = ?, block_vector = ?, recipe = ? WHERE id = ?",
+                                          (model, block_vector, json.dumps(recipe), job_id)))
 
     # ------------------------------------------------------------------ events
 
     def add_event(self, job_id: str, kind: str, payload: dict[str, Any], at: float | None = None) -> Event:
-        with self._tx() as db:
+        def add(db):
             if kind == "progress" and job_id:
                 db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(payload), job_id))
             return self._insert_event(db, job_id, kind, payload, time.time() if at is None else at)
+
+        return self._write(add)
 
     def _insert_event(self, db, job_id: str, kind: str, payload: dict[str, Any], now: float) -> Event:
         text = json.dumps(payload)
@@ -260,22 +351,22 @@ class Store:
         return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
-class _Transaction:
-    """`BEGIN IMMEDIATE` … `COMMIT` under the store's lock; rolled back on an exception."""
+class _Damaged(sqlite3.DatabaseError):
+    """quick_check found damage that opening the file did not."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
-        self._db, self._lock = db, lock
 
-    def __enter__(self) -> sqlite3.Connection:
-        self._lock.acquire()
-        self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self._lock.release()
+def _set_aside(path: Path, error: Exception) -> str:
+    """Move a damaged database (and its WAL) aside, never delete it; the sentence that says so."""
+    aside, n = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}"), 1
+    while aside.exists():  # an earlier one of the same second stays too
+        n += 1
+        aside = aside.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(f"{path}{suffix}")
+        if part.exists():
+            os.replace(part, f"{aside}{suffix}")
+    return (f"{path} is not a readable job database ({error}); it was moved aside to {aside} (kept, not deleted), so "
+            "`loradrop daemon` starts afresh with an empty queue the next time (the files in outputs/ stay where they are).")
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -4,6 +4,12 @@ Each worker has a thread here that owns its pipe: it hands the worker the next q
 stores the events the worker reports, and notices when the process dies. A death fails the job
 with the reason or queues it again to resume from its last checkpoint (up to --max-retries); a
 new worker is started and the queue goes on.
+
+A worker beats every HEARTBEAT seconds from a thread of its own, whatever its job is doing (a
+slow step never misses a beat); one silent for --heartbeat-seconds is frozen (SIGSTOP, a hung
+driver) and is killed, which resumes its job like any death, the reason in the job's log. When
+the daemon kills a worker itself (frozen, or not stopped in time), the log says so, not "killed
+by SIGKILL". A job's end that the store cannot record (a full disk) is tried again until it is.
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ import subprocess
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loradrop.fsutil import sweep_partials
 
 from . import worker
 from .config import DaemonConfig
-from .errors import Unavailable
+from .errors import DiskFull, Unavailable
 from .events import EventLog
 from .home import Home
 from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job
@@ -33,6 +40,7 @@ from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job
 log = logging.getLogger(__name__)
 
 _SPAWN = multiprocessing.get_context("spawn")  # never fork the threaded gRPC process
+STOP_GRACE = 30.0  # seconds a stopping worker has to reach a step (or denoising) boundary
 
 
 def visible_devices() -> list[str]:
@@ -74,6 +82,7 @@ class Supervisor:
         self.tools = _Slot(self, len(devices), "cpu", worker.TOOL)  # started on its first call
         self.stopping = False
         self.stopped = threading.Event()
+        self._hurry = threading.Event()  # a second stop signal: kill what has not stopped yet
         self._cancelling: set[str] = set()
 
     def start(self) -> None:
@@ -84,9 +93,10 @@ class Supervisor:
         for slot in self.trainers:
             slot.start()
 
-    def stop(self, grace: float = 30.0) -> None:
+    def stop(self, grace: float = STOP_GRACE) -> None:
         """Ask every worker to stop at its next step boundary (the job is queued again and
-        resumes on the next start); kill those that have not stopped after `grace` seconds."""
+        resumes on the next start); kill those that have not stopped after `grace` seconds, or
+        at once on `hurry`."""
         self.stopping = True
         self.stopped.set()
         slots = [*self.trainers, self.tools]
@@ -94,7 +104,11 @@ class Supervisor:
             slot.ask_stop()
         deadline = time.monotonic() + grace
         for slot in slots:
-            slot.join(deadline)
+            slot.join(deadline, self._hurry, grace)
+
+    def hurry(self) -> None:
+        """A second stop signal while stopping: workers still busy are killed now."""
+        self._hurry.set()
 
     def wake(self) -> None:
         for slot in self.trainers:
@@ -111,9 +125,11 @@ class Supervisor:
             self._cancelling.add(job_id)
         return any(slot.control(job_id, request) for slot in self.trainers)
 
-    def call(self, name: str, args: dict[str, Any], timeout: float) -> Any:
+    def call(self, name: str, args: dict[str, Any], timeout: float, *, progress: Callable[[dict], None] | None = None,
+             cancelled: Callable[[], bool] = lambda: False) -> Any:
         """Run a tool function in a worker: previews where the model is loaded, the rest in the
-        tool worker, so they never wait for a training step."""
+        tool worker, so they never wait for a training step. `progress` hears the worker's
+        reports; once `cancelled()` (the client went away) the worker is told to stop."""
         if name == "preview":
             if not self.trainers:
                 raise Unavailable("this daemon runs no training worker (--workers 0), so it cannot render previews.")
@@ -121,7 +137,18 @@ class Supervisor:
         else:
             slot = self.tools
             slot.start()
-        return slot.call(name, args).result(timeout)
+        call_id, future = slot.call(name, args, progress)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(min(0.5, max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                if cancelled():
+                    slot.cancel_call(call_id)
+                    raise Unavailable(f"the {name} was cancelled.") from None
+                if time.monotonic() >= deadline:
+                    slot.cancel_call(call_id)
+                    raise
 
     # ------------------------------------------------------------------ how jobs end
 
@@ -146,26 +173,48 @@ class Supervisor:
             self._requeue(job_id, "the daemon is stopping; this job resumes from its last full checkpoint on the next start")
             return
         if outcome == DONE:
-            self.events.store.set_result(job_id, result)
+            self._lasting(lambda: self.events.store.set_result(job_id, result), f"the result of job {job_id}")
         state = {DONE: DONE, CANCELLED: CANCELLED}.get(outcome, FAILED)
-        self.events.transition(job_id, state, error=error, expect=(RUNNING,))
+        self._lasting(lambda: self.events.transition(job_id, state, error=error, expect=(RUNNING,)), f"that job {job_id} ended ({state})")
 
     def job_crashed(self, job_id: str, reason: str) -> None:
         if self.stopping:
-            self._requeue(job_id, f"the worker {reason} while the daemon stopped; this job resumes on the next start")
+            self._requeue(job_id, f"the worker {reason}; this job resumes from its last full checkpoint on the next start")
             return
         if job_id in self._cancelling:
             self._cancelling.discard(job_id)
-            self.events.transition(job_id, CANCELLED, error=f"the worker {reason} while cancelling", expect=(RUNNING,))
+            self._lasting(lambda: self.events.transition(job_id, CANCELLED, error=f"the worker {reason} while cancelling", expect=(RUNNING,)), f"that job {job_id} was cancelled")
             return
         job = self.events.store.get(job_id)
         if job is not None and job.attempts < self.config.max_retries:
             tries = job.attempts + 1
-            self.events.emit(job_id, "log", {"level": "warning", "text": f"the worker {reason}; resuming from the last full checkpoint (retry {tries} of {self.config.max_retries})"})
-            self.events.transition(job_id, QUEUED, expect=(RUNNING,), attempts=tries)
+            self._quietly(lambda: self.events.emit(job_id, "log", {"level": "warning", "text": f"the worker {reason}; resuming from the last full checkpoint (retry {tries} of {self.config.max_retries})"}))
+            self._lasting(lambda: self.events.transition(job_id, QUEUED, expect=(RUNNING,), attempts=tries), f"that job {job_id} goes back to the queue")
             self.wake()
             return
-        self.events.transition(job_id, FAILED, error=f"the worker {reason}", expect=(RUNNING,))
+        self._lasting(lambda: self.events.transition(job_id, FAILED, error=f"the worker {reason}", expect=(RUNNING,)), f"that job {job_id} failed")
+
+    def _lasting(self, write: Callable[[], Any], what: str) -> None:
+        """A state change must not be lost to a full disk: tried again until the store takes it
+        (the store gives sqlite its reserve first, so this waits only once that is spent too)."""
+        warned = False
+        while True:
+            try:
+                write()
+                return
+            except DiskFull as e:
+                if not warned:
+                    log.error("%s; cannot record %s yet, trying again every 2 s", e, what)
+                    warned = True
+                if self._hurry.wait(2.0):
+                    return  # a second stop signal: the job is found running at the next start, and resumes
+
+    def _quietly(self, write: Callable[[], Any]) -> None:
+        """A log line may be lost to a full disk; the daemon says so in its own log."""
+        try:
+            write()
+        except DiskFull as e:
+            log.error("%s; an event was not stored", e)
 
     def sweep(self, *folders: Path) -> None:
         """Remove the half-written files that killed workers left in `folders` (never listed,
@@ -176,8 +225,8 @@ class Supervisor:
                 log.info("removed %d unfinished files in %s left by stopped workers", len(removed), folder)
 
     def _requeue(self, job_id: str, why: str) -> None:
-        self.events.emit(job_id, "log", {"level": "warning", "text": why})
-        self.events.transition(job_id, QUEUED, expect=(RUNNING,))
+        self._quietly(lambda: self.events.emit(job_id, "log", {"level": "warning", "text": why}))
+        self._lasting(lambda: self.events.transition(job_id, QUEUED, expect=(RUNNING,)), f"that job {job_id} goes back to the queue")
 
 
 class _Slot:
@@ -192,8 +241,12 @@ class _Slot:
         self.job_id: str | None = None
         self._lock = threading.Lock()  # guards the pipe's sending end and the job assignment
         self._calls: dict[int, Future] = {}
+        self._progress: dict[int, Callable[[dict], None]] = {}
         self._next_call = 0
         self._failures = 0  # deaths in a row before the worker was ready
+        self._heard = time.monotonic()  # the worker's last message (a beat at least every HEARTBEAT s)
+        self._kill_reason: str | None = None  # why the daemon killed the worker itself, for the job's log
+        self._last_error = ""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._thread: threading.Thread | None = None
@@ -222,15 +275,26 @@ class _Slot:
             self.conn.send({"op": "control", "job_id": job_id, "request": request})
             return True
 
-    def call(self, name: str, args: dict[str, Any]) -> Future:
+    def call(self, name: str, args: dict[str, Any], progress: Callable[[dict], None] | None = None) -> tuple[int, Future]:
         future: Future = Future()
         with self._lock:
             if self.conn is None:
                 raise Unavailable(f"the {self.role} worker is restarting; try again in a moment.")
             self._next_call += 1
             self._calls[self._next_call] = future
+            if progress is not None:
+                self._progress[self._next_call] = progress
             self.conn.send({"op": "call", "id": self._next_call, "name": name, "args": args})
-        return future
+            return self._next_call, future
+
+    def cancel_call(self, call_id: int) -> None:
+        with self._lock:
+            self._progress.pop(call_id, None)
+            if self.conn is not None and call_id in self._calls:
+                try:
+                    self.conn.send({"op": "cancel_call", "id": call_id})
+                except OSError:
+                    pass  # gone: the call ends with it
 
     def ask_stop(self) -> None:
         with self._lock:
@@ -241,15 +305,24 @@ class _Slot:
                     pass  # already gone
         self.wake()
 
-    def join(self, deadline: float) -> None:
+    def join(self, deadline: float, hurry: threading.Event, grace: float) -> None:
         if self._thread is None:
             return
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        while self._thread.is_alive() and time.monotonic() < deadline and not hurry.is_set():
+            self._thread.join(0.1)
         process = self.process
         if self._thread.is_alive() and process is not None:
-            log.warning("worker %d did not stop in time; killing it", self.index)
-            process.kill()
+            why = "the daemon was told to stop a second time" if hurry.is_set() else f"it did not stop within {grace:g} s of being asked"
+            log.warning("worker %d is still busy and %s; killing it", self.index, why)
+            self.kill(f"was killed by the daemon: {why} (its job had not reached a step boundary)")
             self._thread.join(10)
+
+    def kill(self, reason: str) -> None:
+        """End the worker now; `reason` (the end of a sentence, "the worker …") goes to its job's log."""
+        process = self.process
+        if process is not None:
+            self._kill_reason = reason
+            process.kill()
 
     # ------------------------------------------------------------------ the thread
 
@@ -259,6 +332,7 @@ class _Slot:
         process.start()
         child.close()  # only the worker holds its end, so the worker sees EOF when the daemon dies
         self.process, self.conn, self.pid, self.state = process, parent, process.pid, "starting"
+        self._heard, self._kill_reason = time.monotonic(), None
 
     def _loop(self) -> None:
         while True:
@@ -271,22 +345,38 @@ class _Slot:
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
             self._receive()
+            silent = time.monotonic() - self._heard
             if not self.process.is_alive():
                 self._receive()
                 self._died()
+            elif silent > self.sup.config.heartbeat_seconds and self._kill_reason is None:
+                log.error("worker %d (pid %d) sent nothing for %.0f s; killing it", self.index, self.pid, silent)
+                self.kill(f"did not answer for {self.sup.config.heartbeat_seconds:g} s (stopped or frozen), so the daemon killed it")
             elif self.role == worker.TRAIN and self.state == "idle" and not self.sup.stopping:
-                self._take_job()
+                try:
+                    self._take_job()
+                except DiskFull as e:  # nothing was claimed; the next turn tries again
+                    self._once(f"{e}; no job can start until there is space")
 
     def _receive(self) -> None:
         try:
             while self.conn.poll():
                 message = self.conn.recv()
+                self._heard = time.monotonic()
                 try:
                     self._handle(message)
-                except Exception:  # one message the store could not take must not end this thread, and the worker's queue with it
-                    log.exception("worker %d: message %s could not be handled", self.index, message.get("op"))
+                except DiskFull as e:  # an event lost to a full disk; the state changes are not (job_ended retries)
+                    self._once(f"{e}; worker {self.index}'s events are not stored until there is space")
+                except Exception as e:  # one message the store could not take must not end this thread, and the worker's queue with it
+                    self._once(f"worker {self.index}: message {message.get('op')} could not be handled ({type(e).__name__}: {e})")
         except (EOFError, OSError):
             pass  # the worker is gone; the caller sees it by its exit
+
+    def _once(self, text: str) -> None:
+        """Log an error once, not for every message while it lasts."""
+        if text != self._last_error:
+            log.error("%s", text)
+            self._last_error = text
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -296,7 +386,14 @@ class _Slot:
             with self._lock:
                 self.job_id, self.state = None, "idle"
             self.sup.job_ended(message["job_id"], message["outcome"], message["error"], message["result"])
+        elif op == "beat":
+            pass
+        elif op == "progress":
+            report = self._progress.get(message["id"])
+            if report is not None:
+                report(message["payload"])
         elif op == "reply":
+            self._progress.pop(message["id"], None)
             future = self._calls.pop(message["id"], None)
             if future is not None:
                 if message["ok"]:
@@ -317,11 +414,12 @@ class _Slot:
             self.conn.send({"op": "run", "spec": self.sup.spec(job)})
 
     def _died(self) -> None:
-        reason = describe_exit(self.process.exitcode)
+        reason = self._kill_reason or describe_exit(self.process.exitcode)
         with self._lock:
             job_id, calls, was_ready = self.job_id, self._calls, self.state != "starting"
             self.conn.close()
             self.process, self.conn, self.job_id, self._calls, self.state = None, None, None, {}, "stopped"
+            self._progress = {}
         for future in calls.values():
             future.set_exception(Unavailable(f"the {self.role} worker {reason}; try again."))
         if job_id:

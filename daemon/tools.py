@@ -24,20 +24,26 @@ def blocks(path: str) -> dict[str, Any]:
 
 
 def chop(path: str, vector: str) -> str:
-    from loradrop.engine.lora.chop import chop as chop_file
+    from loradrop.engine.lora.chop import SUFFIX, chop as chop_file
+    from loradrop.engine.pipeline import finite_output
 
-    return str(chop_file(Path(path), vector).path)
+    source = Path(path)
+    final = source.with_name(f"{source.stem}{SUFFIX}.safetensors")
+    return str(finite_output(lambda staging: chop_file(source, vector, staging / final.name).path, source.parent))
 
 
 def resize(path: str, recipe: str, model: str | None) -> str:
     from loradrop.engine.lora.resize import resize as resize_file
+    from loradrop.engine.pipeline import finite_output
 
-    return str(resize_file(_base_model(model), Path(path), recipe).path)
+    source = Path(path)
+    return str(finite_output(lambda staging: resize_file(_base_model(model), source, recipe, out_dir=staging).path, source.parent))
 
 
-def preview(session, *, lora: str, vector: str | None, prompts: list[str] | None, seed: int, model: str | None, out_dir: str) -> list[str]:
-    paths = session.preview(Path(lora), vector, prompts, seed, model, Path(out_dir))
-    return [str(p) for p in paths]
+def start_preview(session, *, lora: str, vector: str | None, prompts: list[str] | None, seed: int, model: str | None, out_dir: str,
+                  steps: int, progress):
+    """A preview begun on the worker's session; the worker renders it in slices (PreviewRender.advance)."""
+    return session.start_preview(Path(lora), vector, prompts, seed, model, Path(out_dir), steps=steps or None, progress=progress)
 
 
 def _base_model(model: str | None) -> Path:

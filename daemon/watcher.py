@@ -65,8 +65,10 @@ class InboxWatcher:
         self._thread.join(timeout=5)
 
     def waiting(self) -> list[str]:
+        """The folders still waiting to be quiet; one a client submitted meanwhile waits no more."""
         with self._lock:
-            return sorted(printable(w.path.name) for w in self._waiting.values())
+            waiting = list(self._waiting.items())
+        return sorted(printable(w.path.name) for key, w in waiting if not self.intake.known(key))
 
     def touched(self, path: str) -> None:
         rel = os.path.relpath(path, self.inbox)
@@ -113,6 +115,10 @@ class InboxWatcher:
             for key, path in entries.items():
                 if key in self._taken:
                     continue
+                if key in self._waiting and self.intake.known(key):  # submitted by a client while it waited
+                    del self._waiting[key]
+                    self._taken[key] = path
+                    continue
                 waiting = self._waiting.get(key)
                 signature = _signature(path)
                 if waiting is None:
@@ -122,10 +128,19 @@ class InboxWatcher:
                 elif now - waiting.changed >= self.quiet and signature[0] > 0:
                     del self._waiting[key]
                     ready.append((key, path))
+        failed = None
         for key, path in ready:
             self._taken[key] = path
             if not self.intake.known(key):  # a client may have submitted it meanwhile
-                self.intake.folder_ready(path, key)
+                try:
+                    self.intake.folder_ready(path, key)
+                except Exception as e:  # the store could not take it (a full disk): it waits, and is tried again
+                    del self._taken[key]
+                    with self._lock:
+                        self._waiting[key] = _Waiting(path, _signature(path), time.monotonic())
+                    failed = e
+        if failed is not None:
+            raise failed
 
     def _entries(self) -> dict[str, Path]:
         entries = {}

@@ -5,19 +5,30 @@ process could deadlock) and talks to it over one pipe. A training worker holds o
 `Session` for its life, so the base model stays loaded between jobs; a tool worker runs the LoRA
 file operations (block layout, chop, resize) that also need torch.
 
-Messages in:  run {spec} · control {job_id, request: save|sample|cancel} · call {id, name, args} · stop
-Messages out: ready {pid} · fatal {error} · event {job_id, kind, payload, time} ·
-              done {job_id, outcome: done|failed|cancelled|stopped, error, result} · reply {id, ok, value|error}
+Messages in:  run {spec} · control {job_id, request: save|sample|cancel} · call {id, name, args} ·
+              cancel_call {id} · stop
+Messages out: ready {pid} · fatal {error} · beat · event {job_id, kind, payload, time} ·
+              done {job_id, outcome: done|failed|cancelled|stopped, error, result} ·
+              progress {id, payload} · reply {id, ok, value|error}
 
 The worker dies with the daemon: when the pipe reports end-of-file (the daemon exited, even by
-kill -9), the reader thread ends the process at once.
+kill -9), the reader thread ends the process at once. A third thread beats every HEARTBEAT
+seconds, so the daemon can tell a frozen worker (stopped, hung) from a busy one.
+
+Previews share the training worker with the running job by a bounded share of its time: each
+time the job reaches a step boundary, the preview renders denoising steps for at most
+PREVIEW_SHARE of the time the last training step took (one at least), then training goes on.
+Without a job, a preview renders straight through. Either way it stops between two denoising
+steps when its caller goes away (cancel_call), and reports its progress.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
+import math
 import os
 import queue
 import signal
@@ -30,6 +41,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TRAIN, TOOL = "train", "tool"
+HEARTBEAT = 2.0  # seconds between beats; the daemon's deadline (--heartbeat-seconds) is far longer
+PREVIEW_SHARE = 0.25  # of the last training step's time, given to a preview at each step boundary
 
 
 def main(conn, role: str, device: str | None) -> None:
@@ -61,14 +74,17 @@ class JobControl:
                 self._requests.add(what)
 
     def poll(self) -> set[str]:
-        from loradrop.engine.pipeline import Cancelled
-
         self._worker.serve_calls()  # previews asked for while the job trains use its loaded model
+        self.check()
         with self._lock:
-            if self.cancelled or self.stopping:
-                raise Cancelled()
             got, self._requests = self._requests, set()
             return got
+
+    def check(self) -> None:
+        from loradrop.engine.pipeline import Cancelled
+
+        if self.cancelled or self.stopping:
+            raise Cancelled()
 
 
 class ProgressCoalescer:
@@ -96,6 +112,10 @@ class Worker:
         self._tasks: queue.Queue = queue.Queue()
         self._control: JobControl | None = None
         self.session = None
+        self._previews: collections.deque[_Preview] = collections.deque()  # begun, not yet rendered
+        self._cancelled_calls: set[int] = set()
+        self._resumed: float | None = None  # when the running job's current step began
+        self._stopping = False  # the daemon asked this worker to stop
 
     def send(self, message: dict[str, Any]) -> None:
         with self._send_lock:
@@ -103,6 +123,7 @@ class Worker:
 
     def serve(self) -> None:
         threading.Thread(target=self._read, name="worker-pipe", daemon=True).start()
+        threading.Thread(target=self._beat, name="worker-heartbeat", daemon=True).start()
         if self.role == TRAIN:
             try:
                 from loradrop.engine.pipeline import Session
@@ -113,6 +134,8 @@ class Worker:
                 raise
         self.send({"op": "ready", "pid": os.getpid()})
         while True:
+            while self._previews:  # without a job, a preview renders straight through
+                self._advance_preview(math.inf)
             task = self._tasks.get()
             if task is None:
                 return
@@ -120,6 +143,14 @@ class Worker:
                 self._run(task)
             else:
                 self._call(task)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT)
+            try:
+                self.send({"op": "beat"})
+            except OSError:
+                return  # the pipe is gone; the reader ends the process
 
     def _read(self) -> None:
         while True:
@@ -135,7 +166,10 @@ class Worker:
                 control = self._control
                 if control is not None and control.job_id == message["job_id"]:
                     control.request(message["request"])
+            elif op == "cancel_call":
+                self._cancelled_calls.add(message["id"])
             elif op == "stop":
+                self._stopping = True
                 if self._control is not None:
                     self._control.request("stop")
                 self._tasks.put(None)
@@ -143,7 +177,10 @@ class Worker:
                 self._tasks.put(message)
 
     def serve_calls(self) -> None:
-        """Answer the calls that arrived while a job runs (called from its `poll`)."""
+        """Between two steps of the running job (its `poll`): begin the calls that arrived, and
+        give the current preview its share of the time the last step took."""
+        now = time.monotonic()
+        step = 0.0 if self._resumed is None else now - self._resumed
         deferred = []
         while True:
             try:
@@ -156,6 +193,9 @@ class Worker:
                 deferred.append(task)
         for task in deferred:
             self._tasks.put(task)
+        if self._previews:
+            self._advance_preview(PREVIEW_SHARE * step)
+        self._resumed = time.monotonic()
 
     # ------------------------------------------------------------------ jobs
 
@@ -179,6 +219,7 @@ class Worker:
             self.send({"op": "event", "job_id": spec.job_id, "kind": kind, "payload": _plain(payload), "time": now})
 
         done = {"op": "done", "job_id": spec.job_id, "outcome": "done", "error": "", "result": {}}
+        self._resumed = None
         try:
             refuse_links_out(spec.dataset, inbox)
             result = self.session.run(spec, emit, control)
@@ -188,11 +229,10 @@ class Worker:
         except UserError as e:
             done.update(outcome="failed", error=str(e))
         except Exception as e:
-            if _no_space(e):
-                done.update(outcome="failed", error=f"no space left on the disk holding {spec.out_dir}; free some and retry the job (it resumes from its last full checkpoint).")
-            else:
+            sentence = _file_trouble(e, spec.out_dir, "retry the job (it resumes from its last full checkpoint)")
+            if sentence is None:
                 emit("log", {"level": "error", "text": traceback.format_exc()})
-                done.update(outcome="failed", error=_describe(e))
+            done.update(outcome="failed", error=sentence or _describe(e))
         self._control = None
         self.send(_plain(done))
 
@@ -203,22 +243,70 @@ class Worker:
 
         from . import tools
 
+        call_id = task["id"]
         try:
-            if task["name"] == "preview":
-                value = tools.preview(self.session, **task["args"])
-            else:
-                value = getattr(tools, task["name"])(**task["args"])
-            reply = {"op": "reply", "id": task["id"], "ok": True, "value": value}
+            if task["name"] == "preview":  # begun here, rendered by _advance_preview
+                report = _Reporter(lambda payload: self.send({"op": "progress", "id": call_id, "payload": payload}))
+                self._previews.append(_Preview(call_id, tools.start_preview(self.session, progress=report, **task["args"])))
+                return
+            self._reply(call_id, True, getattr(tools, task["name"])(**task["args"]))
         except UserError as e:
-            reply = {"op": "reply", "id": task["id"], "ok": False, "user": True, "error": str(e)}
+            self._reply(call_id, False, str(e), user=True)
         except Exception as e:
-            if _no_space(e):
-                reply = {"op": "reply", "id": task["id"], "ok": False, "user": False, "space": True,
-                         "error": f"no space left on the disk{f' for {e.filename}' if e.filename else ''}; free some and ask again."}
-            else:
-                log.exception("call %s failed", task["name"])
-                reply = {"op": "reply", "id": task["id"], "ok": False, "user": False, "error": _describe(e)}
+            self._failed(call_id, task["name"], e)
+
+    def _advance_preview(self, seconds: float) -> None:
+        from loradrop.engine.pipeline import Cancelled
+        from loradrop.errors import UserError
+
+        preview = self._previews[0]
+
+        def check() -> None:
+            if preview.id in self._cancelled_calls or self._stopping:
+                raise Cancelled()
+
+        try:
+            preview.render.advance(seconds, check)
+            if not preview.render.finished:
+                return
+            self._reply(preview.id, True, [str(p) for p in preview.render.paths])
+        except Cancelled:
+            self._reply(preview.id, False, "the preview was cancelled.", user=True)
+        except UserError as e:
+            self._reply(preview.id, False, str(e), user=True)
+        except Exception as e:
+            self._failed(preview.id, "preview", e)
+        self._previews.popleft()
+        self._cancelled_calls.discard(preview.id)
+
+    def _reply(self, call_id: int, ok: bool, value: Any, *, user: bool = False, space: bool = False) -> None:
+        reply = {"op": "reply", "id": call_id, "ok": ok}
+        reply.update({"value": value} if ok else {"error": value, "user": user, "space": space})
         self.send(_plain(reply))
+
+    def _failed(self, call_id: int, name: str, e: Exception) -> None:
+        sentence = _file_trouble(e, None, "ask again")
+        if sentence is None:
+            log.exception("call %s failed", name)
+        self._reply(call_id, False, sentence or _describe(e), space=_no_space(e))
+
+
+class _Preview:
+    def __init__(self, call_id: int, render):
+        self.id, self.render = call_id, render
+
+
+class _Reporter:
+    """A preview's progress, a few reports a second, and always an image's last step."""
+
+    def __init__(self, send, interval: float = 0.2):
+        self._send, self._interval, self._sent = send, interval, 0.0
+
+    def __call__(self, payload: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if payload["step"] == payload["steps"] or now - self._sent >= self._interval:
+            self._sent = now
+            self._send(payload)
 
 
 def _paths(spec: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -235,6 +323,17 @@ def _plain(value: Any) -> Any:
 
 def _no_space(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _file_trouble(e: BaseException, folder: Path | None, then: str) -> str | None:
+    """One sentence for a write the disk refused (full, read-only, not permitted); None for
+    any other error."""
+    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    where = folder or (Path(os.fsdecode(e.filename)).parent if e.filename else None)
+    if _no_space(e):
+        return f"disk full: no space left on the disk{f' holding {where}' if where else ''}; free some and {then}."
+    return f"cannot write{f' {where}' if where else ''} ({e.strerror}); make the daemon's outputs folder writable and {then}."
 
 
 def _describe(e: BaseException) -> str:

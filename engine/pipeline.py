@@ -19,13 +19,17 @@ Event kinds and payloads (plain JSON-able dicts):
 optimizer steps; it returns the set of requests that arrived ("save", "sample") and raises
 `Cancelled` once the job has been cancelled. `poll` is also where the worker may service other
 work that needs the loaded model (previews), so it should stay cheap when nothing is pending.
+`control.check()` only raises `Cancelled` (it serves nothing): sampling calls it between its
+denoising steps, so a cancel or a stop never waits for a whole picture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +48,17 @@ class Cancelled(Exception):
 class Control(Protocol):
     def poll(self) -> set[str]: ...
 
+    def check(self) -> None: ...
+
 
 class NoControl:
     """For offline runs (the `train` command): nothing ever asks anything."""
 
     def poll(self) -> set[str]:
         return set()
+
+    def check(self) -> None:
+        pass
 
 
 @dataclass
@@ -117,13 +126,14 @@ class Session:
 
         from .data.dataset import scan
         from .lora.blocks import energy, suggest
-        from .lora.chop import chop
+        from .lora.chop import SUFFIX as CHOP_SUFFIX, chop
         from .lora.resize import resize
         from .models.hashes import model_hashes
         from .recipe import Recipe
         from .train.loop import train
 
         recipe = Recipe.from_mapping({**spec.recipe, "output_name": spec.name}, source=f"job {spec.job_id}")
+        _preflight(spec, recipe)
         out = spec.out_dir
         out.mkdir(parents=True, exist_ok=True)
         recipe_path = out / "recipe.toml"
@@ -132,6 +142,9 @@ class Session:
 
         emit("stage", {"stage": "scan"})
         dataset = scan(spec.dataset, recipe)
+        for warning in (dataset.subfolder_warning(), dataset.orphan_warning()):
+            if warning:
+                emit("log", {"level": "warning", "text": warning})
         model = self.model(spec.model, recipe.mixed_precision, recipe.no_half_vae)
         base = model.source
         cache_dir = spec.cache_dir or _default_cache()
@@ -142,6 +155,8 @@ class Session:
                 resume=spec.resume, model_hashes=model_hashes(base) if base.is_file() else None,
                 on_network=self._set_training,
             )
+        except (MemoryError, RuntimeError) as e:
+            raise _out_of_memory(e, recipe, self.device) from None
         finally:
             self._set_training(None)
         result.final, result.samples, result.steps_done = trained.final, trained.samples, trained.steps
@@ -153,7 +168,15 @@ class Session:
         single_file = base.is_file()
         if recipe.resize_recipe and single_file:
             emit("stage", {"stage": "resize"})
-            report = resize(base, trained.final, recipe.resize_recipe, out_dir=out, device=self.device, progress=progress("resize"))
+            holder: list = []
+
+            def resized(staging: Path) -> Path:
+                holder.append(resize(base, trained.final, recipe.resize_recipe, out_dir=staging, device=self.device, progress=progress("resize")))
+                return holder[0].path
+
+            resized_path = finite_output(resized, out)
+            report = holder[0]
+            report.path = resized_path
             for line in report.lines():
                 emit("log", {"level": "info", "text": f"resize: {line}"})
             result.resized = report.path
@@ -180,9 +203,10 @@ class Session:
 
         if spec.block_vector:
             emit("stage", {"stage": "chop"})
-            chopped = chop(result.resized or trained.final, spec.block_vector)
-            result.chopped = chopped.path
-            emit("artifact", {"path": str(chopped.path), "kind": "chopped", "bytes": chopped.path.stat().st_size, "step": trained.steps})
+            source = result.resized or trained.final
+            name = f"{source.stem}{CHOP_SUFFIX}.safetensors"
+            result.chopped = finite_output(lambda staging: chop(source, spec.block_vector, staging / name).path, out)
+            emit("artifact", {"path": str(result.chopped), "kind": "chopped", "bytes": result.chopped.stat().st_size, "step": trained.steps})
         emit("stage", {"stage": "done"})
         return result
 
@@ -191,44 +215,166 @@ class Session:
 
     # ---------------------------------------------------------------- previews
 
-    def preview(self, lora: Path, vector: str | None, prompts: list[str] | None, seed: int, model: str | None, out_dir: Path) -> list[Path]:
-        """Render prompt lines (kohya's sample-prompt syntax; none: the prompts the LoRA's job
-        sampled during training, seeds included) with `lora` applied at the block vector's strengths (the Block Weight loader's meaning: entry 0 is BASE, the text
-        encoders). During a job it borrows the job's model between two steps: the job's own
-        adapters are set aside and put back, so training is unaffected."""
+    def start_preview(self, lora: Path, vector: str | None, prompts: list[str] | None, seed: int, model: str | None, out_dir: Path,
+                      *, steps: int | None = None, progress: Callable[[dict[str, int]], None] | None = None) -> "PreviewRender":
+        """A preview to render in slices (`PreviewRender.advance`): prompt lines in kohya's sample
+        syntax (none: the prompts the LoRA's job sampled during training, seeds included),
+        `lora` applied at the block vector's strengths (the Block Weight loader's meaning: entry
+        0 is BASE, the text encoders). `steps` (default: at most PREVIEW_STEPS) sets every
+        prompt's denoising steps. During a job it borrows the job's model between two steps."""
+        return PreviewRender(self, lora, vector, prompts, seed, model, out_dir, steps, progress)
+
+    def preview(self, lora: Path, vector: str | None, prompts: list[str] | None, seed: int, model: str | None, out_dir: Path,
+                steps: int | None = None) -> list[Path]:
+        """A whole preview at once (see `start_preview`); the images' paths."""
+        render = self.start_preview(lora, vector, prompts, seed, model, out_dir, steps=steps)
+        render.advance(math.inf, lambda: None)
+        return render.paths
+
+
+PREVIEW_STEPS = 8  # a preview's denoising steps unless the request asks for more (a rough look, quickly)
+PREVIEW_BUDGET_S = 300.0  # compute seconds a preview may need on this machine, judged from its first step
+
+
+class PreviewRender:
+    """A preview being rendered: its prompts one after another, a denoising step at a time. Each
+    `advance` is a slice: the running job's adapters are set aside, the preview's LoRA applied,
+    steps rendered for the time given, and everything put back, so training between two slices
+    is unaffected (and the pictures do not depend on how they were sliced)."""
+
+    def __init__(self, session: Session, lora: Path, vector: str | None, prompts: list[str] | None, seed: int, model: str | None,
+                 out_dir: Path, steps: int | None, progress: Callable[[dict[str, int]], None] | None):
+        import dataclasses
         import logging
 
-        from loradrop.fsutil import atomic_path
-
         from .data.prompts import SamplePrompt, parse_prompt_line
-        from .lora.apply import apply_lora
+        from .lora.lorafile import read_lora
         from .train.loop import RESOLVED_PROMPTS, Precision
-        from .train.sampling import preserved_rng, sample
 
         log = logging.getLogger(__name__)
-        target = self._model if self._training is not None else self.model(model)
+        self.session, self.vector, self.seed, self.out_dir, self.progress = session, vector, seed, out_dir, progress
+        self.target = session._model if session._training is not None else session.model(model)
         if not prompts:  # the job's own sample prompts, as its training rendered them
             resolved = Path(lora).parent / RESOLVED_PROMPTS
             prompts = resolved.read_text().splitlines() if resolved.is_file() else []
         parsed = [parse_prompt_line(p, log.warning) for p in prompts] if prompts else [SamplePrompt(prompt="")]
-        dtype = Precision.for_run_settings("bf16", self.device).weights
-        tag = hashlib.sha256(f"{lora}|{vector}|{seed}|{prompts}".encode()).hexdigest()[:10]
-        paths = []
-        network = self._training
+        self.prompts = [dataclasses.replace(p, steps=steps or min(p.steps, PREVIEW_STEPS)) for p in parsed]
+        self.lora = read_lora(lora)  # read once: each slice applies it from memory
+        self.dtype = Precision.for_run_settings("bf16", session.device).weights
+        self.tag = hashlib.sha256(f"{lora}|{vector}|{seed}|{prompts}|{steps}".encode()).hexdigest()[:10]
+        self.paths: list[Path] = []
+        self._render = None
+        self._judged = False
+
+    @property
+    def finished(self) -> bool:
+        return len(self.paths) == len(self.prompts)
+
+    def advance(self, seconds: float, check: Callable[[], None]) -> None:
+        """Render for about `seconds` (one denoising step at least); `check` raises to stop."""
+        import time
+
+        from loradrop.fsutil import atomic_path
+
+        from .train.sampling import Render
+
+        started = time.monotonic()
+        with self._on_model():
+            while not self.finished:
+                check()
+                index = len(self.paths)
+                if self._render is None:
+                    self._render = Render(self.target, self.prompts[index], device=self.session.device, dtype=self.dtype, default_seed=self.seed)
+                before = time.monotonic()
+                self._render.step()
+                self._judge(time.monotonic() - before)
+                if self.progress is not None:
+                    self.progress({"image": index + 1, "images": len(self.prompts), "step": self._render.done, "steps": self._render.total})
+                if self._render.finished:
+                    path = self.out_dir / f"preview-{self.tag}-{index:02d}.png"
+                    with atomic_path(path) as tmp:
+                        self._render.image().save(tmp, format="PNG")
+                    self.paths.append(path)
+                    self._render = None
+                if time.monotonic() - started >= seconds:
+                    return
+
+    def _judge(self, step_seconds: float) -> None:
+        """After the first step: refuse a preview this machine would take too long to render."""
+        if self._judged:
+            return
+        self._judged = True
+        steps = sum(p.steps for p in self.prompts)
+        if step_seconds * steps > PREVIEW_BUDGET_S:
+            from loradrop.errors import UserError
+
+            first = self.prompts[0]
+            raise UserError(f"this preview would take about {step_seconds * steps / 60:.0f} minutes on {self.session.device} "
+                            f"({steps} denoising steps at {first.width}x{first.height}); ask for fewer steps or a smaller size (--w, --h).")
+
+    @contextlib.contextmanager
+    def _on_model(self):
+        from .lora.apply import apply_lora
+        from .train.sampling import preserved_rng
+
+        network = self.session._training
         if network is not None:
             network.restore()
         try:
-            with apply_lora(target, lora, vector), preserved_rng(self.device):
-                for i, prompt in enumerate(parsed):
-                    image = sample(target, prompt, device=self.device, dtype=dtype, default_seed=seed)
-                    path = out_dir / f"preview-{tag}-{i:02d}.png"
-                    with atomic_path(path) as tmp:
-                        image.save(tmp, format="PNG")
-                    paths.append(path)
+            with apply_lora(self.target, self.lora, self.vector), preserved_rng(self.session.device):
+                yield
         finally:
             if network is not None:
                 network.apply_to()
-        return paths
+
+
+def finite_output(write: Callable[[Path], Path], out_dir: Path) -> Path:
+    """Run `write(staging)`, which writes one LoRA into a hidden folder and returns its path;
+    refuse it if a tensor is inf or NaN, else move it into `out_dir`. A file that is not finite is
+    never listed, not even for a moment (listings skip hidden folders)."""
+    import shutil
+
+    from .tensorfile import TensorFile
+
+    staging = out_dir / f".staging-{os.getpid()}"
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        written = write(staging)
+        with TensorFile(written) as tf:
+            bad = next((k for k, t in tf.read_all().items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+        if bad is not None:
+            from loradrop.errors import UserError
+
+            raise UserError(f"{written.name} would hold inf or NaN (in {bad}); it was not kept: lower the block weights, or retrain with a lower learning rate.")
+        final = out_dir / written.name
+        os.replace(written, final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _preflight(spec: JobSpec, recipe) -> None:
+    """What can fail late is checked before any training: the resize recipe, the chop vector."""
+    from .recipe import check_block_vector
+
+    if recipe.resize_recipe:
+        from .lora.resize import ResizeRecipe
+
+        ResizeRecipe.parse(recipe.resize_recipe)
+    if spec.block_vector:
+        check_block_vector(spec.block_vector)
+
+
+def _out_of_memory(e: BaseException, recipe, device) -> BaseException:
+    """Memory that ran out, said with the settings that size a run; any other error as it is."""
+    text = str(e)
+    if not isinstance(e, MemoryError) and "out of memory" not in text.lower() and "can't allocate memory" not in text:
+        return e
+    from loradrop.errors import UserError
+
+    return UserError(f"training ran out of memory on {device} ({text.splitlines()[0][:120] if text else 'MemoryError'}); lower what sizes the run: "
+                     f"train_batch_size {recipe.train_batch_size}, resolution {recipe.resolution}, network_dim {recipe.network_dim}, "
+                     f"conv_dim {recipe.conv_dim}, dataset_repeats {recipe.dataset_repeats}.")
 
 
 def _default_cache() -> Path:

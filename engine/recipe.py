@@ -158,6 +158,13 @@ class Recipe:
         for key in ("save_every_n_steps", "sample_every_n_steps", "multires_noise_iterations", "lr_warmup_steps", "keep_tokens", "max_data_loader_n_workers"):
             if getattr(self, key) < 0:
                 raise bad(f"{key} must be 0 or more (0 turns it off), not {getattr(self, key)}")
+        # Upper bounds where a range is known: past them a run only exhausts the memory (a list of
+        # 10^12 repeats, a 10^8-rank matrix) or diverges at once (a learning rate of 1e308).
+        for key, most, why in _BOUNDS:
+            if getattr(self, key) > most:
+                raise bad(f"{key} {getattr(self, key):g} is more than {most:g} ({why}); give a smaller value")
+        if abs(self.seed) >= 2**63:
+            raise bad(f"seed must lie between -2^63 and 2^63, not {self.seed}")
         if not 0 < self.min_bucket_reso <= self.max_bucket_reso:
             raise bad("min_bucket_reso must be positive and at most max_bucket_reso")
         if self.enable_bucket and not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
@@ -205,6 +212,7 @@ class Recipe:
         for key in ("caption_extension", "log_prefix"):
             if any(c in getattr(self, key) for c in "/\\\0"):
                 raise bad(f"{key} {getattr(self, key)!r} must not contain / or \\")
+        self._validate_optimizer_args(bad)
         unknown = set(self.lr_scheduler_args) - {"num_cycles"}
         if unknown:
             raise bad(f"lr_scheduler_args accepts num_cycles only, not {', '.join(sorted(unknown))}")
@@ -212,9 +220,77 @@ class Recipe:
         if isinstance(cycles, bool) or not isinstance(cycles, (int, float)) or not 0 < cycles < math.inf:
             raise bad(f"lr_scheduler_args num_cycles must be a positive number, not {cycles!r}")
 
+    def _validate_optimizer_args(self, bad) -> None:
+        """The optimizer's keyword arguments, checked here rather than when training starts."""
+        allowed = _OPTIMIZER_ARGS[self.optimizer_type]
+        for key, value in self.optimizer_args.items():
+            kind = allowed.get(key)
+            if kind is None:
+                raise bad(f"optimizer_args {key!r} is not an argument of {self.optimizer_type}; it takes {', '.join(allowed)}")
+            if kind == "flag":
+                ok = isinstance(value, bool)
+            elif kind == "betas":
+                ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) and 0 <= v < 1 for v in value)
+            else:
+                ok = _number(value) and math.isfinite(value) and value >= 0 and (kind != "positive" or value > 0)
+            if not ok:
+                want = {"flag": "true or false", "betas": "two numbers in [0, 1), like [0.9, 0.999]", "positive": "a positive number"}.get(kind, "a number, 0 or more")
+                raise bad(f"optimizer_args {key} must be {want}, not {value!r}")
+
     @property
     def effective_batch(self) -> int:
         return self.train_batch_size * self.gradient_accumulation_steps
+
+
+_MAX_RANK = 1280  # SDXL's widest layer side: a rank past min(out, in) adds nothing, and is cut to it
+_BOUNDS = (  # (setting, most, why)
+    ("learning_rate", 1.0, "a learning rate above 1 diverges at once"),
+    ("unet_lr", 1.0, "a learning rate above 1 diverges at once"),
+    ("text_encoder_lr", 1.0, "a learning rate above 1 diverges at once"),
+    ("network_dim", _MAX_RANK, "SDXL's widest layer; a larger rank adds nothing"),
+    ("conv_dim", _MAX_RANK, "SDXL's widest layer; a larger rank adds nothing"),
+    ("network_alpha", _MAX_RANK, "the largest useful rank"),
+    ("conv_alpha", _MAX_RANK, "the largest useful rank"),
+    ("resolution", 4096, "four times SDXL's trained side"),
+    ("max_bucket_reso", 4096, "four times SDXL's trained side"),
+    ("bucket_reso_steps", 1024, "a bucket step larger than SDXL's trained side"),
+    ("train_batch_size", 1024, "more than any GPU holds at SDXL's sizes"),
+    ("gradient_accumulation_steps", 4096, "past any useful effective batch"),
+    ("max_train_steps", 1_000_000, "weeks of training"),
+    ("lr_warmup_steps", 1_000_000, "weeks of training"),
+    ("dataset_repeats", 10_000, "each image listed this many times per epoch"),
+    ("multires_noise_iterations", 64, "past 10 the noise no longer changes"),
+    ("multires_noise_discount", 1.0, "noise that grows at each scale"),
+    ("keep_tokens", 1000, "more tags than a caption holds"),
+    ("max_data_loader_n_workers", 64, "threads decoding images"),
+)
+_OPTIMIZER_ARGS = {  # what each optimizer's constructor takes from optimizer_args
+    "ClybW": {"betas": "betas", "amp_fac": "number", "eps": "positive", "weight_decay": "number",
+              "centralization": "number", "normalization": "number", "normalize_channels": "flag"},
+    "AdamW": {"betas": "betas", "eps": "positive", "weight_decay": "number", "amsgrad": "flag"},
+}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+SEED_VECTOR_ENTRIES = 21  # BASE, then SDXL's 20 UNet blocks (INP01-08, MID00-02, OUT00-08): the layout every job trains
+MAX_BLOCK_WEIGHT = 10.0  # past it a chop scales ΔW out of fp16's range (a weight of 1e308 wrote inf)
+
+
+def check_block_vector(text: str, source: str = "block_vector", entries: int | None = SEED_VECTOR_ENTRIES) -> None:
+    """Refuse a chop vector that cannot fit a LoRA trained here (`entries`; None: any length)
+    or scales a block past MAX_BLOCK_WEIGHT, before any training is spent on its job."""
+    from .lora.blocks import parse_vector
+
+    values = parse_vector(text, None if entries is None else entries - 1)
+    if entries is not None and len(values) != entries:
+        raise UserError(f"{source} {text!r} has {len(values)} entries; a LoRA trained here has BASE and {entries - 1} UNet blocks, "
+                        f"so give {entries} (or a preset such as SDXL-LyC-MIDALL).")
+    far = next((v for v in values if abs(v) > MAX_BLOCK_WEIGHT), None)
+    if far is not None:
+        raise UserError(f"{source} {text!r} weighs a block {far:g}; give weights between {-MAX_BLOCK_WEIGHT:g} and {MAX_BLOCK_WEIGHT:g}.")
 
 
 def did_you_mean(key: str, known) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,7 +24,8 @@ import grpc
 
 from loradrop.errors import UserError
 from loradrop.fsutil import atomic_path
-from loradrop.proto.connect import default_target
+from loradrop.home_path import home_of_socket, start_command
+from loradrop.proto.connect import default_target, target_from_args
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
 
@@ -46,15 +48,23 @@ def state_name(state: int) -> str:
     return pb.JobState.Name(state).lower() if state in STATES.values() else "unknown"
 
 
+def _read_client_file(path: str | os.PathLike, option: str, want: str) -> bytes:
+    """A file a client option names, or one sentence that says which option and what it needs."""
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise ClientError(f"cannot read {option} {path} ({e.strerror or e}); give {want}.") from None
+
+
 class Client:
     def __init__(self, target: str | None = None, *, token: str | None = None, token_file: str | os.PathLike | None = None, tls_ca: str | os.PathLike | None = None):
         self.target = _grpc_target(target or default_target())
         if token_file:
-            token = Path(token_file).expanduser().read_text().strip()
+            token = _read_client_file(token_file, "--token-file", "a file with the daemon's token").decode(errors="replace").strip()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
         if tls_ca:
-            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).expanduser().read_bytes())
+            credentials = grpc.ssl_channel_credentials(root_certificates=_read_client_file(tls_ca, "--tls-ca", "the PEM certificate the daemon's --tls-cert was signed with"))
             self._channel = grpc.secure_channel(self.target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(self.target, options=options)
@@ -65,7 +75,7 @@ class Client:
     @classmethod
     def from_args(cls, args) -> "Client":
         """A client for the options `loradrop.proto.connect.add_arguments` declared."""
-        return cls(args.connect, token_file=args.token_file, tls_ca=args.tls_ca)
+        return cls(target_from_args(args), token_file=args.token_file, tls_ca=args.tls_ca)
 
     def close(self) -> None:
         self._channel.close()
@@ -162,9 +172,26 @@ class Client:
     def resize(self, path: str, recipe: str = "") -> pb.Artifact:
         return self._call(self._stub.Resize, pb.ResizeRequest(path=str(path), recipe=recipe), timeout=TOOL_TIMEOUT)
 
-    def preview(self, path: str, *, vector: str = "", prompts: Iterable[str] = (), seed: int | None = None, max_size: int = 0) -> list[pb.Image]:
-        request = pb.PreviewRequest(path=str(path), vector=vector, prompts=list(prompts), seed=seed, max_size=max_size)
-        return list(self._call(self._stub.Preview, request, timeout=TOOL_TIMEOUT).images)
+    def preview(self, path: str, *, vector: str = "", prompts: Iterable[str] = (), seed: int | None = None, max_size: int = 0,
+                steps: int = 0, request_id: str = "", cancel: threading.Event | None = None) -> list[pb.Image]:
+        """Render with the LoRA (`steps` 0: a quick look). Its progress comes as "preview" events
+        on the LoRA's job, named by `request_id`; setting `cancel` (from another thread) cancels
+        the call, and the daemon stops rendering."""
+        request = pb.PreviewRequest(path=str(path), vector=vector, prompts=list(prompts), seed=seed, max_size=max_size, steps=steps, request_id=request_id)
+        if cancel is None:
+            return list(self._call(self._stub.Preview, request, timeout=TOOL_TIMEOUT).images)
+        future = self._stub.Preview.future(request, metadata=self._metadata, timeout=TOOL_TIMEOUT)
+        while True:
+            try:
+                return list(future.result(timeout=0.2).images)
+            except grpc.FutureTimeoutError:
+                if cancel.is_set():
+                    future.cancel()
+                    raise ClientError("the preview was cancelled.", grpc.StatusCode.CANCELLED) from None
+            except grpc.FutureCancelledError:
+                raise ClientError("the preview was cancelled.", grpc.StatusCode.CANCELLED) from None
+            except grpc.RpcError as e:
+                raise self._error(e) from None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -177,8 +204,25 @@ class Client:
     def _error(self, e: grpc.RpcError) -> ClientError:
         code = e.code()
         if code == grpc.StatusCode.UNAVAILABLE:
-            return ClientError(f"cannot reach the daemon at {self.target} ({e.details()}); is it running? Start it with `loradrop daemon`.", code)
+            return ClientError(unreachable(self.target, e.details() or ""), code)
         return ClientError(e.details() or str(code), code)
+
+
+def unreachable(target: str, details: str) -> str:
+    """One sentence: which socket (or address) did not answer, why, and what to do about it."""
+    if not target.startswith("unix:"):
+        return f"cannot reach the daemon at {target} ({details}); is it running, and does --connect name it?"
+    path = Path(target.removeprefix("unix:"))
+    if not path.exists():
+        why = "no such socket"
+    elif "stopping" in details:
+        why = "it is stopping"
+    else:
+        why = "nothing listens on the socket"
+    home = home_of_socket(path)
+    if home is None:  # a socket of another name: forwarded from another machine, most likely
+        return f"cannot reach the daemon at {path} ({why}); is the daemon, or the ssh tunnel to it, running?"
+    return f"cannot reach the daemon at {path} ({why}); start one with `{start_command(home)}`, or name another with --home or --connect."
 
 
 def _grpc_target(target: str) -> str:

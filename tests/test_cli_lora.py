@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loradrop.cli import main
+from loradrop.engine import tensorfile
 
 # input_blocks.4 and output_blocks.1, and a text encoder module that passes through
 MODULES = {
@@ -59,6 +60,7 @@ def test_chop_writes_beside_the_input_and_says_what_it_kept(capsys, lora):
     chopped = lora.with_name("mine-chop.safetensors")
     assert f"wrote {chopped}" in out and "[ 0]  input_blocks.4 layers=6   (removed)" in out and "weight=1" in out
     assert {k.split(".")[0] for k in load_file(str(chopped))} == {"lora_unet_output_blocks_1_1_proj_out", "lora_te1_text_model_encoder_layers_0_mlp_fc1"}
+    assert tensorfile.read_metadata(chopped)["ss_output_name"] == "mine-chop"  # its own name in A1111's list
 
 
 def test_chop_entry_zero_is_explained_when_it_is_not_one(capsys, lora, tmp_path):
@@ -82,6 +84,19 @@ def test_resize_writes_the_file_and_shows_progress(capsys, lora, tiny_path, tmp_
     assert f"wrote {result}" in out and "threshold -3" in out
     assert "resize [" in err and "4/4 modules" in err
     assert all(t.dtype == torch.float32 for t in load_file(str(result)).values())
+    assert tensorfile.read_metadata(result)["ss_output_name"] == "mine_frockpt1_th-3"
+
+
+def test_train_names_the_run_after_its_folder_unless_told(capsys, tmp_path, tiny_path):
+    from support import make_dataset
+
+    data = make_dataset(tmp_path / "mychar", images=1)
+    common = ["train", data, "--model", tiny_path, "--recipe", data / "loradrop.toml", "--set", "max_train_steps=1", "--cache-dir", tmp_path / "cache"]
+    assert run(capsys, *common, "-o", tmp_path / "a")[0] == 0
+    assert tensorfile.read_metadata(tmp_path / "a" / "mychar.safetensors")["ss_output_name"] == "mychar"
+    code, out, _ = run(capsys, *common, "-o", tmp_path / "b", "--set", "output_name=other")
+    assert code == 0 and out.strip().endswith("other.safetensors")
+    assert tensorfile.read_metadata(tmp_path / "b" / "other.safetensors")["ss_output_name"] == "other"
 
 
 @pytest.mark.parametrize(("argv", "says"), [(["-r", "fro_ckpt=1,thr=-3,speed=9"], "Unknown key 'speed'"), (["-r", "thr=-3"], "No score weight")])

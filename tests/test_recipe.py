@@ -183,6 +183,18 @@ def test_set_errors_name_the_key(item, match):
         ("output_name=../x", "must be a plain file name"),
         ("lr_scheduler_args={warmup=3}", "lr_scheduler_args accepts num_cycles only, not warmup"),
         ('lr_scheduler_args={num_cycles="x"}', "num_cycles must be a positive number"),
+        # absurd values where a range is known: each diverged at once or exhausted the memory
+        ("learning_rate=1e308", r"learning_rate 1e\+308 is more than 1 \(a learning rate above 1 diverges at once\)"),
+        ("unet_lr=2", "unet_lr 2 is more than 1"),
+        ("dataset_repeats=1000000000000", "dataset_repeats 1e\\+12 is more than 10000"),
+        ("train_batch_size=100000000", "train_batch_size 1e\\+08 is more than 1024"),
+        ("network_dim=100000000", "network_dim 1e\\+08 is more than 1280 \\(SDXL's widest layer"),
+        ("conv_dim=4096", "conv_dim 4096 is more than 1280"),
+        ("max_data_loader_n_workers=100000", "max_data_loader_n_workers 100000 is more than 64"),
+        ("seed=100000000000000000000", "seed must lie between"),
+        ("optimizer_args={lr_decay=1}", "optimizer_args 'lr_decay' is not an argument of ClybW"),
+        ("optimizer_args={betas=[0.9, 2]}", r"optimizer_args betas must be two numbers in \[0, 1\)"),
+        ("optimizer_args={eps=0}", "optimizer_args eps must be a positive number"),
     ],
 )
 def test_validate_errors(item, match):
@@ -193,6 +205,17 @@ def test_validate_errors(item, match):
 
 def test_validate_allows_any_resolution_without_buckets():
     assert Recipe().with_overrides(["enable_bucket=false", "resolution=4096"]).resolution == 4096
+
+
+def test_resolution_is_bounded_without_buckets_too():
+    """resolution=10**6 without buckets reached the allocator (a 10^12-pixel image)."""
+    with pytest.raises(UserError, match="resolution 1e\\+06 is more than 4096"):
+        Recipe().with_overrides(["enable_bucket=false", "resolution=1000000"])
+
+
+def test_optimizer_args_that_the_optimizers_take_pass():
+    assert Recipe().with_overrides(["optimizer_args={betas=[0.9, 0.99], weight_decay=0.05, normalize_channels=false}"]).optimizer_args["betas"] == [0.9, 0.99]
+    assert Recipe().with_overrides(["optimizer_type=AdamW", "optimizer_args={amsgrad=true, eps=1e-6}"]).optimizer_args["amsgrad"] is True
 
 
 # ------------------------------------------------------------------ from kohya

@@ -8,45 +8,51 @@ sample images. Screens open their own streams (a job's log) with `EventFeed`.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from textual.app import App
 from textual.binding import Binding
 from textual.dom import DOMNode
-from textual.widget import Widget
 from textual.worker import Worker, get_current_worker
 
 from loradrop.proto.client import Client, ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
+from .facts import Seen
+from .images import Pictures
+from .keys import KeysInOrder
 from .link import EventFeed, Link, Target
-from .messages import EventsArrived, Inbox, JobUpdated, LinkChanged
+from .messages import EventsArrived, Inbox, JobUpdated, LinkChanged, PreviewProgressed
 from .screens.dialogs import Confirm
 from .screens.queue import QueueScreen
 
 T = TypeVar("T")
 IMAGE_CACHE = 96  # sample PNGs kept (each a few to a few hundred kB)
+QUEUE_KINDS = ("state", "stage", "progress", "preview")  # what the app follows of every job
 STATUS_EVERY = 3.0  # seconds between daemon status refreshes (workers, inbox folders)
 
 
-class LoradropApp(App):
+class LoradropApp(KeysInOrder):
     CSS_PATH = Path(__file__).with_name("loradrop.tcss")
     TITLE = "loradrop"
     ENABLE_COMMAND_PALETTE = False  # its key and footer entry would crowd an 80-column footer
     BINDINGS = [Binding("q", "quit", "quit")]
 
-    def __init__(self, target: Target, image_class: type[Widget] | None, *, retry_delay: float = 0.2):
+    def __init__(self, target: Target, pictures: Pictures, *, retry_delay: float = 0.2):
         super().__init__()
         self.target = target
         self.link = Link(target)
-        self.image_class = image_class
+        self.pictures = pictures
         self.retry_delay = retry_delay
         self.jobs: dict[str, pb.Job] = {}
+        self.seen: dict[str, Seen] = {}  # what each job's events said beyond its pb.Job (tui/facts.py)
         self.status: pb.StatusReply | None = None
         self.connected = False
+        self.down_since: float | None = None  # time.monotonic() when the daemon stopped answering
+        self.link_detail = ""  # why, as the last try said: the banner shows the latest, not the first
         self._was_connected = False
         self._feeds: list[EventFeed] = []
         self._images: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -83,9 +89,10 @@ class LoradropApp(App):
         else:
             return
         self.call_from_thread(self._loaded, status, jobs)
-        # The queue needs states and progress only: a job logging a thousand lines a second
-        # should cost the screens that do not show its log nothing.
-        self.run_feed(self.open_feed("", status.last_event_seq, kinds=("state", "progress")), self)
+        # The queue needs states, stages and progress (the blocks screen its previews' progress)
+        # only: a job logging a thousand lines a second should cost the screens that do not show
+        # its log nothing.
+        self.run_feed(self.open_feed("", status.last_event_seq, kinds=QUEUE_KINDS), self)
 
     def open_feed(self, job_id: str, since: int, kinds: tuple[str, ...] = ()) -> EventFeed:
         """A followed stream of a job's events (every job's with `job_id=""`; only `kinds` when
@@ -108,14 +115,51 @@ class LoradropApp(App):
 
     def _loaded(self, status: pb.StatusReply, jobs: list[pb.Job]) -> None:
         self._set_link(True, "")
+        now = time.monotonic()
+        untold = []  # jobs whose pb.Job does not say their stage or final loss: their events will
         for job in jobs:
+            seen = self.seen_of(job.id)
+            if job.HasField("progress") and seen.progress_at is None:
+                seen.progress_at = now  # its age is unknown: the ETA counts down from now
+            if job.state == pb.RUNNING or (job.state == pb.DONE and seen.train is None):
+                untold.append(job.id)
             self._update(job)
         self._set_status(status)
+        if untold:
+            self.run_worker(partial(self._recall, untold), thread=True, group="recall", exit_on_error=False)
+
+    def seen_of(self, job_id: str) -> Seen:
+        return self.seen.setdefault(job_id, Seen())
+
+    def _recall(self, job_ids: list[str]) -> None:
+        """Read the stage and last training progress of jobs that ran before the app started."""
+        for job_id in job_ids:
+            recalled = Seen()
+            try:
+                for event in self.link.client.events(job_id, follow=False, reconnect=False, kinds=("stage", "progress")):
+                    recalled.learn(event, 0.0, 0.0)
+            except ClientError:
+                continue  # gone, or the daemon is away: the queue shows less, nothing wrong
+            if self._stop.is_set():
+                return
+            self.call_from_thread(self._recalled, job_id, recalled)
+
+    def _recalled(self, job_id: str, recalled: Seen) -> None:
+        seen = self.seen_of(job_id)
+        # Events the live feed delivered meanwhile are newer than these: keep what they said.
+        seen.stage = seen.stage or recalled.stage
+        seen.train = seen.train or recalled.train
+        if job_id in self.jobs:
+            self._broadcast(self.jobs[job_id])
 
     def _set_link(self, up: bool, detail: str) -> None:
+        if not up and self.down_since is None:
+            self.down_since = time.monotonic()
         self.connected = up
         self._was_connected |= up
+        self.link_detail = detail
         if up:
+            self.down_since = None
             self.sub_title = f"{self.link.address} · connected"
         else:
             self.sub_title = f"{'reconnecting' if self._was_connected else 'waiting for the daemon'} at {self.link.address} …"
@@ -131,10 +175,16 @@ class LoradropApp(App):
 
     def on_events_arrived(self, message: EventsArrived) -> None:
         changed, refresh = {}, set()
+        now, wall = time.monotonic(), time.time()
         for event in message.inbox.take():
             job = self.jobs.get(event.job_id)
             if not event.job_id:
                 continue  # the daemon's own events
+            if event.HasField("preview"):  # the blocks screen that asked for it shows how far it is
+                for screen in self.screen_stack:
+                    screen.post_message(PreviewProgressed(event.preview))
+                continue
+            self.seen_of(event.job_id).learn(event, now, wall)
             if job is None or event.HasField("state"):
                 refresh.add(event.job_id)  # a new job, or a new state: its other fields changed too
                 if job is None:
@@ -142,7 +192,7 @@ class LoradropApp(App):
                 job.state = event.state.state
             elif event.HasField("progress"):
                 job.progress.CopyFrom(event.progress)
-            else:
+            elif not event.HasField("stage"):
                 continue
             changed[job.id] = job
         for job in changed.values():  # once per batch: a resize reports hundreds of steps at once
@@ -159,8 +209,10 @@ class LoradropApp(App):
             screen.post_message(JobUpdated(job))
 
     def _poll_status(self) -> None:
-        if self.connected:
-            self.call(self, "status", lambda c: c.status(), self._set_status, quiet=True)
+        # While the daemon is away this says why as of now ("it is stopping" turns into "no such
+        # socket" once it has exited); the streams themselves notice when it is back.
+        failed = None if self.connected else (lambda e: self._set_link(False, str(e)))
+        self.call(self, "status", lambda c: c.status(), self._set_status, quiet=True, failed=failed)
 
     def _set_status(self, status: pb.StatusReply) -> None:
         self.status = status

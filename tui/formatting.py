@@ -1,43 +1,22 @@
-"""Short texts for the screens: states, progress, sizes, bars."""
+"""Short texts for the screens: states, sizes, bars, weights; the colours they use."""
 
 from __future__ import annotations
 
 from rich.text import Text
 
-from loradrop.progress import format_duration
 from loradrop.proto.client import state_name
-from loradrop.proto.v1 import loradrop_pb2 as pb
 
-STATE_STYLES = {"queued": "yellow", "running": "bold cyan", "done": "green", "failed": "bold red", "cancelled": "magenta"}
+# Colours as RGB, not ANSI names: Textual maps an ANSI name through its theme first, and in a
+# 16-colour terminal (TERM=xterm) the theme's "yellow" comes out bright red and its "magenta" as
+# its red. Each of these comes out as the colour it names in 16 colours too (tests/tui/test_parts.py).
+OK, BUSY, WARNING, ERROR, MUTED = "#98e024", "#58d1eb", "#f0e060", "#ff5555", "#a0a0a0"
+STATE_STYLES = {"queued": "", "running": f"bold {BUSY}", "done": OK, "failed": f"bold {ERROR}", "cancelled": MUTED}
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 
 
 def state_text(state: int) -> Text:
     name = state_name(state)
     return Text(name, style=STATE_STYLES.get(name, ""))
-
-
-def step_text(job: pb.Job) -> str:
-    """`12/80` while training (the stage's name for other stages), empty before any progress."""
-    if not job.HasField("progress") or not job.progress.total:
-        return ""
-    p = job.progress
-    prefix = "" if p.stage == "train" else f"{p.stage} "
-    return f"{prefix}{p.done}/{p.total}"
-
-
-def loss_text(progress: pb.Progress) -> str:
-    if progress.HasField("avg_loss"):
-        return f"{progress.avg_loss:.4f}"
-    if progress.HasField("loss"):
-        return f"{progress.loss:.4f}"
-    return ""
-
-
-def eta_text(job: pb.Job) -> str:
-    if job.state != pb.RUNNING or not job.HasField("progress") or not job.progress.HasField("eta_s"):
-        return ""
-    return format_duration(job.progress.eta_s)
 
 
 def size_text(n: int) -> str:

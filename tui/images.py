@@ -4,22 +4,36 @@ textual-image asks the terminal what it can do (sixel, the kitty graphics protoc
 imported, and that only works before Textual takes over the terminal: `image_widget_class` must
 run before the app starts. Its guess is not always right (a terminal behind tmux or ssh may answer
 for the outer one), so `--image-protocol` can force one; `halfcell` (two pixels per character
-cell, in colour) works in every terminal, `none` shows a line of text instead of the picture.
+cell, in colour) works in every terminal with more than 16 colours, `none` shows a line of text
+instead of the picture. Nothing here imports PIL or textual-image until it is used.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+from collections import OrderedDict
+from dataclasses import dataclass
 
-from PIL import Image as PILImage
 from textual.app import ComposeResult
 from textual.containers import Container
 from textual.widget import Widget
 from textual.widgets import Static
 
 from . import IMAGE_PROTOCOLS as PROTOCOLS
+
 # Pixels of one character cell when textual-image has not measured the terminal (a VT340's).
 DEFAULT_CELL = (10, 20)
+FEW_COLOURS = {None, "standard", "windows"}  # Rich's names for no colour and the 16 colours of TERM=xterm
+FRAMES = 32  # pictures a Picture keeps drawn (a montage's frames): shown again without encoding again
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """How pictures are drawn: the textual-image widget class (None: not at all), and why not."""
+
+    widget: type[Widget] | None
+    why_not: str = ""  # shown under the image's path in place of the picture
 
 
 def image_widget_class(protocol: str) -> type[Widget] | None:
@@ -31,6 +45,19 @@ def image_widget_class(protocol: str) -> type[Widget] | None:
     from textual_image import widget
 
     return {"auto": widget.Image, "sixel": widget.SixelImage, "tgp": widget.TGPImage, "halfcell": widget.HalfcellImage}[protocol]
+
+
+def choose_pictures(protocol: str, colour_system: str | None, term: str = "") -> Pictures:
+    """The pictures `--image-protocol` asks for, in a terminal of `colour_system` (Rich's name).
+
+    Half-cell pictures are coloured character cells: with 16 colours (TERM=xterm) they are noise,
+    so `auto` gives them up there for the image's path and a hint; a forced `halfcell` is kept."""
+    widget = image_widget_class(protocol)
+    if protocol == "auto" and protocol_name(widget) in ("halfcell", "unicode") and colour_system in FEW_COLOURS:
+        colours = "no colours" if colour_system is None else "16 colours"
+        why = f"this terminal shows {colours}{f' (TERM={term})' if term else ''}: pictures need sixel (--image-protocol sixel) or TERM=xterm-256color"
+        return Pictures(None, why)
+    return Pictures(widget)
 
 
 def protocol_name(cls: type[Widget] | None) -> str:
@@ -69,7 +96,12 @@ def fit_pixels(columns: int, rows: int, protocol: str) -> int:
 
 
 class Picture(Container):
-    """PNG bytes drawn with the chosen protocol, or a line of text while there is no picture."""
+    """PNG bytes drawn with the chosen protocol, or a line of text while there is no picture.
+
+    Each picture drawn keeps its own image widget (the last `FRAMES` of them), shown again by
+    switching which one is displayed: textual-image encodes a picture for the terminal (sixel,
+    say) once per widget and size, so a montage cycling through its frames encodes each once, not
+    four times a second."""
 
     DEFAULT_CSS = """
     Picture { align: center middle; }
@@ -77,36 +109,94 @@ class Picture(Container):
     Picture > .picture-image { width: auto; height: 100%; }
     """
 
-    def __init__(self, image_class: type[Widget] | None, text: str = "", *, id: str | None = None, classes: str | None = None):
+    def __init__(self, pictures: Pictures, text: str = "", *, id: str | None = None, classes: str | None = None):
         super().__init__(id=id, classes=classes)
-        self.image_class = image_class
+        self.pictures = pictures
         self.text = text
-        self.image: PILImage.Image | None = None
+        self.png: bytes | None = None
+        self._drawn: OrderedDict[bytes, Widget] = OrderedDict()  # png -> its image widget
+        self._shown_caption = self._caption(text)
 
     def compose(self) -> ComposeResult:
-        yield Static(self.text, classes="picture-text")
-        if self.image_class is not None:
-            image = self.image_class(classes="picture-image")
-            image.display = False
-            yield image
+        yield Static(self._caption(self.text), classes="picture-text")
+
+    @property
+    def image(self):
+        """The picture shown, as a PIL image (None while there is none)."""
+        from PIL import Image as PILImage  # not before a picture is shown: the first frame needs none
+
+        return PILImage.open(io.BytesIO(self.png)).convert("RGB") if self.png else None
 
     def show(self, png: bytes | None, text: str = "") -> None:
         """Draw `png` (None: only `text`)."""
-        self.image = PILImage.open(io.BytesIO(png)).convert("RGB") if png else None
-        self.text = text
+        self.png, self.text = png, text
+        drawn = png is not None and self.pictures.widget is not None
         label = self.query_one(".picture-text", Static)
-        label.update(text if self.image is None or self.image_class is None else "")
-        label.display = self.image is None or self.image_class is None
-        if self.image_class is not None:
-            widget = self.query_one(".picture-image")
-            widget.image = self.image
-            widget.display = self.image is not None
+        caption = "" if drawn else self._caption(text)
+        if caption != self._shown_caption:  # each new text costs a layout: a montage changes none
+            label.update(caption)
+            self._shown_caption = caption
+        label.display = not drawn
+        if drawn and png not in self._drawn:
+            self._draw(png)
+        for key, widget in self._drawn.items():
+            widget.display = drawn and key == png
+        if drawn:
+            self._drawn.move_to_end(png)
+
+    def _draw(self, png: bytes) -> None:
+        widget = self.pictures.widget(_decoded(png), classes="picture-image")
+        self._drawn[png] = widget
+        self.mount(widget)
+        while len(self._drawn) > FRAMES:
+            self._drawn.popitem(last=False)[1].remove()
+
+    def on_resize(self) -> None:
+        """Sixel pictures drawn while a new layout is being drawn come out as a strip of themselves
+        (textual-image crops the picture to a region of the layout before), at times where the old,
+        bigger one was: hidden until two refreshes later, the picture comes back whole."""
+        shown = self._drawn.get(self.png) if self.png is not None else None
+        if shown is None or self.protocol != "sixel":
+            return
+        shown.styles.visibility = "hidden"
+        self.call_after_refresh(self.call_after_refresh, self._reveal, shown)
+
+    def _reveal(self, widget: Widget) -> None:
+        widget.styles.visibility = "visible"
+        widget.refresh()
+
+    def _caption(self, text: str) -> str:
+        return f"{text}\n{self.pictures.why_not}" if text and self.pictures.why_not else text
 
     @property
     def protocol(self) -> str:
-        return protocol_name(self.image_class)
+        return protocol_name(self.pictures.widget)
 
     def fit(self) -> int:
         """Pixels (longest side) a picture needs to fill this widget."""
         size = self.content_size
         return fit_pixels(max(size.width, 8), max(size.height, 4), self.protocol)
+
+
+def _decoded(png: bytes):
+    """The PNG as a PIL image that equals only itself.
+
+    textual-image's sixel widget checks its cache on every repaint with `image == cached`, and a
+    PIL image compares pixel by pixel: two full copies of the bytes per repaint, most of what a
+    playing montage cost. The pictures here never change once decoded, so identity is equality."""
+    from PIL import Image as PILImage
+
+    image = PILImage.open(io.BytesIO(png)).convert("RGB")
+    image.__class__ = _itself_only()
+    return image
+
+
+@functools.cache
+def _itself_only() -> type:
+    from PIL import Image as PILImage
+
+    class Decoded(PILImage.Image):
+        __eq__ = object.__eq__
+        __hash__ = object.__hash__
+
+    return Decoded

@@ -35,6 +35,14 @@ class JobUpdated(Message, bubble=False):
         self.job = job
 
 
+class PreviewProgressed(Message, bubble=False):
+    """A preview the daemon renders has come a step further; sent to every screen."""
+
+    def __init__(self, progress: pb.PreviewProgress):
+        super().__init__()
+        self.progress = progress
+
+
 class Inbox:
     """Events handed over from a feed's thread, taken in batches by the UI.
 

@@ -8,6 +8,9 @@ import random
 from pathlib import Path
 
 
+MAX_CAPTION_BYTES = 1 << 20
+
+
 class BadCaption(Exception):
     """A caption file that cannot be used; `reason` is a short phrase for the skipped-files list."""
 
@@ -21,7 +24,11 @@ def read_caption(path: str | os.PathLike) -> str:
     empty caption. Lines end at \\n, \\r\\n or \\r, as Python's text mode reads them for kohya."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CAPTION_BYTES:  # a caption is a line of tags; a file of gigabytes is a mistake (or sparse)
+                raise BadCaption(f"caption file too large ({path.name}: {size:,} bytes; at most {MAX_CAPTION_BYTES >> 20} MB)")
+            data = f.read(MAX_CAPTION_BYTES)
     except OSError as e:
         raise BadCaption(f"caption cannot be read ({path.name}: {e.strerror or e})") from None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,14 +25,34 @@ from .captions import BadCaption, read_caption
 from .images import IMAGE_EXTENSIONS, BadImage, check_image
 
 _LISTED = 20  # skipped files named one by one in the warning; the rest are counted
+MAX_LISTED_ITEMS = 10_000_000  # images × dataset_repeats: the per-epoch list the loop builds
+
+
+FileId = tuple[int, int]  # (st_dev, st_ino): a file's identity across renames
 
 
 @dataclass(frozen=True)
 class Item:
-    path: Path  # the image
+    path: Path  # the image, where the scan found it
     caption: str  # first line of the caption file, unshuffled
     size: Size  # upright (w, h), EXIF orientation applied
     bucket: Size  # (w, h)
+    file_id: FileId | None = None  # the image's identity, and its folder's: renames are followed
+    folder_id: FileId | None = None
+
+    def current_path(self) -> Path:
+        """Where the image is now. A rename since the scan, of the file or of the dataset folder
+        (the daemon's inbox follows folders by inode), is followed by inode; an image that is gone
+        keeps its old path, and reading it says so."""
+        path = Path(self.path)
+        if self.file_id is None or _is(path, self.file_id):
+            return path
+        folder = path.parent
+        if self.folder_id is not None and not _is(folder, self.folder_id):
+            folder = _find(folder.parent, self.folder_id) or folder
+        if _is(folder / path.name, self.file_id):
+            return folder / path.name
+        return _find(folder, self.file_id) or path
 
 
 @dataclass
@@ -39,6 +60,23 @@ class Dataset:
     folder: Path
     items: list[Item] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    subfolders: list[str] = field(default_factory=list)  # subfolders holding images: not searched
+    orphans: list[str] = field(default_factory=list)  # caption files with no image of their stem
+
+    def orphan_warning(self) -> str | None:
+        """Captions without an image are usually a renamed or deleted picture: say which."""
+        if not self.orphans:
+            return None
+        names = ", ".join(self.orphans[:_LISTED]) + (f" and {len(self.orphans) - _LISTED} more" if len(self.orphans) > _LISTED else "")
+        return f"{self.folder} has caption files with no image of the same name ({names}); they are not used."
+
+    def subfolder_warning(self) -> str | None:
+        """Images in subfolders are not trained on; say so rather than leave them out silently."""
+        if not self.subfolders:
+            return None
+        names = ", ".join(f"{n}/" for n in self.subfolders[:_LISTED])
+        return (f"{self.folder} has images in subfolders ({names}); they are not used, only the folder's own images "
+                "train: move them up into the folder to use them.")
 
     def skipped_warning(self) -> str | None:
         """One warning naming every skipped file (the first few by name) and why, or None."""
@@ -71,27 +109,63 @@ def scan(folder: str | os.PathLike, recipe: Recipe) -> Dataset:
         buckets = make_buckets(recipe.resolution, recipe.min_bucket_reso, recipe.max_bucket_reso, recipe.bucket_reso_steps)
     else:
         buckets = [(recipe.resolution, recipe.resolution)]
-    dataset = Dataset(folder)
+    dataset = Dataset(folder, subfolders=subfolders_with_images(folder))
+    folder_id = _file_id(folder.stat())
     with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
         checked = pool.map(lambda p: _check(p, recipe.caption_extension), candidates)
         for path, result in zip(candidates, checked):
             if isinstance(result, str):
                 dataset.skipped.append((path, result))
             else:
-                caption, size = result
-                dataset.items.append(Item(path, caption, size, pick_bucket(*size, buckets)))
+                caption, size, file_id = result
+                dataset.items.append(Item(path, caption, size, pick_bucket(*size, buckets), file_id, folder_id))
+    dataset.orphans = _orphan_captions(folder, candidates, recipe.caption_extension)
     if not dataset.items:
         raise UserError(_nothing_usable(folder, dataset.skipped, recipe.caption_extension))
+    if len(dataset.items) * recipe.dataset_repeats > MAX_LISTED_ITEMS:
+        n, repeats = len(dataset.items), recipe.dataset_repeats
+        raise UserError(f"dataset_repeats {repeats} makes an epoch of {n * repeats:,} images ({n} x {repeats}), more than "
+                        f"{MAX_LISTED_ITEMS:,}; lower dataset_repeats.")
     return dataset
 
 
-def _check(path: Path, caption_extension: str) -> tuple[str, Size] | str:
-    """(caption, size) for a usable image, or the reason it is not."""
-    if not path.is_file():
-        try:
-            path.stat()
-        except OSError as e:
-            return f"cannot be read ({e.strerror or e})"
+# Text files a dataset folder holds that are not captions.
+_NOT_CAPTIONS = {"sample-prompts.txt"}
+
+
+def _orphan_captions(folder: Path, images: list[Path], caption_extension: str) -> list[str]:
+    stems = {p.stem for p in images}
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.name.endswith(caption_extension)
+                       and e.name not in _NOT_CAPTIONS and e.is_file(follow_symlinks=False))
+    except OSError:
+        return []
+    return [n for n in names if n[: -len(caption_extension)] not in stems]
+
+
+def subfolders_with_images(folder: Path) -> list[str]:
+    """The folder's own subfolders (not hidden) that hold an image at their top: kohya's
+    `10_name/` layout, which the scan does not read."""
+    found = []
+    try:
+        with os.scandir(folder) as entries:
+            subs = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+        for name in subs:
+            with os.scandir(folder / name) as inner:
+                if any(Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not e.name.startswith(".") for e in inner):
+                    found.append(name)
+    except OSError:
+        pass  # an unreadable subfolder is no reason to fail a scan of its parent
+    return found
+
+
+def _check(path: Path, caption_extension: str) -> tuple[str, Size, FileId] | str:
+    """(caption, size, identity) for a usable image, or the reason it is not."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     caption_path = path.with_name(path.stem + caption_extension)
     if not caption_path.is_file():
@@ -101,7 +175,30 @@ def _check(path: Path, caption_extension: str) -> tuple[str, Size] | str:
         size = check_image(path)
     except (BadCaption, BadImage) as e:
         return e.reason
-    return caption, size
+    return caption, size, _file_id(st)
+
+
+def _file_id(st: os.stat_result) -> FileId:
+    return (st.st_dev, st.st_ino)
+
+
+def _is(path: Path, file_id: FileId) -> bool:
+    try:
+        return _file_id(path.stat()) == file_id
+    except OSError:
+        return False
+
+
+def _find(folder: Path, file_id: FileId) -> Path | None:
+    """The entry of `folder` that is `file_id` (renamed), or None."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.inode() == file_id[1] and _is(Path(entry.path), file_id):
+                    return Path(entry.path)
+    except OSError:
+        pass
+    return None
 
 
 def _reason_counts(skipped: list[tuple[Path, str]]) -> str:

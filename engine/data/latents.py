@@ -19,7 +19,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,18 @@ class CachedLatent:
 @dataclass
 class _Job:
     index: int
-    path: Path
+    item: Any  # with .path (and, for a dataset Item, .current_path())
     bucket: tuple[int, int]
+
+    @property
+    def path(self) -> Path:
+        return _where(self.item)
+
+
+def _where(item) -> Path:
+    """The item's file now: a dataset Item follows renames made since its scan."""
+    current = getattr(item, "current_path", None)
+    return current() if current is not None else Path(item.path)
 
 
 class LatentCache:
@@ -79,17 +89,18 @@ class LatentCache:
         self.factor = 2 ** (len(config.block_out_channels) - 1)
 
     def ensure(self, items: Sequence, progress: Progress | None = None) -> list[CachedLatent]:
-        """One CachedLatent per item, in order. `items` need `.path` and `.bucket` (w, h)."""
+        """One CachedLatent per item, in order. `items` need `.path` and `.bucket` (w, h); a
+        dataset Item that was renamed meanwhile (the file, or its folder) is read where it is now."""
         total = len(items)
         done = 0
         results: list[CachedLatent | None] = [None] * total
         with ThreadPoolExecutor(max_workers=4) as pool:
-            keys = list(pool.map(lambda item: self._key(_sha256_file(item.path), item.bucket), items))
+            keys = list(pool.map(lambda item: self._key(_sha256_file(_where(item)), item.bucket), items))
         todo: dict[tuple[int, int], list[_Job]] = defaultdict(list)
         for index, (item, key) in enumerate(zip(items, keys)):
             results[index] = self._load(key, tuple(item.bucket))
             if results[index] is None:
-                todo[tuple(item.bucket)].append(_Job(index, Path(item.path), tuple(item.bucket)))
+                todo[tuple(item.bucket)].append(_Job(index, item, tuple(item.bucket)))
             else:
                 done += 1
         if progress:
@@ -156,13 +167,14 @@ class LatentCache:
 
     def _prepare(self, job: _Job) -> tuple[torch.Tensor, str, tuple[int, int], tuple[int, int]]:
         """Read, decode and fit one image: (pixels [3, h, w] uint8, key, crop, original size)."""
+        path = job.path  # looked up now: the folder may have been renamed while earlier batches encoded
         try:
-            data = job.path.read_bytes()
-            img = load_rgb(job.path, data)
+            data = path.read_bytes()
+            img = load_rgb(path, data)
         except OSError as e:
-            raise UserError(f"{job.path} cannot be read any more ({e.strerror or e}); restore it or remove it from the dataset.") from None
+            raise UserError(f"{path} cannot be read any more ({e.strerror or e}); restore it or remove it from the dataset.") from None
         except BadImage as e:  # corruption the scan's header checks could not see
-            raise UserError(f"{job.path} cannot be decoded ({e.reason}); remove or replace it and run again.") from None
+            raise UserError(f"{path} cannot be decoded ({e.reason}); remove or replace it and run again.") from None
         fitted, crop, original = fit_to_bucket(img, job.bucket)
         # Hash the bytes actually decoded: if the file changed since the key pass, the entry is
         # stored under the new content's key, never the old one.

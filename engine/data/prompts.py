@@ -3,8 +3,12 @@ without one, a few of its own captions.
 
 A line is `prompt --w 832 --h 1216 --d 42 --s 30 --l 7 --n negative prompt --ss euler_a`: the
 options are split off on " --". Width and height default to 512 and are floored to a multiple of
-8 (at least 64), steps default to 30 (kept in 1..1000), CFG to 7.5. An option loradrop does not
+8 (at least 64), steps default to 30 (at least 1), CFG to 7.5. An option loradrop does not
 know, or a value that does not parse, is reported and ignored, never fatal.
+
+A prompt past the limits (`MAX_SAMPLE_PIXELS`, `MAX_SAMPLE_STEPS`) is refused, in a prompt file
+and in a preview request alike: a sample renders in the training worker between two steps, and
+one of 100,000² pixels or 1,000 steps would hold the job (and its GPU) for hours.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZE = 512
 DEFAULT_STEPS = 30
 DEFAULT_CFG = 7.5
+MAX_SAMPLE_PIXELS = 2048 * 2048  # 4 megapixels: twice SDXL's trained area on each side
+MAX_SAMPLE_STEPS = 150
 
 
 @dataclass(frozen=True)
@@ -47,12 +53,19 @@ class SamplePrompt:
         return " ".join(parts)
 
 
+MAX_PROMPT_FILE_BYTES = 1 << 20
+
+
 def parse_prompt_file(path: str | os.PathLike, warn: Callable[[str], None] | None = None) -> list[SamplePrompt]:
     """Every prompt in the file; `warn` (default: this module's logger) hears about ignored options."""
     path = Path(path)
     warn = warn or log.warning
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPT_FILE_BYTES + 1)  # a sparse file of gigabytes is never read whole
+        if len(data) > MAX_PROMPT_FILE_BYTES:
+            raise UserError(f"{path} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MB; a sample prompt file holds a few lines, one prompt each.")
+        text = data.decode("utf-8-sig")
     except OSError as e:
         raise UserError(f"{path} cannot be read ({e.strerror or e}); expected a sample prompt file.") from None
     except UnicodeDecodeError as e:
@@ -61,8 +74,19 @@ def parse_prompt_file(path: str | os.PathLike, warn: Callable[[str], None] | Non
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            prompts.append(parse_prompt_line(line, lambda msg: warn(f"{path}, line {number}: {msg}")))
+            prompt = parse_prompt_line(line, lambda msg: warn(f"{path}, line {number}: {msg}"))
+            check_limits(prompt, f"{path}, line {number}")
+            prompts.append(prompt)
     return prompts
+
+
+def check_limits(prompt: SamplePrompt, where: str) -> None:
+    """Refuse a prompt that would render for hours (or exhaust the memory) in one sentence."""
+    if prompt.width * prompt.height > MAX_SAMPLE_PIXELS:
+        raise UserError(f"{where}: a sample of {prompt.width}x{prompt.height} is too large; ask for at most "
+                        f"{MAX_SAMPLE_PIXELS >> 20} megapixels (e.g. --w 2048 --h 2048).")
+    if prompt.steps > MAX_SAMPLE_STEPS:
+        raise UserError(f"{where}: --s {prompt.steps} is too many sampling steps; ask for at most {MAX_SAMPLE_STEPS}.")
 
 
 def parse_prompt_line(line: str, warn: Callable[[str], None]) -> SamplePrompt:
@@ -103,7 +127,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "w": ("width", _size),
     "h": ("height", _size),
     "d": ("seed", _seed),
-    "s": ("steps", lambda v: max(1, min(1000, int(v)))),
+    "s": ("steps", lambda v: max(1, int(v))),
     "l": ("cfg", float),
     "n": ("negative", str),
     "ss": ("sampler", _text),

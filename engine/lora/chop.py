@@ -6,6 +6,10 @@ with w_b = 1 they are copied untouched; the text encoders and any non-block key 
 through. For other weights chop_blocks multiplies alpha, down and up by w_b, which scales ΔW by
 w_b³; here only the up factor is scaled, so ΔW scales by w_b, as a block weight means in the
 Block Weight loader.
+
+Every module kept is written with the file's most common alpha, its own alpha / rank folded
+into lora_up (the same ΔW), so diffusers gives each module its strength (see lorafile). A file
+that has one alpha already (trained ones do when conv_alpha = network_alpha) keeps its tensors bit for bit.
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blocks import Layout, check_length, format_weight, is_plain_numbers, layout, parse_vector
+import torch
+
 from ..tensorfile import TensorFile
-from .lorafile import UP, check_keys, save_lora
+from ..train.metadata import derived, derived_name
+from .blocks import Layout, check_length, format_weight, is_plain_numbers, layout, parse_vector
+from .lorafile import ALPHA, DOWN, check_keys, common_alpha, network_dims, save_lora, with_alpha
+
+SUFFIX = "-chop"
 
 
 @dataclass
@@ -45,12 +54,17 @@ def chop(lora: str | os.PathLike, vector: str, out: str | os.PathLike | None = N
         tensors = tf.read_all(keys=[*lay.passthrough, *kept])
         metadata = dict(tf.metadata)
     removed = sum(len(block.keys) for block in lay.blocks) - len(kept)
-    for k, w in kept.items():
-        if abs(w - 1.0) > 1e-6 and k.endswith(UP):
-            tensors[k] = (tensors[k].float() * w).to(tensors[k].dtype)
+    modules = [k[: -len(DOWN)] for k in tensors if k.endswith(DOWN)]
+    stored = [t for k, t in tensors.items() if k.endswith(ALPHA)]
+    alpha = common_alpha((float(t.float()) for t in stored), stored[0].dtype if stored else torch.float16)
+    for name in modules:
+        w = kept.get(name + DOWN, 1.0)
+        tensors.update(with_alpha(tensors, name, alpha, 1.0 if abs(w - 1.0) <= 1e-6 else w))
+    path = Path(out).expanduser() if out is not None else source.with_name(f"{source.stem}{SUFFIX}.safetensors")
+    # A file named by the user is called by its own name; otherwise the source's name + "-chop".
+    metadata = derived(metadata, path.stem if out is not None else derived_name(source, SUFFIX))
     # As chop_blocks: the vector as given; a preset or tokens are recorded as the numbers used.
     metadata["block_vector_string"] = vector.strip() if is_plain_numbers(vector) else ",".join(map(format_weight, values))
-    path = Path(out).expanduser() if out is not None else source.with_name(f"{source.stem}-chop.safetensors")
+    metadata["ss_network_alpha"] = network_dims(tensors)[1]
     save_lora(path, tensors, metadata)
     return ChopResult(path, lay, values, weights, removed)
-

@@ -14,7 +14,9 @@ Files are written with kohya's two additional-network hashes (`sshs_model_hash`,
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +156,49 @@ class Decomposition:
         rows = (u.T @ self.up) @ self.down
         norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
         return torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(rows.dtype).tiny), rows)
+
+
+# ------------------------------------------------------------------ one alpha for the whole file
+#
+# kohya, ComfyUI and A1111 scale each module by its own alpha / rank. diffusers (through peft)
+# does not: it turns the file's alphas into one lora_alpha (the most common) plus an
+# alpha_pattern keyed by module names that miss its UNet attention and half of CLIP-L's modules,
+# so those are scaled with the common alpha instead of their own. A file whose modules all
+# share one alpha loads right everywhere, so resize and chop write every module with the same
+# alpha and fold the module's own scale into lora_up: ΔW and the ranks do not change.
+
+
+def common_alpha(alphas: Iterable[float], dtype: torch.dtype = torch.float16) -> float:
+    """The alpha a file's modules are written with: the most common positive one (so a file
+    that already has one alpha keeps it, and most modules keep their tensors), as `dtype`
+    stores it; 1.0 when there is none."""
+    counts = collections.Counter(a for a in alphas if a > 0 and math.isfinite(a))
+    alpha = counts.most_common(1)[0][0] if counts else 1.0
+    return float(torch.tensor(alpha, dtype=dtype))
+
+
+def with_alpha(parts: Mapping[str, torch.Tensor], name: str, alpha: float, factor: float = 1.0) -> dict[str, torch.Tensor]:
+    """One module's tensors rewritten for `alpha`, its ΔW times `factor`: only lora_up changes
+    (by own alpha / `alpha` · factor) and the alpha tensor; tensors that need no change are
+    returned as they are, bit for bit. `parts` holds the module's tensors by full key."""
+    down, up = parts[name + DOWN], parts[name + UP]
+    alpha_t = parts.get(name + ALPHA)
+    # kohya reads a missing alpha as alpha = rank (scale 1).
+    own = float(alpha_t.float()) if alpha_t is not None else float(down.shape[0])
+    ratio = own / alpha * factor
+    out = {name + DOWN: down, name + UP: up if ratio == 1.0 else (up.float() * ratio).to(up.dtype)}
+    dtype = alpha_t.dtype if alpha_t is not None else up.dtype
+    out[name + ALPHA] = alpha_t if alpha_t is not None and own == alpha else torch.tensor(alpha, dtype=dtype)
+    return out
+
+
+def network_dims(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """ss_network_dim / ss_network_alpha of a file's tensors: the common value, or kohya's "Dynamic"."""
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(DOWN)}
+    alphas = {float(t.float()) for k, t in tensors.items() if k.endswith(ALPHA)}
+    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic" if ranks else "0"
+    alpha = str(alphas.pop()) if len(alphas) == 1 else "Dynamic" if alphas else "0"
+    return dim, alpha
 
 
 def kohya_tensors(name: str, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, in_shape: tuple[int, ...], scale: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -6,14 +6,17 @@ product of their R factors), each singular value σ_i gets a score in log10 unit
     s_i = log10 σ_i + log10 ρ − Σ_k w_k · log10 Ref_k,
 
 and the dimensions with s_i > T are kept, one threshold T over the whole LoRA (a module can end
-with none). `size=` picks T so the kept dimensions fit a byte budget. The kept part is written
-back as a LoRA whose ΔW is exactly ρ times the truncated SVD.
+with none). `size=` picks T as resize_lora does: the score of the first dimension, best first,
+at which the running total of bytes reaches the target; that dimension itself is not kept
+(strictly above T), so the file stays under the target. The kept part is written back as a LoRA
+whose ΔW is exactly ρ times the truncated SVD, every module with the input's most common alpha
+(resize_lora gives each module its own, which diffusers applies wrongly; see lorafile).
 
 Unlike resize_lora, the base is streamed: its tensors are measured one at a time straight from
 the mapped file (a helper thread, while two others decompose the modules), so the memory peak
 is the LoRA plus a few modules in flight, not the checkpoint. Modules the base lacks are kept
-unchanged and listed, where resize_lora stops with an error; all-zero modules are dropped, as
-resize_lora does. Kept dimensions are those scoring strictly above T, as in resize_lora's code.
+(the same ΔW) and listed, where resize_lora stops with an error; all-zero modules are dropped, as
+resize_lora does.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from loradrop.errors import UserError
 from ..models.sdxl import check_is_sdxl
 from ..tensorfile import TensorFile
 from .basekeys import BaseIndex, frobenius
-from .lorafile import Decomposition, LoraModule, kohya_tensors, read_lora, save_lora
+from ..train.metadata import derived, derived_name
+from .lorafile import Decomposition, LoraModule, common_alpha, kohya_tensors, network_dims, read_lora, save_lora, with_alpha
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +149,6 @@ class BaseStats:
 class _Layer:
     name: str
     rank: int
-    scale: float
     in_shape: tuple[int, ...]
     dec: Decomposition | None
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
@@ -157,13 +160,14 @@ class _Layer:
         """Parameters one kept dimension costs: a column of up and a row of down."""
         return self.dec.u.shape[0] + self.dec.down.shape[1]
 
-    def finish(self, threshold: float, rescale: float, dtype: torch.dtype) -> None:
-        """Keep the dimensions scoring above the threshold, as LoRA tensors; drop the rest."""
+    def finish(self, threshold: float, rescale: float, dtype: torch.dtype, alpha: float) -> None:
+        """Keep the dimensions scoring strictly above the threshold (resize_lora's comparison), as
+        LoRA tensors with the file's one `alpha`; drop the rest."""
         mask = self.scores > threshold
         self.kept = int(mask.sum())
         if self.kept:
             d = self.dec
-            self.tensors = kohya_tensors(self.name, d.u[:, mask], d.s[mask] * rescale, d.vh(mask), self.in_shape, self.scale, dtype)
+            self.tensors = kohya_tensors(self.name, d.u[:, mask], d.s[mask] * rescale, d.vh(mask), self.in_shape, alpha / self.kept, dtype)
         self.dec = None
 
 
@@ -284,7 +288,10 @@ def _scores(recipe: ResizeRecipe, layer: _Layer, stats: BaseStats) -> torch.Tens
 
 
 def _size_threshold(layers: list[_Layer], budget: float, elem: int) -> float:
-    """The score at which the kept dimensions, best first, first reach `budget` bytes."""
+    """resize_lora's size threshold: with every dimension sorted best first, the score of the
+    first one at which the running total of bytes reaches `budget` (a total equal to the budget
+    counts as reaching it). Keeping scores strictly above it keeps the dimensions before that
+    one, and of equal scores none, so the kept bytes stay below the budget."""
     if not layers:
         return -math.inf
     scores = torch.cat([l.scores.cpu() for l in layers])
@@ -316,13 +323,14 @@ def resize(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but this machine has no usable CUDA GPU; use --device cpu.")
     lf = read_lora(lora)
+    alpha = common_alpha((lf.module(n).alpha for n in lf.names), out_dtype)
     report = ResizeReport(path=Path(), threshold=math.nan)
     with torch.no_grad():
-        layers = _decompose_and_score(lf, Path(base).expanduser(), recipe, device, out_dtype, report, progress)
+        layers = _decompose_and_score(lf, Path(base).expanduser(), recipe, device, out_dtype, alpha, report, progress)
         tensors: dict[str, torch.Tensor] = {}
         for name in report.unchanged:
             log.warning("%s: the base has no weight for LoRA module %s; it is kept unchanged.", Path(base).name, name)
-            tensors.update({k: lf.tensors[k] for k in lf.keys_of(name)})
+            tensors.update(with_alpha(lf.tensors, name, alpha))  # the same ΔW, with the file's alpha
         threshold = recipe.fixed_threshold
         if threshold is None:
             elem = torch.empty(0, dtype=out_dtype).element_size()
@@ -330,23 +338,24 @@ def resize(
             budget = recipe.target_size * (1 << 20) - sum(t.numel() * t.element_size() for t in tensors.values())
             threshold = _size_threshold(layers, budget, elem)
             for layer in layers:
-                layer.finish(threshold, recipe.rescale, out_dtype)
+                layer.finish(threshold, recipe.rescale, out_dtype, alpha)
     for layer in layers:
         report.ranks[layer.name] = (layer.rank, layer.kept)
         tensors.update(layer.tensors)
     report.threshold = threshold
     report.params_in = sum(t.numel() for t in lf.tensors.values())
     report.params_out = sum(t.numel() for t in tensors.values())
-    metadata = dict(lf.metadata)
+    suffix = "_" + recipe.file_tag(threshold)
+    metadata = derived(lf.metadata, derived_name(lf.path, suffix))
     metadata["resize_params"] = recipe.params_json(threshold)
-    metadata["ss_network_dim"], metadata["ss_network_alpha"] = _dims(tensors)
+    metadata["ss_network_dim"], metadata["ss_network_alpha"] = network_dims(tensors)
     folder = Path(out_dir).expanduser() if out_dir is not None else lf.path.parent
-    report.path = folder / f"{lf.path.stem}_{recipe.file_tag(threshold)}.safetensors"
+    report.path = folder / f"{lf.path.stem}{suffix}.safetensors"
     save_lora(report.path, tensors, metadata)
     return report
 
 
-def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype, report: ResizeReport, progress) -> list[_Layer]:
+def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype, alpha: float, report: ResizeReport, progress) -> list[_Layer]:
     """Decompose and score every module the base has, streaming the base in file order; with a
     fixed threshold each module is cut at once, so only the kept part stays in memory."""
     layers = []
@@ -371,10 +380,10 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
                 dec = module.decompose(device)
                 if dec.s.numel() == 0 or float(dec.s[0]) < _ACTIVE:
                     return module, None
-                layer = _Layer(name, module.rank, module.scale, module.in_shape, dec)
+                layer = _Layer(name, module.rank, module.in_shape, dec)
                 layer.scores = _scores(recipe, layer, ahead.pop(name).result() if streamed else measure(name))
                 if recipe.fixed_threshold is not None:
-                    layer.finish(recipe.fixed_threshold, recipe.rescale, out_dtype)
+                    layer.finish(recipe.fixed_threshold, recipe.rescale, out_dtype, alpha)
                 return module, layer
 
             try:
@@ -400,12 +409,3 @@ def _check_shape(module, shape: tuple[int, ...], lora_path: Path, base_path: Pat
             f"{lora_path} module {module.name} is {module.out_features}x{list(module.in_shape)}, but the base weight in "
             f"{base_path} is {list(shape)}; the LoRA was trained on another model family."
         )
-
-
-def _dims(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """ss_network_dim / ss_network_alpha for the result: the common value, or kohya's "Dynamic"."""
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
-    alphas = {float(t.float()) for k, t in tensors.items() if k.endswith(".alpha")}
-    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic" if ranks else "0"
-    alpha = str(alphas.pop()) if len(alphas) == 1 else "Dynamic" if alphas else "0"
-    return dim, alpha

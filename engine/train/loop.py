@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from loradrop.errors import UserError
+
 from ..data.captions import shuffle_caption
 from ..data.dataset import Dataset, epoch_batches
 from ..data.latents import CachedLatent, LatentCache
@@ -218,6 +220,8 @@ def train(
         def save(step: int, final: bool) -> Path:
             path = out_dir / (f"{name}.safetensors" if final else f"{name}-step{step:08d}.safetensors")
             payload = network.snapshot(save_dtype)
+            if not bool(torch.isfinite(payload).all()):  # a file with inf or NaN in it is never written
+                raise UserError(diverged(f"the weights after step {step} hold inf or NaN in {recipe.save_precision}", recipe))
             epoch = step * micro_per_update // max(1, num_batches) + 1
             file_meta = metadata.at_save(meta, recipe, step=step, epoch=epoch, title=f"{name}" if final else f"{name}-step{step:08d}")
 
@@ -240,7 +244,7 @@ def train(
             network.eval()
             with preserved_rng(device):
                 for index, prompt in enumerate(prompts):
-                    image = sample(model, prompt, device=device, dtype=precision.weights, default_seed=recipe.seed + index)
+                    image = sample(model, prompt, device=device, dtype=precision.weights, default_seed=recipe.seed + index, check=control.check)
                     path = out_dir / "samples" / f"{name}_s{step:06d}_p{index:02d}.png"
                     _save_png(image, path)
                     sample_files.append(path)
@@ -260,6 +264,8 @@ def train(
                 scaled = loss / recipe.gradient_accumulation_steps
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.item()
+            if not math.isfinite(loss_sum):  # before the step: the weights never take a NaN update
+                raise UserError(diverged(f"the loss became {loss_sum:g} at step {step + 1}", recipe))
             average_gradients(params, world)
             if scaler:
                 scaler.unscale_(optimizer)
@@ -297,18 +303,18 @@ def train(
             sampled = world.is_main and bool(recipe.sample_every_n_steps) and step % recipe.sample_every_n_steps == 0
             if saved:
                 step_files.append(save(step, final=False))
-            if sampled:
-                render_samples(step)
             try:
+                if sampled:
+                    render_samples(step)  # stops between denoising steps on a cancel or a stop
                 requests = control.poll()
+                if world.is_main and "save" in requests and not saved and step < total:
+                    step_files.append(save(step, final=False))
+                if world.is_main and "sample" in requests and not sampled:
+                    render_samples(step)  # asked for: a stop during it keeps this step too
             except Cancelled:
                 if world.is_main:
                     save_state(step)  # a stopped job resumes exactly here
                 raise
-            if world.is_main and "save" in requests and not saved and step < total:
-                step_files.append(save(step, final=False))
-            if world.is_main and "sample" in requests and not sampled:
-                render_samples(step)
 
         final = out_dir / f"{name}.safetensors"
         if world.is_main:
@@ -329,6 +335,12 @@ def train(
 
 
 # ---------------------------------------------------------------- pieces
+
+
+def diverged(what: str, recipe: Recipe) -> str:
+    """The one sentence for a run whose numbers left the finite range (kohya: "NaN detected")."""
+    return (f"training diverged: {what} (NaN detected); lower the learning rate (unet_lr {recipe.unet_lr:g}, "
+            f"text_encoder_lr {recipe.text_encoder_lr:g}) or keep max_grad_norm on, and retry the job.")
 
 
 def _report_skipped(dataset: Dataset, emit: Emit) -> None:

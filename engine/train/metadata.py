@@ -7,14 +7,21 @@ so they follow kohya's names and string formats. Values are strings, as safetens
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import tomli_w
 
 from ..recipe import Recipe
+from .network import Preset
+
+BASE_MODEL_VERSION = "sdxl_base_v1-0"  # A1111 reads any "sdxl_" value as an SDXL LoRA
+ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 
 
 def training_metadata(
@@ -35,7 +42,9 @@ def training_metadata(
         optimizer += f"({','.join(f'{k}={v}' for k, v in recipe.optimizer_args.items())})"
     num_epochs = -(-recipe.max_train_steps * recipe.gradient_accumulation_steps * world_size // max(1, num_batches_per_epoch))
     network_args = {
-        "preset": recipe.preset,
+        # The module set really adapted, as the text of a LyCORIS preset file (network args are
+        # strings): recipe.preset says "full", but LyCORIS' "full" adapts more (see Preset).
+        "preset": tomli_w.dumps(dataclasses.asdict(Preset.for_recipe(recipe))),
         "conv_dim": str(recipe.conv_dim),
         "conv_alpha": str(recipe.conv_alpha),
         "rank_dropout": str(recipe.rank_dropout),
@@ -71,7 +80,7 @@ def training_metadata(
         "ss_mixed_precision": recipe.mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": False,
-        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_base_model_version": BASE_MODEL_VERSION,
         "ss_clip_skip": None,
         "ss_max_token_length": None,
         "ss_cache_latents": recipe.cache_latents,
@@ -126,21 +135,39 @@ def at_save(meta: dict[str, str], recipe: Recipe, *, step: int, epoch: int, titl
     """The per-file values: steps and epoch so far, finish time, and the modelspec card."""
     now = time.time()
     out = dict(meta)
-    out.update(
-        {
-            "ss_training_finished_at": str(now),
-            "ss_steps": str(step),
-            "ss_epoch": str(epoch),
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.title": title,
-            "modelspec.resolution": f"{recipe.resolution}x{recipe.resolution}",
-            "modelspec.date": datetime.datetime.fromtimestamp(now).replace(microsecond=0).isoformat(),
-            "modelspec.prediction_type": "epsilon",
-        }
-    )
+    out.update({"ss_training_finished_at": str(now), "ss_steps": str(step), "ss_epoch": str(epoch)})
+    out.update(modelspec(title, now, resolution=f"{recipe.resolution}x{recipe.resolution}"))
     return out
+
+
+def modelspec(title: str, when: float, *, resolution: str = "1024x1024") -> dict[str, str]:
+    """The SAI model spec card of an SDXL LoRA, as kohya sd-scripts writes it (spec 1.0.1)."""
+    return {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": ARCHITECTURE,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": resolution,
+        "modelspec.date": datetime.datetime.fromtimestamp(int(when)).isoformat(),
+        "modelspec.prediction_type": "epsilon",
+    }
+
+
+def derived(meta: Mapping[str, str], name: str) -> dict[str, str]:
+    """The metadata of a file made from another (resized, chopped): the source's, under its own
+    name (A1111 lists LoRAs by ss_output_name, so two files must not share one) and with a card
+    dated now, as kohya's own tools title and date the files they derive. A source without
+    metadata gets the fields a LoRA browser needs to know it for an SDXL LoRA."""
+    out = dict(meta)
+    out["ss_output_name"] = name
+    out.setdefault("ss_base_model_version", BASE_MODEL_VERSION)
+    out.update(modelspec(name, time.time(), resolution=meta.get("modelspec.resolution", "1024x1024")))
+    return out
+
+
+def derived_name(source: Path, suffix: str) -> str:
+    """The source file's name with the deriving tool's suffix (what A1111 lists it as)."""
+    return source.stem + suffix  # not ss_output_name: every step file of a run shares that one
 
 
 def tag_frequency(captions: Sequence[str]) -> dict[str, int]:

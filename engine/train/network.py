@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -33,6 +34,23 @@ TE_TARGETS_MLP = ["CLIPMLP"]
 TE_TARGETS_ALL = ["CLIPMLP", "CLIPAttention"]
 
 
+@dataclass(frozen=True)
+class Preset:
+    """The modules the network adapts, in the fields of a LyCORIS preset file (what its
+    `preset=FILE.toml` network arg reads). None of LyCORIS' named presets is this set: its
+    "full" also adapts the text encoders' attention, conv_in, conv_out and time_embedding."""
+
+    unet_target_module: tuple[str, ...]
+    text_encoder_target_module: tuple[str, ...]
+    unet_target_name: tuple[str, ...] = ()
+    text_encoder_target_name: tuple[str, ...] = ()
+    enable_conv: bool = True
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> "Preset":
+        return cls(tuple(UNET_TARGETS), tuple(TE_TARGETS_ALL if recipe.text_encoder_attention else TE_TARGETS_MLP))
+
+
 class LoConNetwork(nn.Module):
     """LoCon adapters on the UNet and both text encoders, keyed by kohya name."""
 
@@ -42,10 +60,11 @@ class LoConNetwork(nn.Module):
         self.dropout = bool(recipe.network_dropout or recipe.rank_dropout or recipe.module_dropout)
         self._lycoris = []
         mods: dict[str, nn.Module] = {}
-        te_targets = TE_TARGETS_ALL if recipe.text_encoder_attention else TE_TARGETS_MLP
-        for comp, targets in (("unet", UNET_TARGETS), ("te1", te_targets), ("te2", te_targets)):
+        preset = Preset.for_recipe(recipe)
+        te = preset.text_encoder_target_module
+        for comp, targets in (("unet", preset.unet_target_module), ("te1", te), ("te2", te)):
             root = model.component(comp)
-            net = _create(root, targets, recipe, multiplier)
+            net = _create(root, list(targets), recipe, multiplier)
             paths = {id(m): n for n, m in root.named_modules()}
             for i, lora in enumerate(net.loras):
                 lora = net.loras[i] = _cap_rank(lora, recipe, multiplier)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,33 +30,68 @@ def preserved_rng(device: torch.device):
             torch.cuda.set_rng_state(cuda, device)
 
 
-@torch.no_grad()
-def sample(model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: torch.dtype, default_seed: int) -> Image.Image:
-    """Render one prompt. The UNet runs in `dtype` (under autocast on CUDA), the VAE in fp32."""
-    from diffusers import EulerAncestralDiscreteScheduler
+class Render:
+    """One prompt being rendered, a denoising step at a time, so that a caller can stop between
+    steps (a cancel, a stop) or interleave them with training steps (previews). The result does
+    not depend on how the steps are spread out: all randomness comes from the render's own
+    generator, never from the global RNGs."""
 
-    scheduler = EulerAncestralDiscreteScheduler.from_config(model.config.scheduler)
-    scheduler.set_timesteps(prompt.steps, device=device)
-    seed = prompt.seed if prompt.seed is not None else default_seed
-    generator = torch.Generator(device).manual_seed(seed)
+    @torch.no_grad()
+    def __init__(self, model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: torch.dtype, default_seed: int):
+        from diffusers import EulerAncestralDiscreteScheduler
 
-    ids1, ids2 = tokenize(model, [prompt.negative, prompt.prompt], device)
-    autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else contextlib.nullcontext()
-    with autocast:
-        context, pooled = encode_text(model, ids1, ids2)
-    h, w = prompt.height, prompt.width
-    ids = size_ids([(h, w)] * 2, [(0, 0)] * 2, [(h, w)] * 2, device)
-    cond = {"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)}
+        self.model, self.prompt, self.dtype = model, prompt, dtype
+        self.scheduler = EulerAncestralDiscreteScheduler.from_config(model.config.scheduler)
+        self.scheduler.set_timesteps(prompt.steps, device=device)
+        seed = prompt.seed if prompt.seed is not None else default_seed
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if device.type == "cuda" and dtype != torch.float32 else contextlib.nullcontext
+        ids1, ids2 = tokenize(model, [prompt.negative, prompt.prompt], device)
+        with self.autocast():
+            context, pooled = encode_text(model, ids1, ids2)
+        h, w = prompt.height, prompt.width
+        ids = size_ids([(h, w)] * 2, [(0, 0)] * 2, [(h, w)] * 2, device)
+        self.context = context.to(dtype)
+        self.cond = {"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)}
+        self.latents = torch.randn((1, 4, h // 8, w // 8), generator=self.generator, device=device) * self.scheduler.init_noise_sigma
+        self.timesteps = list(self.scheduler.timesteps)
+        self.done = 0
 
-    latents = torch.randn((1, 4, h // 8, w // 8), generator=generator, device=device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        with autocast:
-            eps = model.unet(x.to(dtype), t, context.to(dtype), added_cond_kwargs=cond).sample.float()
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One denoising step. The text was encoded with the weights the model had at the start:
+        a caller that patches the model between steps must patch it the same way each time."""
+        t = self.timesteps[self.done]
+        x = self.scheduler.scale_model_input(torch.cat([self.latents, self.latents]), t)
+        with self.autocast():
+            eps = self.model.unet(x.to(self.dtype), t, self.context, added_cond_kwargs=self.cond).sample.float()
         uncond, text = eps.chunk(2)
-        guided = uncond + prompt.cfg * (text - uncond)
-        latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
-    return decode(model, latents)
+        guided = uncond + self.prompt.cfg * (text - uncond)
+        self.latents = self.scheduler.step(guided, t, self.latents, generator=self.generator).prev_sample
+        self.done += 1
+
+    def image(self) -> Image.Image:
+        return decode(self.model, self.latents)
+
+
+def sample(model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: torch.dtype, default_seed: int,
+           check: Callable[[], None] | None = None) -> Image.Image:
+    """Render one prompt. The UNet runs in `dtype` (under autocast on CUDA), the VAE in fp32.
+    `check` is called before every denoising step: it raises to stop (a cancel, a stop)."""
+    render = Render(model, prompt, device=device, dtype=dtype, default_seed=default_seed)
+    while not render.finished:
+        if check is not None:
+            check()
+        render.step()
+    return render.image()
 
 
 @torch.no_grad()

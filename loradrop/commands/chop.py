@@ -23,7 +23,9 @@ def add_parser(sub) -> None:
             "scales alpha, down and up, i.e. ΔW by w^3). VECTOR may also be a preset (SDXL-LyC-ALL, -NONE, "
             "-INALL, -MIDALL, -OUTALL, or the 12-entry SDXL-* ones) or NAME:vector, as in the loader. The output "
             "is LORA's stem + -chop.safetensors beside it unless -o is given, with the input's metadata plus "
-            "block_vector_string."
+            "block_vector_string, named (ss_output_name) as the input + -chop, or as the -o file. Every module is "
+            "written with one alpha, its own alpha/rank folded into lora_up (the same effect), so diffusers gives "
+            "each module its strength."
         ),
     )
     p.add_argument("lora", metavar="LORA", help="the LoRA/LoCon file (the guide chops the resized one)")

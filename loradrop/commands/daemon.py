@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--on-job-end", metavar="CMD", help="shell command run when a job ends; LORADROP_JOB_ID, LORADROP_JOB_STATE, LORADROP_JOB_NAME, LORADROP_ARTIFACTS, LORADROP_FINAL/RESIZED/CHOPPED are set")
     p.add_argument("--max-retries", type=int, default=1, metavar="N", help="times a job resumes after its worker died (out of memory, crash) before it fails (default: 1)")
     p.add_argument("--workers", type=int, metavar="N", help="training workers (default: one per visible GPU, one on a CPU machine; 0: queue only)")
+    p.add_argument("--heartbeat-seconds", type=float, default=60.0, metavar="S", help="a worker silent this long (frozen, stopped) is killed and its job resumed (default: 60)")
+    p.add_argument("--idle-seconds", type=float, default=60.0, metavar="S", help="an upload that sends nothing, or a download nobody reads, this long is ended (default: 60)")
+    p.add_argument("--on-job-end-seconds", type=float, default=300.0, metavar="S", help="the most an --on-job-end command may run before it is ended (default: 300)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +55,9 @@ def run(args) -> int:
         on_job_end=args.on_job_end,
         max_retries=args.max_retries,
         workers=args.workers,
+        heartbeat_seconds=args.heartbeat_seconds,
+        idle_seconds=args.idle_seconds,
+        hook_seconds=args.on_job_end_seconds,
     )
     serve(config)
     return 0

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 
+# The API's job states, named here so `--help` imports nothing (tests/daemon/test_cli.py checks them).
+STATE_NAMES = ("queued", "running", "done", "failed", "cancelled")
+
+
 def add_parser(sub) -> None:
-    from loradrop.daemon.store import STATES
     from loradrop.proto.connect import add_arguments
 
     p = sub.add_parser("jobs", help="list the daemon's jobs", description="List the daemon's jobs, oldest first, with their state and progress.")
-    p.add_argument("--state", action="append", choices=STATES, help="only jobs in this state (repeatable)")
+    p.add_argument("--state", action="append", choices=STATE_NAMES, help="only jobs in this state (repeatable)")
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -26,7 +29,9 @@ def run(args) -> int:
 
 
 def job_line(job) -> str:
-    """`0007-cats  running  train 12/80 loss 0.1234  eta 1m05s`, or the error of a failed job."""
+    """`0007-cats  running  train 12/80  avg loss 0.1234  ETA 01:05`, the file a done job made,
+    or the error of a failed job. The loss is the running average, as the TUI shows it."""
+    from loradrop.progress import format_duration
     from loradrop.proto.client import state_name
 
     state = state_name(job.state)
@@ -34,21 +39,12 @@ def job_line(job) -> str:
     if state == "running" and job.HasField("progress"):
         p = job.progress
         parts.append(f"{p.stage} {p.done}/{p.total}")
-        if p.HasField("loss"):
-            parts.append(f"loss {p.loss:.4f}")
+        if p.HasField("avg_loss"):
+            parts.append(f"avg loss {p.avg_loss:.4f}")
         if p.HasField("eta_s"):
-            parts.append(f"eta {duration(p.eta_s)}")
+            parts.append(f"ETA {format_duration(p.eta_s)}")
     if job.error:
         parts.append(job.error)
     elif state == "done":
         parts.append(job.chopped or job.resized or job.final)
     return "  ".join(parts).rstrip()
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -41,7 +41,7 @@ def print_events(daemon, job_id: str, *, since: int = 0, follow: bool) -> int:
 def event_line(event) -> str:
     import time
 
-    from loradrop.commands.jobs import duration
+    from loradrop.progress import format_duration
     from loradrop.proto.client import state_name
 
     stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
@@ -57,11 +57,14 @@ def event_line(event) -> str:
             if p.HasField(field):
                 text += f"  {label} {getattr(p, field):.4g}"
         if p.HasField("eta_s"):
-            text += f"  eta {duration(p.eta_s)}"
+            text += f"  ETA {format_duration(p.eta_s)}"
     elif body == "sample":
         text = f"sample (step {event.sample.step}, prompt {event.sample.prompt_index}): {event.sample.path}"
     elif body == "artifact":
         text = f"{event.artifact.kind}: {event.artifact.path}"
+    elif body == "preview":
+        p = event.preview
+        text = f"preview {p.request_id}: image {p.image}/{p.images}, step {p.step}/{p.steps}"
     elif body == "state":
         text = f"job {state_name(event.state.state)}" + (f": {event.state.error}" if event.state.error else "")
     else:

@@ -22,8 +22,10 @@ So fro_ckpt=1,thr=-3.55 (the default, the guide's) keeps s >= 10^-3.55 * ||W||.
 The result is written as <lora stem>_<recipe>_th<T>.safetensors (e.g.
 mylora_frockpt1_th-3.55.safetensors) beside the LoRA or in -o, with the input's
 metadata plus resize_params, ss_network_dim/ss_network_alpha that describe the
-result, and fresh sshs hashes. Modules the base lacks are kept unchanged and
-listed; all-zero modules are dropped."""
+result, its own name (ss_output_name: the input's + the same suffix) and fresh
+sshs hashes. Every module gets the input's most common alpha, its own scale
+folded into lora_up, so diffusers gives each module its strength. Modules the
+base lacks are kept (the same effect) and listed; all-zero modules are dropped."""
 
 
 def add_parser(sub) -> None:

@@ -14,12 +14,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import time
 
-    from loradrop.commands.jobs import duration
+    from loradrop.progress import format_duration
     from loradrop.proto.client import Client
 
     with Client.from_args(args) as daemon:
         s = daemon.status()
-    print(f"loradrop daemon {s.version}, pid {s.pid}, up {duration(time.time() - s.started)}")
+    print(f"loradrop daemon {s.version}, pid {s.pid}, up {format_duration(time.time() - s.started)}")
     print(f"home     {s.home}")
     print(f"inbox    {s.inbox} (quiet time {s.quiet_seconds:g}s)")
     print(f"model    {s.default_model or 'the embedded tiny twin'}")

@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
             "Train an SDXL LyCORIS LoCon on DATASET (images with same-stem .txt captions, an "
             "optional sample-prompts.txt) with the seed recipe: 80 ClybW updates of 8x6 images, "
             "cosine schedule, multires noise, samples every 10 steps, a LoRA saved every step. "
+            "Files are named after DATASET's folder (mychar.safetensors) unless output_name is set. "
             "Without --model it trains on the embedded tiny twin, which runs on a CPU. "
             "Under `accelerate launch --num_processes N` it trains data-parallel on N GPUs."
         ),
@@ -46,6 +47,8 @@ def run(args) -> int:
     recipe = resolve_recipe(args)
     if not args.dataset.is_dir():
         raise UserError(f"{args.dataset} is not a folder; expected a folder of images with .txt captions.")
+    if not _names_itself(args):
+        recipe = recipe.updated({"output_name": _folder_name(args.dataset)}, source=str(args.dataset))
 
     from loradrop.engine.data.dataset import scan
 
@@ -102,3 +105,19 @@ def run(args) -> int:
         bar.close()
         print(result.final, file=sys.stdout)
     return 0
+
+
+def _names_itself(args) -> bool:
+    """Whether --recipe or --set gives output_name."""
+    from loradrop.engine.recipe import load_toml
+
+    if any(item.partition("=")[0].strip() == "output_name" for item in args.overrides):
+        return True
+    return bool(args.recipe) and "output_name" in load_toml(args.recipe)
+
+
+def _folder_name(folder: Path) -> str:
+    """A run's default name: its dataset folder's, so every LoRA gets its own ss_output_name (A1111
+    treats LoRAs of one name as one alias), made a plain file name."""
+    name = folder.resolve().name.replace("\\", "-").lstrip(".")
+    return name or "lora"

@@ -21,18 +21,25 @@ def add_parser(sub) -> None:
         "--image-protocol",
         choices=IMAGE_PROTOCOLS,
         default="auto",
-        help="how to draw pictures: auto (ask the terminal), sixel, tgp (kitty), halfcell (coloured half blocks, any terminal) or none (default: auto)",
+        help="how to draw pictures: auto (ask the terminal; with only 16 colours, none), sixel, tgp (kitty), halfcell (coloured half blocks) or none (default: auto)",
     )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from loradrop.tui.images import image_widget_class
+    import os
 
-    image_class = image_widget_class(args.image_protocol)  # asks the terminal now, before Textual owns it
+    from rich.console import Console
+
+    from loradrop.proto.connect import target_from_args
+    from loradrop.tui.images import choose_pictures
+
+    # Textual draws in the colours Rich finds here (TEXTUAL_COLOR_SYSTEM overrides them, as in Textual).
+    colours = Console(color_system=os.environ.get("TEXTUAL_COLOR_SYSTEM", "auto"), force_terminal=True).color_system
+    pictures = choose_pictures(args.image_protocol, colours, os.environ.get("TERM", ""))  # asks the terminal now, before Textual owns it
 
     from loradrop.tui.app import LoradropApp
     from loradrop.tui.link import Target
 
-    LoradropApp(Target(args.connect, args.token_file, args.tls_ca), image_class).run()
+    LoradropApp(Target(target_from_args(args), args.token_file, args.tls_ca), pictures).run()
     return 0

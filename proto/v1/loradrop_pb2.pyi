@@ -241,8 +241,22 @@ class StateChange(_message.Message):
     error: str
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
+class PreviewProgress(_message.Message):
+    __slots__ = ("request_id", "image", "images", "step", "steps")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    image: int
+    images: int
+    step: int
+    steps: int
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[int] = ..., images: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("seq", "global_seq", "job_id", "time", "kind", "log", "stage", "progress", "sample", "artifact", "state", "other_json")
+    __slots__ = ("seq", "global_seq", "job_id", "time", "kind", "log", "stage", "progress", "sample", "artifact", "state", "other_json", "preview")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_SEQ_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +269,7 @@ class Event(_message.Message):
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OTHER_JSON_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     seq: int
     global_seq: int
     job_id: str
@@ -267,7 +282,8 @@ class Event(_message.Message):
     artifact: ArtifactReady
     state: StateChange
     other_json: str
-    def __init__(self, seq: _Optional[int] = ..., global_seq: _Optional[int] = ..., job_id: _Optional[str] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., stage: _Optional[_Union[StageChange, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., sample: _Optional[_Union[SampleReady, _Mapping]] = ..., artifact: _Optional[_Union[ArtifactReady, _Mapping]] = ..., state: _Optional[_Union[StateChange, _Mapping]] = ..., other_json: _Optional[str] = ...) -> None: ...
+    preview: PreviewProgress
+    def __init__(self, seq: _Optional[int] = ..., global_seq: _Optional[int] = ..., job_id: _Optional[str] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., stage: _Optional[_Union[StageChange, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., sample: _Optional[_Union[SampleReady, _Mapping]] = ..., artifact: _Optional[_Union[ArtifactReady, _Mapping]] = ..., state: _Optional[_Union[StateChange, _Mapping]] = ..., other_json: _Optional[str] = ..., preview: _Optional[_Union[PreviewProgress, _Mapping]] = ...) -> None: ...
 
 class GetSampleRequest(_message.Message):
     __slots__ = ("path", "job_id", "seq", "max_size")
@@ -386,18 +402,22 @@ class ResizeRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., recipe: _Optional[str] = ...) -> None: ...
 
 class PreviewRequest(_message.Message):
-    __slots__ = ("path", "vector", "prompts", "seed", "max_size")
+    __slots__ = ("path", "vector", "prompts", "seed", "max_size", "steps", "request_id")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     path: str
     vector: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
     seed: int
     max_size: int
-    def __init__(self, path: _Optional[str] = ..., vector: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., max_size: _Optional[int] = ...) -> None: ...
+    steps: int
+    request_id: str
+    def __init__(self, path: _Optional[str] = ..., vector: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., max_size: _Optional[int] = ..., steps: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PreviewReply(_message.Message):
     __slots__ = ("images",)

@@ -233,7 +233,9 @@ class LoradropServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Preview(self, request, context):
-        """Render prompts with a LoRA (optionally block-weighted) on its job's base model.
+        """Render prompts with a LoRA (optionally block-weighted) on its job's base model. While a job
+        trains, the preview renders between its steps with a bounded share of the time; its
+        progress comes as "preview" events on the LoRA's job; cancelling the call stops it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

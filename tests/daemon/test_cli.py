@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,8 +13,9 @@ from support import make_dataset
 pytestmark = pytest.mark.timeout(120)
 
 
-def loradrop(*args: str, connect: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loradrop", *args, "--connect", connect], capture_output=True, text=True, timeout=60)
+def loradrop(*args: str, connect: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    where = ["--connect", connect] if connect else []
+    return subprocess.run([sys.executable, "-m", "loradrop", *args, *where], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
 
 
 def test_client_commands_drive_the_queue(home, daemons, tmp_path):
@@ -28,13 +30,14 @@ def test_client_commands_drive_the_queue(home, daemons, tmp_path):
     listed = loradrop("jobs", connect=d.connect)
     assert listed.returncode == 0 and "0001-tabby" in listed.stdout and "queued" in listed.stdout
 
-    in_place = loradrop("submit", str(home / "inbox" / "cats"), "--name", "again", connect=d.connect)
-    assert in_place.stdout.strip() == "0002-again"
-    assert sorted(p.name for p in (home / "inbox").iterdir()) == ["cats"]  # used in place, not copied
-
     cancelled = loradrop("cancel", "1", connect=d.connect)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     assert "has already ended" in loradrop("cancel", job_id, connect=d.connect).stderr
+
+    # (after the cancel: a folder that is still queued is not queued a second time)
+    in_place = loradrop("submit", str(home / "inbox" / "cats"), "--name", "again", connect=d.connect)
+    assert in_place.stdout.strip() == "0002-again", in_place.stderr
+    assert sorted(p.name for p in (home / "inbox").iterdir()) == ["cats"]  # used in place, not copied
 
     followed = loradrop("logs", job_id, "-f", connect=d.connect)  # the job has ended: prints, then stops
     assert followed.returncode == 1
@@ -69,7 +72,38 @@ def test_client_commands_answer_fast_without_torch(home, daemons):
     assert time.monotonic() - start < 5.0  # interpreter start and imports included
 
 
-def test_no_daemon_is_one_clear_sentence(tmp_path):
-    run = loradrop("jobs", connect=f"unix:{tmp_path / 'nothing.sock'}")
-    assert run.returncode == 2
-    assert "cannot reach the daemon" in run.stderr and "Traceback" not in run.stderr
+def test_every_client_command_finds_the_daemon_by_its_home(home, daemons):
+    d = daemons(home, "--workers", "0", "--quiet-seconds", "60")
+    make_dataset(home / "inbox" / "cats")
+    assert loradrop("submit", str(home / "inbox" / "cats"), "--home", str(home)).stdout.strip() == "0001-cats"
+    by_env = {"LORADROP_HOME": str(home)}
+    for args in (["jobs"], ["status"], ["logs", "1"]):
+        for run in (loradrop(*args, "--home", str(home)), loradrop(*args, env=by_env)):
+            assert run.returncode == 0, (args, run.stderr)
+    assert "cancelled" in loradrop("cancel", "1", "--home", str(home)).stdout
+    assert "queued" in loradrop("retry", "1", env=by_env).stdout
+    assert "has no samples yet" in loradrop("montage", "1", env=by_env).stderr  # it asked the daemon
+    both = loradrop("jobs", "--home", str(home), connect=d.connect)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    assert "--home" in loradrop("tui", "--help").stdout
+
+
+def test_no_daemon_is_one_sentence_naming_the_socket_and_the_fix(tmp_path):
+    run = loradrop("jobs", "--home", str(tmp_path / "elsewhere"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    socket = tmp_path / "elsewhere" / "daemon.sock"
+    assert run.stderr.strip() == (
+        f"loradrop: cannot reach the daemon at {socket} (no such socket); "
+        f"start one with `loradrop daemon --home {tmp_path / 'elsewhere'}`, or name another with --home or --connect."
+    )
+    forwarded = loradrop("status", connect=f"unix:{tmp_path / 'gpu-box.sock'}")
+    assert "is the daemon, or the ssh tunnel to it, running?" in forwarded.stderr
+    default = loradrop("jobs", env={"LORADROP_HOME": str(tmp_path / "mine")})
+    assert f"start one with `loradrop daemon`," in default.stderr  # its own default home: no --home to add
+
+
+def test_jobs_knows_the_apis_states():
+    from loradrop.commands.jobs import STATE_NAMES
+    from loradrop.proto.client import STATES
+
+    assert set(STATE_NAMES) == set(STATES)

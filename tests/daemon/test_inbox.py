@@ -14,17 +14,18 @@ from loradrop.proto.v1 import loradrop_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
 QUIET = 0.8
+VECTOR = "1,0,1" + ",0" * 18
 
 
 def test_a_dropped_folder_becomes_a_job_with_its_settings_frozen(home, daemons, tmp_path):
     d = daemons(home, "--workers", "0", "--quiet-seconds", str(QUIET))
-    folder = make_dataset(tmp_path / "cats", settings={"name": "kitty", "block_vector": "1,0,1", "max_train_steps": 7, "unet_lr": 1e-4})
+    folder = make_dataset(tmp_path / "cats", settings={"name": "kitty", "block_vector": VECTOR, "max_train_steps": 7, "unet_lr": 1e-4})
     shutil.move(folder, home / "inbox" / "cats")
     with d.client() as c:
         (job,) = wait_for(c.jobs, what="the job")
         assert job.state == pb.QUEUED and job.source == "inbox"
         assert job.name == "kitty" and job.id.endswith("-kitty")
-        assert job.block_vector == "1,0,1"
+        assert job.block_vector == VECTOR
         assert job.dataset == str(home / "inbox" / "cats")
         recipe = tomllib.loads(job.recipe_toml)
         assert recipe["max_train_steps"] == 7 and recipe["unet_lr"] == 1e-4 and recipe["output_name"] == "kitty"

@@ -96,6 +96,8 @@ def test_scan_good_folder(tmp_path):
     ds = scan(tmp_path, RECIPE)
     assert ds.skipped == []
     assert ds.skipped_warning() is None
+    assert ds.orphans == ["orphan.txt"]  # sample-prompts.txt is not a caption
+    assert ds.orphan_warning() == f"{tmp_path} has caption files with no image of the same name (orphan.txt); they are not used."
     assert [i.path.name for i in ds.items] == ["a.JPG", "b.png", "c.webp"]
     a, b, c = ds.items
     assert a.caption == "first, tags"
@@ -238,6 +240,33 @@ def test_all_bad(tmp_path):
     assert str(tmp_path) in message
     assert "all 3 were skipped" in message
     assert "2 no caption file" in message and "1 empty file" in message
+
+
+def test_images_in_subfolders_are_named_not_ignored_silently(tmp_path):
+    """kohya-style `10_name/` folders are not read (yet); a scan said nothing of their images."""
+    write_pair(tmp_path, "top")
+    for sub in ("10_cats", "5_dogs", "notes"):
+        (tmp_path / sub).mkdir()
+    write_pair(tmp_path / "10_cats", "a")
+    write_pair(tmp_path / "5_dogs", "b", ext=".jpg")
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    ds = scan(tmp_path, RECIPE)
+    assert [i.path.name for i in ds.items] == ["top.png"] and ds.subfolders == ["10_cats", "5_dogs"]
+    warning = ds.subfolder_warning()
+    assert "(10_cats/, 5_dogs/)" in warning and "they are not used" in warning and "move them up" in warning
+    (tmp_path / "10_cats" / "a.png").unlink()
+    assert scan(tmp_path, RECIPE).subfolder_warning() == f"{tmp_path} has images in subfolders (5_dogs/); they are not used, only the folder's own images train: move them up into the folder to use them."
+
+
+def test_a_caption_file_of_gigabytes_is_skipped_not_read(tmp_path):
+    """A 64 GB sparse caption file made the scan fail with a bare MemoryError."""
+    write_pair(tmp_path, "good")
+    write_image(tmp_path / "huge.png")
+    with open(tmp_path / "huge.txt", "wb") as f:
+        f.truncate(64 << 30)  # sparse: no disk used
+    ds = scan(tmp_path, RECIPE)
+    assert [i.path.name for i in ds.items] == ["good.png"]
+    assert ds.skipped == [(tmp_path / "huge.png", "caption file too large (huge.txt: 68,719,476,736 bytes; at most 1 MB)")]
 
 
 def test_missing_folder(tmp_path):

@@ -188,3 +188,30 @@ def test_image_that_fails_to_decode_names_the_file(tiny_vae, dataset, tmp_path):
     assert [i.path.name for i in rescanned.items][-1] == "sneaky.png"
     with pytest.raises(UserError, match="sneaky.png cannot be decoded"):
         LatentCache(tmp_path / "cache", vae, vae_id, "cpu").ensure(rescanned.items)
+
+
+@pytest.mark.parametrize("renamed", ["folder", "file"])
+def test_a_rename_after_the_scan_is_followed(tiny_vae, dataset, tmp_path, renamed):
+    """The daemon follows an inbox folder across renames; the latent cache failed the job when
+    the folder (or one of its images) was renamed after the scan. Files are found by inode."""
+    vae, vae_id = tiny_vae
+    if renamed == "folder":
+        moved = dataset.folder.rename(dataset.folder.with_name("renamed"))
+        expected = [moved / item.path.name for item in dataset.items]
+    else:
+        moved = dataset.items[1].path.rename(dataset.folder / "other-name.jpg")
+        expected = [item.path for item in dataset.items]
+        expected[1] = moved
+    assert [item.current_path() for item in dataset.items] == expected
+    reference = LatentCache(tmp_path / "ref", vae, vae_id, "cpu").ensure(scan(expected[0].parent, RECIPE).items) if renamed == "folder" else None
+    latents = LatentCache(tmp_path / "cache", vae, vae_id, "cpu").ensure(dataset.items)
+    assert len(latents) == 3
+    if reference is not None:
+        assert all(torch.equal(a.latent, b.latent) for a, b in zip(latents, reference))
+
+
+def test_a_file_gone_after_the_scan_is_still_one_sentence(tiny_vae, dataset, tmp_path):
+    vae, vae_id = tiny_vae
+    dataset.items[0].path.unlink()
+    with pytest.raises(UserError, match="cannot be read any more"):
+        LatentCache(tmp_path / "cache", vae, vae_id, "cpu").ensure(dataset.items)

@@ -16,7 +16,7 @@ masterpiece, 1girl, red hair --n lowres, bad anatomy --w 832 --h 1216 --d 42 --s
 
    a plain prompt with defaults
   # an indented comment
-odd sizes --w 1001 --h 20 --s 5000
+odd sizes --w 1001 --h 20 --s 150
 UPPER CASE OPTIONS --W 640 --H 768 --D 7 --L 5
 """
 
@@ -39,9 +39,24 @@ def test_parse_prompt_file(tmp_path):
             sampler="euler_a",
         ),
         SamplePrompt(prompt="a plain prompt with defaults", negative="", width=512, height=512, seed=None, steps=30, cfg=7.5, sampler=None),
-        SamplePrompt(prompt="odd sizes", width=1000, height=64, steps=1000),  # floored to 8, at least 64; steps at most 1000
+        SamplePrompt(prompt="odd sizes", width=1000, height=64, steps=150),  # floored to 8, at least 64
         SamplePrompt(prompt="UPPER CASE OPTIONS", width=640, height=768, seed=7, cfg=5.0),
     ]
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ("huge --w 4096 --h 4096 --s 20", "a sample of 4096x4096 is too large; ask for at most 4 megapixels"),
+    ("wide --w 100000 --h 64", "a sample of 100000x64 is too large"),
+    ("long --s 1000", "--s 1000 is too many sampling steps; ask for at most 150"),
+])
+def test_samples_past_the_limits_are_refused_naming_the_line(tmp_path, line, words):
+    """A training sample renders between two steps of its job: one of 4096² at 1,000 steps held
+    the job for minutes and would not cancel; the same limits as previews hold."""
+    path = tmp_path / "sample-prompts.txt"
+    path.write_text(f"fine --w 1024 --h 1024 --s 30\n{line}\n")
+    with pytest.raises(UserError) as e:
+        parse_prompt_file(path)
+    assert str(e.value).startswith(f"{path}, line 2: ") and words in str(e.value), str(e.value)
 
 
 def test_unknown_options_and_bad_values_are_warned_not_fatal(tmp_path, caplog):
@@ -94,3 +109,11 @@ def test_prompts_from_few_or_repeated_captions():
     assert [p.prompt for p in prompts_from_captions(data, n=4)] == ["same", "other"]
     assert prompts_from_captions(items(["", ""]), n=4) == []
     assert [p.prompt for p in prompts_from_captions(data, n=1)] == ["same"]
+
+
+def test_a_sparse_prompt_file_of_gigabytes_is_refused_without_reading_it(tmp_path):
+    huge = tmp_path / "sample-prompts.txt"
+    with open(huge, "wb") as f:
+        f.truncate(64 << 30)  # sparse: nothing on disk, 64 GB to a reader
+    with pytest.raises(UserError, match="larger than 1 MB"):
+        parse_prompt_file(huge)

@@ -20,7 +20,7 @@ from support import conditioning_dims
 # One module in each of the 20 blocks of an SDXL LoCon, plus pass-through modules.
 ONE_PER_BLOCK = re.compile(r"lora_unet_((input|output)_blocks_\d+_0_(in_layers_2|op)|middle_block_[02]_in_layers_2|middle_block_1_proj_in)")
 PASS_THROUGH = ["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_1_mlp_fc2", "lora_unet_time_embed_0"]
-META = {"ss_output_name": "blocks", "modelspec.title": "Blocks"}
+META = {"ss_output_name": "blocks", "modelspec.title": "Blocks", "ss_training_comment": "kept"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_zero_one_keeps_exactly_the_expected_keys_untouched(lora):
     for k in want:
         assert out[k].dtype == src[k].dtype and torch.equal(out[k], src[k])
     meta = tensorfile.read_metadata(result.path)
-    assert meta["block_vector_string"] == text and meta["ss_output_name"] == "blocks" and meta["modelspec.title"] == "Blocks"
+    assert meta["block_vector_string"] == text and meta["ss_training_comment"] == "kept"
+    assert meta["ss_output_name"] == meta["modelspec.title"] == "blocks-chop"  # its own name in A1111's list
 
 
 def test_the_guides_vector_keeps_output_blocks_1(lora, tmp_path):
@@ -100,6 +101,28 @@ def test_a_fractional_weight_scales_delta_linearly(lora, tmp_path, text, scaled)
             torch.testing.assert_close(delta(out, name), want, rtol=2e-3, atol=1e-6)
     for k in lay.passthrough:
         assert torch.equal(out[k], src[k])
+
+
+def test_modules_of_other_alphas_get_the_files_alpha_and_keep_their_delta(lora, tmp_path):
+    """A file whose alphas differ (resize_lora's, say) comes out with one alpha, each module's
+    own scale folded into lora_up: ΔW (times its block weight) and lora_down are unchanged."""
+    src = load_file(str(lora))
+    lay = layout(src)
+    odd = [lay.blocks[0].modules[0], lay.blocks[5].modules[0], "lora_te1_text_model_encoder_layers_0_mlp_fc1"]
+    for i, name in enumerate(odd):
+        src[name + ".alpha"] = torch.tensor(0.5 + i, dtype=src[name + ".alpha"].dtype)
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(src, str(mixed), metadata=META)
+    text = vector(*range(20)).replace("1,1,", "1,0.5,", 1)  # block 0 at half
+    result = chop(mixed, text, tmp_path / "named.safetensors")
+    out = load_file(str(result.path))
+    assert set(out) == set(src) and {float(t) for k, t in out.items() if k.endswith(".alpha")} == {2.0}
+    for name in {k.split(".")[0] for k in src}:
+        assert torch.equal(out[name + ".lora_down.weight"], src[name + ".lora_down.weight"])
+        want = (0.5 if name in lay.blocks[0].modules else 1.0) * delta(src, name)
+        assert float((delta(out, name) - want).norm() / want.norm()) < 1e-3  # fp16 rounding of lora_up
+    meta = tensorfile.read_metadata(result.path)
+    assert meta["ss_network_alpha"] == "2.0" and meta["ss_output_name"] == "named"  # a file named by the user keeps that name
 
 
 def test_wrong_length_shows_the_layout(lora):

@@ -177,6 +177,34 @@ def test_size_mode_lands_within_one_dimension_of_the_target(tmp_path, lora, trut
     assert report.path.name == f"known_frockpt1_size0.01_th{format_float(report.threshold)}.safetensors"
 
 
+def test_size_threshold_at_a_modules_only_singular_value(tmp_path, truth, base_weights, tiny_path):
+    """resize_lora's search: best first, the threshold is the score of the first dimension at
+    which the running total reaches the target, and only scores strictly above it are kept. A
+    rank-1 module whose one σ is that dimension is dropped when it would fit exactly (or not
+    at all), and kept once the target has one byte more."""
+    x = "lora_unet_input_blocks_4_1_proj_in"
+    others = {n: t for n, t in truth.items() if n != x}
+    scores = expected_scores({"fro_ckpt": 1}, 1.0, others, base_weights)
+    cost = {n: 2 * (u.shape[0] + vh.shape[1]) for n, (u, _, vh, _) in truth.items()}  # fp16 bytes per dimension
+    dims = sorted(((float(v), n) for n, sc in scores.items() for v in sc), reverse=True)
+    # X's score goes midway into a wide gap near the middle, away from every other score.
+    i = next(i for i in range(len(dims) // 2, len(dims) - 2) if dims[i][0] - dims[i + 1][0] > 0.05 and dims[i + 1][0] - dims[i + 2][0] > 0.02)
+    at = (dims[i][0] + dims[i + 1][0]) / 2
+    fro = float(torch.linalg.vector_norm(base_weights[x]))
+    u, _, vh, in_shape = truth[x]
+    lone = {**others, x: (u[:, :1], torch.tensor([fro * 10**at], dtype=torch.float64), vh[:1], in_shape)}
+    src = write_lora(tmp_path / "lone.safetensors", lone)
+    fits = sum(cost[n] for _, n in dims[: i + 1]) + cost[x]  # bytes of every dimension down to X's
+    want = collections.Counter(n for _, n in dims[: i + 1])
+    for budget, kept in ((fits - 1, False), (fits, False), (fits + 1, True)):
+        report = resize(tiny_path, src, f"fro_ckpt=1,size={budget / 2**20!r}", tmp_path / str(budget))
+        assert report.ranks[x] == (1, int(kept)), budget
+        assert report.threshold == pytest.approx(dims[i + 1][0] if kept else at, abs=1e-5)
+        assert {n: r[1] for n, r in report.ranks.items() if n != x and r[1]} == want
+        out = load_file(str(report.path))
+        assert sum(2 * t.numel() for k, t in out.items() if not k.endswith(".alpha")) == fits - cost[x] * (not kept)
+
+
 def test_size_above_the_whole_lora_keeps_everything(tmp_path, lora, tiny_path):
     report = resize(tiny_path, lora, "fro_ckpt=1,size=100", tmp_path)
     assert report.threshold == -math.inf and report.path.name == "known_frockpt1_size100_th-inf.safetensors"
@@ -189,7 +217,9 @@ def test_name_and_metadata(tmp_path, truth, tiny_path):
     report = resize(tiny_path, src, "fro_ckpt=1,thr=-3.55")
     assert report.path == tmp_path / "my lora_frockpt1_th-3.55.safetensors"  # beside the input by default
     out = tensorfile.read_metadata(report.path)
-    assert out["ss_output_name"] == "known" and out["modelspec.title"] == "Known"
+    # The written file's name, not the input's ss_output_name (which every step file of a run
+    # shares), so A1111 lists each resized file apart.
+    assert out["ss_output_name"] == out["modelspec.title"] == "my lora_frockpt1_th-3.55"
     assert json.loads(out["resize_params"]) == {
         "recipe_str": "fro_ckpt=1,thr=-3.55",
         "weights": {"spn_lora": 0.0, "spn_ckpt": 0.0, "subspace": 0.0, "fro_lora": 0.0, "fro_ckpt": 1.0, "params": 0.0},
@@ -212,8 +242,9 @@ def test_dim_and_alpha_describe_the_result(tmp_path, truth, tiny_path):
     report = resize(tiny_path, write_lora(tmp_path / "one.safetensors", one), "spn_lora=1,thr=-2.5")
     k = report.ranks["lora_unet_input_blocks_4_1_proj_in"][1]
     out = tensorfile.read_metadata(report.path)  # a file without metadata works too
-    assert (out["ss_network_dim"], out["ss_network_alpha"]) == (str(k), str(ALPHA / 8 * k))
+    assert (out["ss_network_dim"], out["ss_network_alpha"]) == (str(k), str(ALPHA))  # one alpha: the input's
     assert "resize_params" in out and "sshs_legacy_hash" in out
+    assert out["ss_output_name"] == "one_spnlora1_th-2.5" and out["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
 def test_kohya_hashes():
@@ -239,7 +270,10 @@ def test_layers_the_base_lacks_are_kept_unchanged_and_listed(tmp_path, truth, ti
     assert stray in "\n".join(report.lines())
     out = load_file(str(report.path))
     for key, t in extra.items():
-        assert out[key].dtype == t.dtype and torch.equal(out[key], t)
+        assert out[key].dtype == t.dtype
+    # The same ΔW, written with the file's one alpha (its scale folded into lora_up).
+    assert float(out[stray + ".alpha"]) == ALPHA and torch.equal(out[stray + ".lora_down.weight"], extra[stray + ".lora_down.weight"])
+    torch.testing.assert_close(delta(out, stray), delta(extra, stray), rtol=1e-3, atol=0)
 
 
 def test_all_zero_modules_are_dropped(tmp_path, truth, tiny_path):

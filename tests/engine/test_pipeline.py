@@ -62,6 +62,26 @@ class PreviewEachStep:
         self.paths += self.session.preview(self.lora, "1," + ",".join(["0"] * 12 + ["1"] * 8), ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir)
         return set()
 
+    def check(self):
+        pass
+
+
+class PreviewInSlices(PreviewEachStep):
+    """One preview spread over the steps of a job, one denoising step per step boundary, as the
+    daemon's worker renders it while a job trains (a bounded share of each step's time)."""
+
+    def __init__(self, session, lora, out_dir):
+        super().__init__(session, lora, out_dir)
+        self.render, self.slices = None, 0
+
+    def poll(self):
+        if self.render is None:
+            self.render = self.session.start_preview(self.lora, None, ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir, steps=2)
+        if not self.render.finished:
+            self.render.advance(0.0, lambda: None)
+            self.slices += 1
+        return set()
+
 
 def test_previews_between_steps_leave_training_unchanged(session, tmp_path):
     data = make_dataset(tmp_path / "data", images=2, sizes=BUCKET_SIZES)
@@ -75,3 +95,17 @@ def test_previews_between_steps_leave_training_unchanged(session, tmp_path):
     # a preview between jobs renders the same picture as one during a job
     again = session.preview(plain.final, "1," + ",".join(["0"] * 12 + ["1"] * 8), ["a circle --w 64 --h 64 --s 2"], 3, None, tmp_path / "again")
     assert again[0].read_bytes() == control.paths[0].read_bytes()
+
+
+def test_a_preview_in_slices_between_steps_is_the_same_picture_and_leaves_training_unchanged(session, tmp_path):
+    data = make_dataset(tmp_path / "data", images=2, sizes=BUCKET_SIZES)
+    plain = session.run(_spec(tmp_path, data, "plain"), lambda *a: None)
+    control = PreviewInSlices(session, plain.final, tmp_path / "sliced")
+    busy = session.run(_spec(tmp_path, data, "busy"), lambda *a: None, control)
+    assert control.slices == 2 and control.render.finished  # the job's two steps, one denoising step after each
+    with tensorfile.TensorFile(plain.final) as a, tensorfile.TensorFile(busy.final) as b:
+        ta, tb = a.read_all(), b.read_all()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    (sliced,) = control.render.paths
+    (whole,) = session.preview(plain.final, None, ["a circle --w 64 --h 64 --s 2"], 3, None, tmp_path / "whole", steps=2)
+    assert sliced.read_bytes() == whole.read_bytes()

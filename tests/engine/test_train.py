@@ -19,6 +19,7 @@ from loradrop.engine.models.sdxl import load_sdxl
 from loradrop.engine.pipeline import Cancelled
 from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.loop import train
+from loradrop.errors import UserError
 
 CPU = torch.device("cpu")
 PROMPTS = ["a circle, plain background --w 64 --h 64 --s 3 --d 5"]
@@ -117,7 +118,7 @@ def test_step_files_names_and_metadata(trained):
                 "ss_sd_model_name", "ss_steps", "ss_network_args", "ss_session_id", "ss_training_started_at"):
         assert key in meta, key
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_steps"] == "3" and meta["ss_output_name"] == "mylora"
-    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora" and meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora" and meta["modelspec.sai_model_spec"] == "1.0.1"
     assert json.loads(meta["ss_network_args"])["conv_dim"] == "256"
     from loradrop.engine.lora.lorafile import lora_hashes
 
@@ -208,6 +209,9 @@ class CancelAfter:
             raise Cancelled()
         return set()
 
+    def check(self):
+        pass
+
 
 def test_resume_ends_with_the_same_weights(tiny_path, tmp_path):
     model = load_sdxl(tiny_path)
@@ -235,6 +239,51 @@ def test_sampling_does_not_change_training(tiny_path, tmp_path):
     assert len(sampled.samples) == 3
 
 
+class CancelWhileSampling:
+    """Cancels on the `at`-th check, which sampling makes between its denoising steps."""
+
+    def __init__(self, at: int):
+        self.at, self.checks = at, 0
+
+    def poll(self):
+        return set()
+
+    def check(self):
+        self.checks += 1
+        if self.checks >= self.at:
+            raise Cancelled()
+
+
+def test_a_cancel_stops_a_sample_between_denoising_steps(tiny_path, tmp_path):
+    """A cancel during a sample of 1,000 steps waited for all of them: sampling now checks
+    between its denoising steps, and the job stops there, its state saved to resume from."""
+    data = make_dataset(tmp_path / "data", images=2, prompts=["a circle --w 64 --h 64 --s 100 --d 5"])
+    control = CancelWhileSampling(at=5)
+    events = []
+    with pytest.raises(Cancelled):
+        _train(load_sdxl(tiny_path), data, tmp_path / "out", tmp_path / "cache", events, control=control, max_train_steps=3, sample_every_n_steps=1)
+    assert control.checks == 5, "sampling went on past the cancel"
+    assert not any(k == "sample" for k, _ in events), "the sample was finished anyway"
+    assert (tmp_path / "out" / "state" / "training-state.safetensors").is_file()
+
+
+def test_a_diverging_run_stops_with_a_reason_and_writes_no_non_finite_file(tiny_path, tmp_path):
+    """A learning rate of 1e308 (the recipe refuses it now; this one is built past the check)
+    ended "done" with most tensors NaN and "loss nan" in the log."""
+    import dataclasses
+
+    data = make_dataset(tmp_path / "data", images=2)
+    recipe = dataclasses.replace(Recipe.from_mapping({**RECIPE, "max_train_steps": 4}), learning_rate=1e308, unet_lr=1e308, text_encoder_lr=1e308, max_grad_norm=0.0)
+    events = []
+    with pytest.raises(UserError) as e:
+        train(load_sdxl(tiny_path), scan(data, recipe), tmp_path / "out", recipe, device=CPU, cache_dir=tmp_path / "cache",
+              emit=lambda k, p: events.append((k, p)))
+    assert str(e.value).startswith("training diverged: ") and "NaN detected" in str(e.value) and "lower the learning rate" in str(e.value), str(e.value)
+    listed = [p["path"] for k, p in events if k == "artifact"]
+    for path in [*listed, *(tmp_path / "out").glob("*.safetensors")]:
+        assert all(bool(t.isfinite().all()) for t in _tensors(Path(path)).values()), f"{path} holds inf or NaN"
+
+
 def _cli_train(data, out, cache, steps, accum, env_extra=None):
     sets = {**RECIPE, "max_train_steps": steps, "gradient_accumulation_steps": accum, "save_every_n_steps": 0}
     args = [sys.executable, "-m", "loradrop", "train", str(data), "-o", str(out), "--cache-dir", str(cache)]
@@ -258,7 +307,7 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_path):
     ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
-    a, b = _tensors(tmp_path / "single" / "lora.safetensors"), _tensors(tmp_path / "ddp" / "lora.safetensors")
+    a, b = _tensors(tmp_path / "single" / "data.safetensors"), _tensors(tmp_path / "ddp" / "data.safetensors")  # named after the dataset folder
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), atol=2e-3, rtol=1e-2, msg=k)

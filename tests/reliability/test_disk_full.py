@@ -35,9 +35,9 @@ def small_outputs(home):
 
 
 def _fill(folder: Path) -> Path:
-    """Take every free byte of the file system holding `folder`."""
+    """Take every free byte of the file system holding `folder` (again, if called again)."""
     filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as f:
+    with open(filler, "ab", buffering=0) as f:
         for size in (1 << 20, 4096, 1):  # down to the last byte
             try:
                 while f.write(b"\0" * size):
@@ -72,6 +72,7 @@ def test_a_full_disk_fails_the_job_clearly_and_keeps_its_last_checkpoint(home, d
                 with TensorFile(a.path) as f:
                     f.read_all()
 
+        _fill(small_outputs)  # what the failed job cleaned up (its partial files) is taken too
         with pytest.raises(ClientError) as e:  # a tool that writes a file says the same
             c.chop(steps[0].path, "SDXL-LyC-MIDALL")
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no space left" in str(e.value).lower(), (e.value.code, str(e.value))
@@ -86,3 +87,44 @@ def test_a_full_disk_fails_the_job_clearly_and_keeps_its_last_checkpoint(home, d
         assert done.state == pb.DONE, done.error
         assert Path(c.chop(steps[0].path, "SDXL-LyC-MIDALL").path).is_file()
     assert os.path.ismount(small_outputs)
+
+
+@pytest.fixture
+def small_home(home):
+    """The whole home on its own 64 MB tmpfs: the job database fills up with the outputs."""
+    home.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(home)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); this test needs root")
+    yield home
+    subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def test_a_full_home_never_loses_a_jobs_end_and_refuses_uploads_clearly(small_home, daemons, tmp_path):
+    """With the home itself full, sqlite's "database or disk is full" made the daemon drop the
+    worker's report that the job had failed: it stayed "running" for ever, cancel did nothing
+    and retry said it was running, even after space was freed; an upload got INTERNAL."""
+    home = small_home
+    d = daemons(home, "--workers", "1", "--quiet-seconds", "3600", "--max-retries", "0", env=ENV)
+    make_dataset(home / "inbox" / "big", settings={"max_train_steps": 400, "resize_recipe": ""})
+    with d.client() as c:
+        job = c.submit("big")
+        wait_for(lambda: c.job(job.id).progress.done >= 2, timeout=120, interval=0.05, what="two steps")
+        filler = _fill(home)
+        failed = wait_for(lambda: (j := c.job(job.id)).state != pb.RUNNING and j, timeout=90, what="the job to end")
+        assert failed.state == pb.FAILED and failed.error.startswith("disk full: ") and failed.error.count(". ") == 0, failed.error
+        assert c.status().pid == d.pid
+
+        more = _fill(home / "inbox")  # what the failed write and the store's reserve gave back
+        with pytest.raises(ClientError) as e:
+            c.upload(make_dataset(tmp_path / "sent"))
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and str(e.value).startswith("disk full: "), (e.value.code, str(e.value))
+        assert not [p for p in (home / "inbox").iterdir() if p.name not in ("big", "filler")], "a refused upload left files behind"
+
+        filler.unlink()
+        more.unlink()  # space is back: the job can be retried and cancelled like any other
+        assert c.retry(job.id).state == pb.QUEUED
+        wait_for(lambda: c.job(job.id).state == pb.RUNNING, timeout=60, what="the retry to start")
+        c.cancel(job.id)
+        cancelled = wait_for(lambda: (j := c.job(job.id)).state == pb.CANCELLED and j, timeout=60, what="the cancel")
+        assert cancelled.state == pb.CANCELLED

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import save_file
 
 from support import Daemon, make_dataset, wait_for  # noqa: E402
 
@@ -107,6 +109,35 @@ def _ended(job: pb.Job) -> pb.Job | None:
     return job if job.state in (pb.DONE, pb.FAILED, pb.CANCELLED) else None
 
 
+def synthetic_lora(path: Path) -> Path:
+    """A small kohya LoCon with fixed values: modules in six UNet blocks and a text encoder."""
+    rng = np.random.RandomState(0)
+    modules = {
+        "lora_unet_input_blocks_1_0_in_layers_2": (4, 36),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (8, 8),
+        "lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_k": (16, 16),
+        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": (16, 16),
+        "lora_unet_output_blocks_0_1_transformer_blocks_0_ff_net_2": (16, 16),
+        "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_out_0": (8, 8),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1": (12, 8),
+    }
+    tensors = {}
+    for i, (name, (out, inp)) in enumerate(modules.items()):
+        scale = 0.2 * (i + 1)
+        tensors[f"{name}.lora_down.weight"] = (scale * rng.standard_normal((2, inp))).astype(np.float16)
+        tensors[f"{name}.lora_up.weight"] = (scale * rng.standard_normal((out, 2))).astype(np.float16)
+        tensors[f"{name}.alpha"] = np.array(1.0, dtype=np.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture
+def lora():
+    """`lora(path)`: write a small synthetic LoCon there."""
+    return synthetic_lora
+
+
 class Pilot:
     """Runs the app against a daemon at 80x24 with half-cell pictures, and waits for conditions."""
 
@@ -114,15 +145,27 @@ class Pilot:
 
     def run(self, connect: str, scenario: Callable[..., Awaitable[None]], *, size: tuple[int, int] | None = None, protocol: str = "halfcell") -> None:
         from loradrop.tui.app import LoradropApp
-        from loradrop.tui.images import image_widget_class
+        from loradrop.tui.images import Pictures, image_widget_class
         from loradrop.tui.link import Target
 
         async def main() -> None:
-            app = LoradropApp(Target(connect), image_widget_class(protocol), retry_delay=0.1)
+            app = LoradropApp(Target(connect), Pictures(image_widget_class(protocol)), retry_delay=0.1)
             async with app.run_test(size=size or self.size) as pilot:
                 await scenario(app, pilot)
 
         asyncio.run(main())
+
+    @staticmethod
+    async def type_ahead(pilot, *keys: str) -> None:
+        """Keys as one terminal write sends them (tmux send-keys, type-ahead over ssh): every one
+        queued before the app handles the first; `pilot.press` instead waits after each key."""
+        from textual import events
+
+        named = {"enter": "\r", "space": " ", "tab": "\t", "escape": "\x1b"}
+        for key in keys:
+            pilot.app.post_message(events.Key(key, key if len(key) == 1 else named.get(key)))
+        await pilot.pause(0.1)
+        await pilot.pause()
 
     @staticmethod
     async def until(pilot, predicate: Callable[[], object], timeout: float = 30, what: str = "condition"):

@@ -1,5 +1,5 @@
 """The blocks screen on a trained job's LoRA: weights edited by keys and by typing, a preset, a
-preview through the daemon beside the full-strength one, and a chop that writes a file."""
+preview through the daemon under the full-strength one (cancelled once), and a chop that writes a file."""
 
 from __future__ import annotations
 
@@ -47,11 +47,29 @@ def test_edit_preset_preview_and_chop(trained, tui):
         await pilot.press("down", "down", "down", "down", "enter")  # NONE, ALL, INALL, MIDALL, OUTALL
         assert screen.vector.text == outall
 
-        await pilot.press("v")
         full = screen.query_one("#preview-full", Picture)
         weighted = screen.query_one("#preview-vector", Picture)
-        await tui.until(pilot, lambda: full.image is not None and weighted.image is not None, timeout=240, what="both previews")
-        assert outall in str(screen.query_one("#label-vector").render())
+        await pilot.press("v")  # it says what it renders and for how long; v again cancels it
+        await tui.until(pilot, lambda: "rendering full strength" in str(full.query_one(".picture-text").render()), what="the preview's progress")
+        await pilot.press("v")
+        await tui.until(pilot, lambda: screen.rendering is None, timeout=30, what="the preview to be cancelled")
+        assert "preview cancelled" in str(weighted.query_one(".picture-text").render()) and full.image is None
+
+        await pilot.press("v")
+        steps_seen = set()
+
+        def rendered() -> bool:
+            if screen._render_step:
+                steps_seen.add(screen._render_step)  # "step 2/8": the daemon's own progress
+            return full.image is not None and weighted.image is not None
+
+        await tui.until(pilot, rendered, timeout=240, what="both previews")
+        assert any(s.startswith("step ") for s in steps_seen), steps_seen
+        label = screen.query_one("#label-vector")
+        assert screen.previewed == outall and str(label.render()) == "with the vector"
+        await pilot.press("1")  # the vector changes: the picture below is of an earlier one, and says so
+        assert "earlier vector" in str(label.render())
+        await pilot.press("0")
 
         await pilot.press("x")
         assert isinstance(app.screen, Confirm)

@@ -43,6 +43,9 @@ def test_a_job_trains_live_in_its_screen(start_daemon, dataset, tui):
         assert bar.total and bar.progress == bar.total
         await tui.until(pilot, lambda: len(log.lines) == log.received, what="every line received in the log")
         assert log.received > seen
+        title = str(screen.query_one("#job-title").render())  # what a done job is: done, its final loss, its file
+        assert "done" in title and "4 steps" in title and "avg loss" in title and "resize" not in title, title
+        assert table.cell_text("0001-zkw", "step") == "4/4" and table.cell_text("0001-zkw", "loss")
 
         await pilot.press("a")
         files = screen.query_one(ArtifactsTable)

@@ -118,14 +118,14 @@ def test_a_flooded_log_is_written_in_batches_and_loses_no_line():
 
     from textual.app import App
 
-    from loradrop.tui.widgets.stream_log import StreamLog
+    from loradrop.tui.widgets.stream_log import Line, StreamLog
 
     writes: list[int] = []
 
     class Counted(StreamLog):
-        def write_lines(self, lines, scroll_end=None):
-            writes.append(len(lines))
-            return super().write_lines(lines, scroll_end)
+        def flush(self):
+            writes.append(len(self._pending))
+            return super().flush()
 
     class One(App):
         def compose(self):
@@ -135,12 +135,95 @@ def test_a_flooded_log_is_written_in_batches_and_loses_no_line():
         app = One()
         async with app.run_test() as pilot:
             log = app.query_one(Counted)
-            log.add(["first"])
-            assert list(log.lines) == ["first"] and writes == [1]  # a quiet log shows a line at once
+            log.add([Line("first")])
+            assert log.lines == ["first"] and writes == [1]  # a quiet log shows a line at once
             for i in range(1000):  # a flood: within one flush period
-                log.add([f"line {i}"])
+                log.add([Line(f"line {i}")])
             await pilot.pause(0.3)
             assert log.received == 1001 and len(writes) <= 3
-            assert list(log.lines)[-1] == "line 999" and len(log.lines) == 300
+            assert log.lines[-1] == "line 999" and len(log.lines) == 300
+
+    asyncio.run(scenario())
+
+
+def test_state_colours_say_the_same_in_a_16_colour_terminal():
+    """Textual maps colours through its theme and then to the terminal's 16 (TERM=xterm): there
+    the theme's "yellow" came out bright red, and "queued" read as an error."""
+    from rich.color import ColorSystem
+    from rich.segment import Segment
+    from rich.style import Style
+    from textual.color import Color
+    from textual.filter import ANSIToTruecolor
+    from textual._ansi_theme import DEFAULT_TERMINAL_THEME
+
+    from loradrop.tui.formatting import state_text
+
+    names = ["black", "red", "green", "yellow", "blue", "magenta", "cyan", "white"]
+    names += [f"bright_{n}" for n in names]
+
+    def in_16_colours(state: int) -> str:
+        style = Style.parse(state_text(state).style or "none")
+        segment = ANSIToTruecolor(DEFAULT_TERMINAL_THEME).apply([Segment("x", style)], Color.parse("black"))[0]
+        colour = segment.style.color if segment.style else None
+        return "default" if colour is None else names[colour.downgrade(ColorSystem.STANDARD).number]
+
+    seen = {name: in_16_colours(code) for name, code in (("queued", pb.QUEUED), ("running", pb.RUNNING), ("done", pb.DONE), ("failed", pb.FAILED), ("cancelled", pb.CANCELLED))}
+    assert seen["queued"] == "default"
+    assert seen["failed"] in ("red", "bright_red")
+    assert seen["done"] in ("green", "bright_green")
+    assert "red" not in seen["running"] + seen["cancelled"] + seen["queued"]
+    assert len(set(seen.values())) == 5, seen
+
+
+def test_auto_pictures_give_way_to_their_path_where_the_terminal_has_16_colours():
+    from loradrop.tui.images import choose_pictures
+
+    few = choose_pictures("auto", "standard", "xterm")  # no terminal under pytest: auto would be unicode cells
+    assert few.widget is None and "16 colours (TERM=xterm)" in few.why_not and "sixel" in few.why_not
+    assert choose_pictures("auto", "truecolor").widget is not None
+    assert choose_pictures("halfcell", "standard").widget is not None  # asked for by name: kept
+    assert choose_pictures("none", "truecolor").widget is None
+
+
+def test_long_log_lines_wrap_at_the_width_breaking_at_spaces():
+    from loradrop.tui.widgets.stream_log import INDENT, wrap
+
+    path = "warning: skipped /srv/loradrop/inbox/bad-dataset/orphan-caption-without-image.txt"
+    rows = wrap(path, 40)
+    assert "".join(r.strip() if i else r for i, r in enumerate(rows)).replace(" ", "") == path.replace(" ", "")
+    assert all(len(r) <= 40 for r in rows) and all(r.startswith(" " * INDENT) for r in rows[1:])
+    assert rows[0] == path[:40]  # a path breaks at the edge: no space near enough
+    prose = wrap("warning: this caption file has no image beside it, so it is skipped", 40)
+    assert prose[0] == "warning: this caption file has no image " and prose[1] == " " * INDENT + "beside it, so it is skipped"
+    assert wrap("short", 40) == ["short"]
+    wide = "图" * 30  # two cells each
+    assert all(len(r.strip()) * 2 <= 40 for r in wrap(wide, 40)) and "".join(r.strip() for r in wrap(wide, 40)) == wide
+
+
+def test_the_log_draws_every_row_of_a_wrapped_warning_in_its_colour():
+    import asyncio
+
+    from textual.app import App
+
+    from loradrop.tui.formatting import WARNING
+    from loradrop.tui.widgets.stream_log import Line, StreamLog
+
+    class One(App):
+        def compose(self):
+            yield StreamLog(max_lines=100)
+
+    async def scenario():
+        app = One()
+        async with app.run_test(size=(40, 10)) as pilot:
+            log = app.query_one(StreamLog)
+            text = "12:00:00 [3] warning: no image for /srv/loradrop/inbox/bad/orphan.txt; the caption is skipped"
+            log.add([Line("12:00:00 [2] job running"), Line(text, "warning")])
+            await pilot.pause()
+            rows = [log.render_line(y) for y in range(6)]
+            drawn = ["".join(segment.text for segment in row) for row in rows]
+            assert drawn[0].startswith("12:00:00 [2] job running")
+            assert "".join(d.strip() for d in drawn[1:]).replace(" ", "") == text.replace(" ", "")  # nothing cut
+            warned = [row for row, d in zip(rows, drawn) if d.strip() and row is not rows[0]]
+            assert all(any(seg.style and seg.style.color and seg.style.color.triplet.hex == WARNING for seg in row) for row in warned)
 
     asyncio.run(scenario())

@@ -25,6 +25,7 @@ def test_a_dropped_folder_appears_and_cancel_and_retry_ask_first(start_daemon, d
 
         await pilot.press("c")
         assert isinstance(app.screen, Confirm)
+        assert "n or esc: no" in str(app.screen.query_one(".dialog-keys").render())  # it says how to answer
         await pilot.press("n")  # changed its mind: nothing happens
         assert not isinstance(app.screen, Confirm)
         await pilot.pause(0.3)
@@ -57,6 +58,7 @@ def test_submit_asks_for_a_folder_in_the_inbox(start_daemon, dataset, tui):
         await tui.until(pilot, lambda: app.status is not None, what="the app to connect")
         await pilot.press("s")
         assert isinstance(app.screen, Ask)
+        assert "enter: OK  ·  esc: cancel" in str(app.screen.query_one(".dialog-keys").render())
         await pilot.press(*"dogs", "enter")
         await tui.until(pilot, lambda: table.row_count == 1, what="the submitted job")
         assert table.selected == "0001-dogs"

@@ -47,3 +47,19 @@ def test_the_tui_survives_a_daemon_restart(start_daemon, dataset, tui):
         assert log.received == len(expected)
 
     tui.run(first.connect, scenario)
+
+
+def test_the_banner_says_why_as_of_now_and_how_to_start_this_home(start_daemon, tui):
+    daemon = start_daemon("--workers", "0")
+    socket = daemon.home / "daemon.sock"
+
+    async def scenario(app, pilot):
+        line = app.screen.query_one("#daemon-line")
+        await tui.until(pilot, lambda: app.connected and app.status is not None, what="the app to connect")
+        daemon.stop()
+        expected = f"cannot reach the daemon at {socket} (no such socket); start one with `loradrop daemon --home {daemon.home}`"
+        # The first word from the stopping daemon ("it is stopping") gives way to what is true once it has gone.
+        await tui.until(pilot, lambda: expected in str(line.render()), timeout=20, what=f"the banner to say the socket has gone: {line.render()}")
+        assert "reconnecting" in str(line.render()) and "stopping" not in str(line.render())
+
+    tui.run(daemon.connect, scenario)

@@ -15,11 +15,9 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from support import wait_for
 from PIL import Image
-from safetensors.numpy import save_file
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.tui.images import Picture
@@ -60,28 +58,6 @@ async def check(app, pilot, name: str, tmp_path: Path, settle: float = 3.0) -> N
         pytest.fail(f"{name} differs from {path}; the new screenshot is {tmp_path / path.name} (UPDATE_SNAPSHOTS=1 to accept it)")
 
 
-def synthetic_lora(path: Path) -> Path:
-    """A small kohya LoCon with fixed values: modules in six UNet blocks and a text encoder."""
-    rng = np.random.RandomState(0)
-    modules = {
-        "lora_unet_input_blocks_1_0_in_layers_2": (4, 36),
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (8, 8),
-        "lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_k": (16, 16),
-        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": (16, 16),
-        "lora_unet_output_blocks_0_1_transformer_blocks_0_ff_net_2": (16, 16),
-        "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_out_0": (8, 8),
-        "lora_te1_text_model_encoder_layers_0_mlp_fc1": (12, 8),
-    }
-    tensors = {}
-    for i, (name, (out, inp)) in enumerate(modules.items()):
-        scale = 0.2 * (i + 1)
-        tensors[f"{name}.lora_down.weight"] = (scale * rng.standard_normal((2, inp))).astype(np.float16)
-        tensors[f"{name}.lora_up.weight"] = (scale * rng.standard_normal((out, 2))).astype(np.float16)
-        tensors[f"{name}.alpha"] = np.array(1.0, dtype=np.float16)
-    save_file(tensors, str(path))
-    return path
-
-
 def coloured(path: Path, left: tuple, right: tuple) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.new("RGB", (64, 64), left)
@@ -111,15 +87,15 @@ def test_queue_and_job_log(start_daemon, dataset, tui, tmp_path):
     tui.run(daemon.connect, scenario)
 
 
-def test_job_samples_and_blocks(start_daemon, dataset, tui, tmp_path):
+def test_job_samples_and_blocks(start_daemon, dataset, tui, lora, tmp_path):
     daemon = start_daemon("--workers", "0")
     dataset(daemon.home / "inbox" / "cats")
     out = daemon.home / "outputs" / "0001-cats"
     out.mkdir(parents=True)
-    lora = synthetic_lora(out / "cats.safetensors")
+    lora_path = lora(out / "cats.safetensors")
     samples = [coloured(out / "samples" / f"s{step}_p{p}.png", left, right) for step, p, left, right in (
         (2, 0, (255, 0, 0), (0, 0, 255)), (2, 1, (0, 160, 0), (255, 255, 0)), (4, 0, (255, 128, 0), (0, 200, 200)), (4, 1, (255, 255, 255), (128, 0, 128)))]
-    events = [pb.Event(seq=10 + i, job_id="0001-cats", kind="progress", progress=pb.Progress(stage="train", done=i, total=4, loss=loss, eta_s=4.0 - i))
+    events = [pb.Event(seq=10 + i, job_id="0001-cats", kind="progress", progress=pb.Progress(stage="train", done=i, total=4, loss=loss, avg_loss=loss + 0.01, eta_s=4.0 - i))
               for i, loss in enumerate((0.31, 0.22, 0.26, 0.12), start=1)]
     events += [pb.Event(seq=20 + i, job_id="0001-cats", kind="sample", sample=pb.SampleReady(path=str(path), step=2 + 2 * (i // 2), prompt_index=i % 2, prompt=f"prompt {i % 2}"))
                for i, path in enumerate(samples)]
@@ -140,7 +116,7 @@ def test_job_samples_and_blocks(start_daemon, dataset, tui, tmp_path):
         await pilot.pause(0.2)
         await check(app, pilot, "job-samples", tmp_path)
 
-        app.push_screen(BlocksScreen("0001-cats", str(lora)))
+        app.push_screen(BlocksScreen("0001-cats", str(lora_path)))
         blocks = app.screen
         await tui.until(pilot, lambda: blocks.vector is not None, what="the block layout")
         await pilot.press("down", "down", "0", "down", "minus")

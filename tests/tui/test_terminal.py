@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from support import wait_for
-from PIL import Image
+from PIL import Image, ImageGrab
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 COLUMNS, ROWS = 100, 30
@@ -27,7 +27,7 @@ def tui_command(connect: str, protocol: str) -> list[str]:
 def needs(*programs: str):
     """Skip (before any fixture is set up) when a program is missing."""
     missing = [p for p in programs if shutil.which(p) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (Debian packages xterm, xvfb, imagemagick, xdotool, tmux)")
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (Debian packages xterm, xvfb, xdotool, tmux)")
 
 
 @pytest.fixture
@@ -44,8 +44,9 @@ def display():
 
 
 def screenshot(env: dict, path: Path) -> Image.Image:
-    subprocess.run(["import", "-window", "root", f"png:{path}"], env=env, check=True, timeout=30)
-    return Image.open(path).convert("RGB")
+    image = ImageGrab.grab(xdisplay=env["DISPLAY"])  # kept, to look at when a test fails
+    image.save(path)
+    return image.convert("RGB")
 
 
 def region(image: Image.Image, colour: tuple[int, int, int], tolerance: int = 24) -> tuple[int, tuple[int, int, int, int] | None]:
@@ -57,7 +58,7 @@ def region(image: Image.Image, colour: tuple[int, int, int], tolerance: int = 24
     return int(mask.sum()), (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
-@needs("Xvfb", "xterm", "import", "xdotool")
+@needs("Xvfb", "xterm", "xdotool")
 def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
     newest = max(s.step for s in trained.samples)
     left, right = trained.colours(newest, 0)
@@ -82,6 +83,21 @@ def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
             return (image, box_left, box_right) if n_left > 400 and n_right > 400 else None
 
         image, box_left, box_right = wait_for(picture, timeout=60, interval=0.5, what=f"the sample's colours on the screen (last screenshot: {shot})")
+
+        # A smaller window: soon the whole picture again, square, inside the window (not a strip
+        # of it, and not the old, bigger one left behind).
+        window = subprocess.run(["xdotool", "search", "--pid", str(xterm.pid)], env=env, capture_output=True, text=True).stdout.split()[0]
+        subprocess.run(["xdotool", "windowsize", window, "600", "450"], env=env, check=True)
+
+        def whole_in(width: int, height: int):
+            got = picture()
+            if got is None:
+                return None
+            _, left_box, right_box = got
+            w, h = right_box[2] - left_box[0], max(left_box[3], right_box[3]) - min(left_box[1], right_box[1])
+            return got if right_box[2] <= width and left_box[3] <= height and abs(w - h) <= 0.1 * h else None
+
+        wait_for(lambda: whole_in(600, 450), timeout=3, interval=0.1, what=f"the whole picture after the resize (last screenshot: {shot})")
     finally:
         xterm.terminate()
         xterm.wait(10)
@@ -118,5 +134,26 @@ def test_tmux_shows_the_queue_and_a_growing_log(start_daemon, dataset):
         wait_for(lambda: "running" in screen(), timeout=120, what=f"the job to run:\n{screen()}")
         wait_for(lambda: lines() > first + 2, timeout=300, what=f"the log to grow:\n{screen()}")
         assert "0001-zkw" in screen()
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+@needs("tmux")
+def test_tmux_keys_sent_in_one_write_act_in_order(start_daemon, dataset):
+    daemon = start_daemon("--workers", "0")
+    for name in ("cats", "dogs"):
+        dataset(daemon.home / "inbox" / name)
+    server = f"ldt-keys-{os.getpid()}"
+    tmux = ["tmux", "-L", server]
+    subprocess.run([*tmux, "new-session", "-d", "-s", "tui", "-x", "80", "-y", "24", *tui_command(daemon.connect, "none")], check=True)
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True, check=True).stdout
+
+    try:
+        wait_for(lambda: "2     dogs" in screen(), timeout=30, what=f"both jobs in the queue:\n{screen()}")
+        subprocess.run([*tmux, "send-keys", "-t", "tui", "Down", "Enter"], check=True)  # one write
+        wait_for(lambda: "0002-dogs" in screen() and "log l" in screen(), timeout=15, what=f"the second job's screen:\n{screen()}")
+        assert "0001-cats" not in screen()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)

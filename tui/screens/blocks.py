@@ -1,12 +1,16 @@
 """A LoRA's block vector: BASE and the UNet blocks with their tensors and energy, weights to edit,
-the Inspire presets; Preview renders a sample prompt with the vector beside the full-strength
-LoRA, Chop writes the chopped file (both through the daemon)."""
+the Inspire presets; Preview renders a sample prompt with the full-strength LoRA and with the
+vector, one above the other, Chop writes the chopped file (both through the daemon)."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 import tomllib
+import uuid
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -18,6 +22,7 @@ from loradrop.proto.v1 import loradrop_pb2 as pb
 
 from ..formatting import size_text, weight_text
 from ..images import Picture
+from ..messages import PreviewProgressed
 from ..samples import Sample, SampleIndex
 from ..vector import ENTRY0_CHOP, ENTRY0_PREVIEW, STEP, BlockVector
 from ..widgets.block_table import BlockTable
@@ -34,6 +39,7 @@ class BlocksScreen(Screen):
         Binding("enter", "type", "type", priority=True),
         Binding("p", "preset", "presets"),
         Binding("v", "preview", "preview"),
+        Binding("s", "steps", "preview steps", show=False),  # named in the preview's own text
         Binding("x", "chop", "chop"),
     ]
 
@@ -44,25 +50,37 @@ class BlocksScreen(Screen):
         self.block_layout: pb.BlockLayoutReply | None = None
         self.vector: BlockVector | None = None
         self.full_png: bytes | None = None  # the full-strength preview, rendered once
+        self.previewed = ""  # the vector the lower preview shows
+        self.rendering: threading.Event | None = None  # set to cancel the preview being rendered
+        self.steps = 0  # denoising steps of a preview; 0: the daemon's quick look (at most 8)
+        self._render_started = 0.0
+        self._render_phase = ""
+        self._render_ids: dict[str, str] = {}  # request id -> which picture it renders
+        self._render_step = ""  # how far the daemon says the one rendering is
         self.chopped: pb.Artifact | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(f"[b]{os.path.basename(self.lora)}[/]  reading its blocks …", id="blocks-file")
+        yield Static(f"[b]{escape(os.path.basename(self.lora))}[/]  reading its blocks …", id="blocks-file")
         yield Static(id="entry0")
         with Horizontal(id="blocks-main"):
             yield BlockTable(id="blocks-table")
             with Vertical(id="preview-pane"):
                 yield Label("full strength", id="label-full", classes="preview-label")
-                yield Picture(self.app.image_class, "v: preview", id="preview-full")
+                yield Picture(self.app.pictures, "v: preview\n(s: its steps)", id="preview-full")
                 yield Label("with the vector", id="label-vector", classes="preview-label")
-                yield Picture(self.app.image_class, "", id="preview-vector")
+                yield Picture(self.app.pictures, "", id="preview-vector")
         yield Static(id="vector-line")
         yield Footer(compact=True)  # every key fits an 80-column terminal
 
     def on_mount(self) -> None:
         self.app.call(self, "blocks", lambda c: c.block_layout(self.lora), self._loaded)
         self.query_one(BlockTable).focus()
+        self.set_interval(1.0, self._show_rendering)
+
+    def on_unmount(self) -> None:
+        if self.rendering is not None:
+            self.rendering.set()  # nobody is left to look at it
 
     def _loaded(self, layout: pb.BlockLayoutReply) -> None:
         self.block_layout = layout
@@ -74,7 +92,7 @@ class BlocksScreen(Screen):
             self.vector = BlockVector.for_blocks(labels)
         self.query_one(BlockTable).load(layout, self.vector)
         self.query_one("#blocks-file", Static).update(
-            f"[b]{os.path.basename(self.lora)}[/]  {len(layout.blocks)} blocks, {layout.pass_through} tensors pass through  ·  {self.lora}"
+            f"[b]{escape(os.path.basename(self.lora))}[/]  {len(layout.blocks)} blocks, {layout.pass_through} tensors pass through\n{escape(self.lora)}"
         )
         self._show_vector()
 
@@ -84,9 +102,12 @@ class BlocksScreen(Screen):
         base = weight_text(self.vector.weights[0])
         self.query_one("#entry0", Static).update(f"entry 0 = {base}:  {ENTRY0_CHOP}.\n             {ENTRY0_PREVIEW}.")
         line = f"vector  {self.vector.text}"
-        if self.chopped is not None:
-            line += f"\nchopped {self.chopped.path}  ({size_text(self.chopped.bytes)})"
-        self.query_one("#vector-line", Static).update(line)
+        if self.chopped is not None:  # the whole path, wrapped if it must be: it is what to copy
+            line += f"\nchopped ({size_text(self.chopped.bytes)}): {self.chopped.path}"
+        self.query_one("#vector-line", Static).update(escape(line))
+        if self.previewed:
+            changed = self.previewed != self.vector.text
+            self.query_one("#label-vector", Label).update("with an earlier vector (v)" if changed else "with the vector")
 
     # ------------------------------------------------------------------ editing
 
@@ -148,29 +169,83 @@ class BlocksScreen(Screen):
     # ------------------------------------------------------------------ through the daemon
 
     def action_preview(self) -> None:
+        """Render the preview pair (the full-strength one only the first time); v again cancels."""
+        if self.rendering is not None:
+            self.rendering.set()
+            return
         if self.vector is None:
             return
         full = self.query_one("#preview-full", Picture)
         weighted = self.query_one("#preview-vector", Picture)
         size = max(full.fit(), weighted.fit())
         vector = self.vector.text
-        weighted.show(None, "rendering …")
-        if self.full_png is None:
-            full.show(None, "rendering …")
         job = self.app.jobs.get(self.job_id)
+        cancel = self.rendering = threading.Event()
+        self._render_started = time.monotonic()
+        self._phase("full strength" if self.full_png is None else "with the vector")
+
+        full_id, vector_id = uuid.uuid4().hex[:12], uuid.uuid4().hex[:12]  # their progress events say which
+        self._render_ids = {full_id: "full strength", vector_id: "with the vector"}
+        steps = self.steps
 
         def render(client):
             prompts, seed = preview_prompt(client, job, self.sample)
+            common = dict(prompts=prompts, seed=seed, max_size=size, steps=steps, cancel=cancel)
             if self.full_png is None:
-                self.app.call_from_thread(self._full_done, client.preview(self.lora, prompts=prompts, seed=seed, max_size=size))
-            return client.preview(self.lora, vector=vector, prompts=prompts, seed=seed, max_size=size)
+                self.app.call_from_thread(self._full_done, client.preview(self.lora, request_id=full_id, **common))
+                self.app.call_from_thread(self._phase, "with the vector")
+            return client.preview(self.lora, vector=vector, request_id=vector_id, **common)
 
         def failed(e) -> None:
-            weighted.show(None, "preview failed")
+            self.rendering = None
+            if not self.is_attached:
+                return  # left while it rendered (which cancelled it)
+            said = "preview cancelled (v: again)" if cancel.is_set() else "preview failed"
+            if not cancel.is_set():
+                self.notify(str(e), title="preview", severity="error", timeout=8)
+            weighted.show(None, said)
             if self.full_png is None:
-                full.show(None, "preview failed")
+                full.show(None, said)
 
-        self.app.call(self, "preview", render, lambda images: self._vector_done(vector, images), failed=failed)
+        self.app.call(self, "preview", render, lambda images: self._vector_done(vector, images), failed=failed, quiet=True)
+
+    def _phase(self, phase: str) -> None:
+        self._render_phase, self._render_step = phase, ""
+        self._show_rendering()
+
+    def on_preview_progressed(self, message: PreviewProgressed) -> None:
+        p = message.progress
+        if self.rendering is not None and self._render_ids.get(p.request_id) == self._render_phase:
+            image = f"image {p.image}/{p.images}, " if p.images > 1 else ""
+            self._render_step = f"{image}step {p.step}/{p.steps}"
+            self._show_rendering()
+
+    def action_steps(self) -> None:
+        def answered(text: str | None) -> None:
+            if text is None or text == "":
+                return
+            if not text.isdigit() or not 0 <= int(text) <= 150:
+                self.notify(f"{text!r} is not a step count from 0 to 150; previews keep {self.steps or 'the quick look'}.", severity="error")
+                return
+            self.steps = int(text)
+            self.notify(f"previews render with {self.steps} steps" if self.steps else "previews are a quick look (at most 8 steps)")
+
+        self.app.push_screen(Ask("Denoising steps of a preview (1-150; 0: a quick look, at most 8; more takes longer):", str(self.steps)), answered)
+
+    def _show_rendering(self) -> None:
+        """While a preview renders: which picture, for how long so far, and how to stop it. The
+        daemon renders it in the training worker, between steps of a running job, so it can take
+        a while on a busy machine."""
+        if self.rendering is None or not self.is_attached:
+            return
+        waited = f"{time.monotonic() - self._render_started:.0f} s"
+        for picture, phase in (("#preview-full", "full strength"), ("#preview-vector", "with the vector")):
+            if phase == self._render_phase:
+                # Before its first step it waits for the worker (a training job's step, say).
+                done = self._render_step or "waiting for the worker"
+                self.query_one(picture, Picture).show(None, f"rendering {phase}: {done} … {waited}\n(v again: cancel)")
+            elif phase == "with the vector":
+                self.query_one(picture, Picture).show(None, "waits for the one above")
 
     def _full_done(self, images: list[pb.Image]) -> None:
         if images and self.is_attached:
@@ -178,9 +253,11 @@ class BlocksScreen(Screen):
             self.query_one("#preview-full", Picture).show(images[0].png, images[0].path)
 
     def _vector_done(self, vector: str, images: list[pb.Image]) -> None:
+        self.rendering = None
         if images:
+            self.previewed = vector
             self.query_one("#preview-vector", Picture).show(images[0].png, f"{images[0].path}\n{vector}")
-            self.query_one("#label-vector", Label).update(f"with {vector}")
+            self._show_vector()
 
     def action_chop(self) -> None:
         if self.vector is None:

@@ -1,4 +1,4 @@
-"""Small modal questions: yes/no, a line of text, one of a list."""
+"""Small modal questions: yes/no, a line of text, one of a list; each says which keys answer it."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class Confirm(ModalScreen[bool]):
             with Horizontal(classes="dialog-buttons"):
                 yield Button(f"{self.yes} (y)", variant="primary", id="yes")
                 yield Button("No (n)", id="no")
+            yield Label(f"y: {self.yes.lower()}  ·  n or esc: no  ·  enter: the button in focus", classes="dialog-keys")
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
@@ -49,6 +50,7 @@ class Ask(ModalScreen[str | None]):
         with Vertical(classes="dialog-box"):
             yield Label(self.question, classes="dialog-question")
             yield Input(self.value, placeholder=self.placeholder, id="answer")
+            yield Label("enter: OK  ·  esc: cancel", classes="dialog-keys")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip())
@@ -70,6 +72,7 @@ class Choose(ModalScreen[str | None]):
         with Vertical(classes="dialog-box"):
             yield Label(self.question, classes="dialog-question")
             yield OptionList(*(Option(f"{name}  [dim]{text}[/]", id=name) for name, text in self.choices.items()), id="choices")
+            yield Label("↑ ↓: choose  ·  enter: take it  ·  esc: cancel", classes="dialog-keys")
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)

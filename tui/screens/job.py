@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 
 from loradrop.commands.logs import event_line
-from loradrop.progress import format_duration
-from loradrop.proto.client import state_name
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
+from ..facts import title_parts
 from ..formatting import size_text
 from ..link import TERMINAL_STATES, EventFeed
 from ..messages import EventsArrived, JobUpdated
@@ -21,7 +22,8 @@ from ..samples import SampleIndex
 from ..widgets.artifacts import ArtifactsTable
 from ..widgets.gallery import Gallery
 from ..widgets.loss_plot import LossPlot
-from ..widgets.stream_log import StreamLog
+from ..widgets.stream_log import Line, StreamLog
+from ..widgets.text_line import TextLine
 
 MAX_LOG_LINES = 5000  # older lines scroll away; the daemon keeps them all (`loradrop logs`)
 LORA_KINDS = {"final", "resized", "chopped", "step"}
@@ -54,14 +56,14 @@ class JobScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(self.job_id, id="job-title")
+        yield TextLine(self.job_id, id="job-title")
         yield ProgressBar(total=1, show_eta=False, id="job-progress")  # a total from the start: no busy animation
         yield LossPlot(id="loss")
         with TabbedContent(initial="log", id="job-tabs"):
             with TabPane("log [b]l[/]", id="log"):
                 yield StreamLog(max_lines=MAX_LOG_LINES, id="job-log")
             with TabPane("samples [b]g[/]", id="samples"):
-                yield Gallery(self.samples, self.app.image_class, id="gallery")
+                yield Gallery(self.samples, self.app.pictures, id="gallery")
             with TabPane("files [b]a[/]", id="artifacts"):
                 yield ArtifactsTable(id="artifacts-table")
                 yield Static("", id="artifact-path")
@@ -71,7 +73,7 @@ class JobScreen(Screen):
         self._show_job()
         self._start_feed()
         self.load_artifacts()
-        self.set_interval(1.0, self._artifacts_if_due)
+        self.set_interval(1.0, self._tick)
         self.query_one("#job-log", StreamLog).focus()
 
     def on_unmount(self) -> None:
@@ -90,21 +92,28 @@ class JobScreen(Screen):
     def on_events_arrived(self, message: EventsArrived) -> None:
         lines, samples, progress = [], False, None
         plot = self.query_one(LossPlot)
+        seen = self.app.seen_of(self.job_id)
+        now, wall = time.monotonic(), time.time()
         for event in message.inbox.take():
             self.last_seq = event.seq  # the feed hands each event once, in order
+            seen.learn(event, now, wall)
             body = event.WhichOneof("body")
             if body == "progress":
                 progress = event.progress
                 if progress.stage == "train" and progress.HasField("loss"):
                     plot.add(progress.done, progress.loss)
                 continue
+            if body == "preview":
+                continue  # a preview's steps: the blocks screen that asked for it shows them
             if body == "sample":
                 samples = self.samples.add(event) is not None or samples
             elif body in ("artifact", "state"):
                 self._artifacts_due = True
-            lines.append(event_line(event))
+            lines.append(Line(event_line(event), _level(event)))
         if progress is not None:  # the bar and the title show the latest only
             self._progress(progress)
+        elif lines:
+            self._show_job()  # a new stage, say
         if lines:
             self.query_one("#job-log", StreamLog).add(lines)
         if samples:
@@ -130,19 +139,8 @@ class JobScreen(Screen):
         if job is None:
             self.app.call(self, "job", lambda c: c.job(self.job_id), self._got_job)
             return
-        parts = [f"[b]{job.id}[/]", state_name(job.state)]
-        if job.HasField("progress") and job.progress.total:
-            p = job.progress
-            parts.append(f"{p.stage} {p.done}/{p.total}")
-            if p.HasField("loss"):
-                parts.append(f"loss {p.loss:.4f}")
-            if job.state == pb.RUNNING and p.HasField("eta_s"):
-                parts.append(f"ETA {format_duration(p.eta_s)}")
-        if job.attempts:
-            parts.append(f"{job.attempts} worker restart(s)")
-        if job.error:
-            parts.append(f"[red]{job.error}[/]")
-        self.query_one("#job-title", Static).update("  ·  ".join(parts))
+        parts = title_parts(job, self.app.seen_of(job.id), time.monotonic())
+        self.query_one("#job-title", TextLine).say("  ·  ".join(parts))
 
     def _got_job(self, job: pb.Job) -> None:
         self.app.jobs[job.id] = job
@@ -154,14 +152,17 @@ class JobScreen(Screen):
         self._artifacts_due = False
         self.app.call(self, "files", lambda c: c.artifacts(self.job_id), self.query_one(ArtifactsTable).load, quiet=True)
 
-    def _artifacts_if_due(self) -> None:
+    def _tick(self) -> None:
+        """Once a second: the ETA counts down; the files are listed again when an event named one."""
+        if self.job is not None and self.job.state == pb.RUNNING:
+            self._show_job()
         if self._artifacts_due:
             self.load_artifacts()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "artifacts-table":
             a = self.query_one(ArtifactsTable).selected
-            self.query_one("#artifact-path", Static).update(f"{a.path}  ({size_text(a.bytes)})" if a else "")
+            self.query_one("#artifact-path", Static).update(escape(f"{a.path}  ({size_text(a.bytes)})") if a else "")
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.data_table.id != "artifacts-table":
@@ -204,6 +205,15 @@ class JobScreen(Screen):
 
     def action_retry(self) -> None:
         self.app.retry_job(self.job_id)
+
+
+def _level(event: pb.Event) -> str:
+    """How the log draws an event: warnings and errors stand out, a failed job too."""
+    if event.HasField("log"):
+        return event.log.level
+    if event.HasField("state"):
+        return {pb.FAILED: "error", pb.CANCELLED: "warning"}.get(event.state.state, "info")
+    return "info"
 
 
 def _is_lora(artifact: pb.Artifact) -> bool:

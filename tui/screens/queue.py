@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import PurePosixPath
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Header
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
+from ..facts import job_line
 from ..messages import JobUpdated, LinkChanged
 from ..widgets.jobs_table import JobsTable
+from ..widgets.text_line import TextLine
 from .dialogs import Ask
 
 
 class QueueScreen(Screen):
-    BINDINGS = [
-        Binding("enter", "open", "open", priority=True),
+    BINDINGS = [  # enter (open) is the table's
         Binding("s", "submit", "submit"),
         Binding("c", "cancel", "cancel"),
         Binding("r", "retry", "retry"),
@@ -28,27 +31,54 @@ class QueueScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield JobsTable(id="jobs")
-        yield Static("", id="daemon-line")
+        yield TextLine(id="job-line")
+        yield TextLine(id="daemon-line")
         yield Footer(compact=True)  # every key fits an 80-column terminal
 
     def on_mount(self) -> None:
         table = self.query_one(JobsTable)
+        now = time.monotonic()
         for job in self.app.jobs.values():
-            table.upsert(job)
+            table.upsert(job, self.app.seen_of(job.id), now)
         self._show_daemon()
+        self.set_interval(1.0, self._tick)
 
     def on_job_updated(self, message: JobUpdated) -> None:
-        self.query_one(JobsTable).upsert(message.job)
+        job = message.job
+        self.query_one(JobsTable).upsert(job, self.app.seen_of(job.id), time.monotonic())
+        if job.id == self.selected:
+            self._show_job()
         self._show_daemon()
 
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._show_job()
+
+    def _show_job(self) -> None:
+        job = self.app.jobs.get(self.selected or "")
+        line = job_line(job, self.app.seen_of(job.id)) if job else ""
+        self.query_one("#job-line", TextLine).say(escape(line))
+
+    def _tick(self) -> None:
+        """Once a second: the ETAs count down, the banner says how long the daemon has been away."""
+        now = time.monotonic()
+        table = self.query_one(JobsTable)
+        for job in self.app.jobs.values():
+            if job.state == pb.RUNNING:
+                table.tick(job, self.app.seen_of(job.id), now)
+        if not self.app.connected:
+            self._show_daemon()
+
     def on_link_changed(self, message: LinkChanged) -> None:
-        if not message.up:
-            self.query_one("#daemon-line", Static).update(f"[b red]reconnecting[/]: {message.detail}")
+        self._show_daemon()
 
     def status_changed(self, status: pb.StatusReply) -> None:
         self._show_daemon()
 
     def _show_daemon(self) -> None:
+        if self.app.down_since is not None:
+            away = time.monotonic() - self.app.down_since
+            self.query_one("#daemon-line", TextLine).say(f"[b]reconnecting[/] ({away:.0f} s): {escape(self.app.link_detail)}")
+            return
         status = self.app.status
         if status is None:
             return
@@ -58,7 +88,7 @@ class QueueScreen(Screen):
             workers = [f"{w.device} {w.state}" + (f" {w.job_id}" if w.job_id else "") for w in status.workers]
             waiting = f"  ·  waiting in the inbox: {', '.join(status.pending_folders)}" if status.pending_folders else ""
             line = f"workers: {'; '.join(workers) or 'none'}{waiting}  ·  inbox {status.inbox}"
-        self.query_one("#daemon-line", Static).update(line)
+        self.query_one("#daemon-line", TextLine).say(escape(line))
 
     # ------------------------------------------------------------------ actions
 
@@ -67,13 +97,16 @@ class QueueScreen(Screen):
         return self.query_one(JobsTable).selected
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        self.action_open()
+        self.open(event.row_key.value)  # a click on the row the cursor was on
 
     def action_open(self) -> None:
+        if self.selected:
+            self.open(self.selected)
+
+    def open(self, job_id: str) -> None:
         from .job import JobScreen
 
-        if self.selected:
-            self.app.push_screen(JobScreen(self.selected))
+        self.app.push_screen(JobScreen(job_id))
 
     def action_submit(self) -> None:
         inbox = self.app.status.inbox if self.app.status else "the inbox"
@@ -87,7 +120,7 @@ class QueueScreen(Screen):
     def _submitted(self, job: pb.Job) -> None:
         self.app.jobs[job.id] = job
         table = self.query_one(JobsTable)
-        table.upsert(job)
+        table.upsert(job, self.app.seen_of(job.id), time.monotonic())
         table.select(job.id)
         self.notify(f"queued {job.id} ({PurePosixPath(job.dataset).name})")
 

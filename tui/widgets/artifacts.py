@@ -11,7 +11,7 @@ from loradrop.proto.v1 import loradrop_pb2 as pb
 from ..formatting import size_text
 
 # LoRA files first (what a person came for), then the rest by name.
-KIND_ORDER = {"chopped": 0, "resized": 1, "final": 2, "step": 3, "sample": 5}
+KIND_ORDER = {"chopped": 0, "resized": 1, "final": 2, "step": 3, "sample": 5, "preview": 6}
 
 
 class ArtifactsTable(DataTable):

@@ -9,7 +9,7 @@ from textual.containers import Vertical
 from textual.timer import Timer
 from textual.widgets import Static
 
-from ..images import Picture
+from ..images import Picture, Pictures
 from ..samples import Sample, SampleIndex
 
 FPS = 4.0
@@ -24,10 +24,10 @@ class Gallery(Vertical, can_focus=True):
         Binding("space", "play", "montage"),
     ]
 
-    def __init__(self, index: SampleIndex, image_class, *, id: str | None = None):
+    def __init__(self, index: SampleIndex, pictures: Pictures, *, id: str | None = None):
         super().__init__(id=id)
         self.index = index
-        self.image_class = image_class
+        self.pictures = pictures
         self.step: int | None = None  # the step shown; None: the newest, following new samples
         self.prompt: int | None = None  # the prompt index shown; None: the first
         self.playing = False
@@ -36,7 +36,7 @@ class Gallery(Vertical, can_focus=True):
         self.shown: tuple[Sample, int] | None = None  # the sample drawn, and the size it was fetched at
 
     def compose(self) -> ComposeResult:
-        yield Picture(self.image_class, "no samples yet", id="sample-picture")
+        yield Picture(self.pictures, "no samples yet", id="sample-picture")
         yield Static("", id="sample-caption")
 
     # ------------------------------------------------------------------ what is shown
@@ -59,7 +59,8 @@ class Gallery(Vertical, can_focus=True):
 
     def show(self) -> None:
         sample = self.current
-        self.query_one("#sample-caption", Static).update(self._caption(sample))
+        # a fixed height: a montage's caption changes four times a second without a new layout
+        self.query_one("#sample-caption", Static).update(self._caption(sample), layout=False)
         picture = self.query_one(Picture)
         if sample is None:
             self.shown = None
@@ -69,8 +70,8 @@ class Gallery(Vertical, can_focus=True):
         if picture.content_size.area == 0:
             return  # not on screen (another tab): fetched when shown, at the size it then has
         size = picture.fit()
-        if self.shown == (sample, size):
-            return
+        if self.shown is not None and self.shown[0] == sample and self.shown[1] >= size:
+            return  # a smaller widget (a resize): the picture it has scales down, no new fetch
 
         def arrived(png: bytes) -> None:
             if self.current == sample:  # the user may have moved on while it was fetched

@@ -2,38 +2,50 @@
 
 from __future__ import annotations
 
+from textual.binding import Binding
 from textual.widgets import DataTable
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
-from ..formatting import eta_text, loss_text, state_text, step_text
+from ..facts import STEP_WIDTH, Seen, avg_loss, eta_text, steps_text
+from ..formatting import state_text
 
 # (label, key, width): fixed widths, so rows updated many times a second never shift the table;
 # the name takes its longest value.
-COLUMNS = (("#", "number", 4), ("name", "name", None), ("state", "state", 9), ("step", "step", 11), ("loss", "loss", 7), ("ETA", "eta", 8))
+COLUMNS = (("#", "number", 4), ("name", "name", None), ("state", "state", 9), ("step", "step", STEP_WIDTH), ("avg loss", "loss", 8), ("ETA", "eta", 8))
 
 
 class JobsTable(DataTable):
+    # enter opens the job from here, the widget with focus, so it runs after the keys before it
+    # (a DataTable's own enter only posts a message, which a screen handles later)
+    BINDINGS = [Binding("enter", "screen.open", "open")]
+
     def on_mount(self) -> None:
         self.cursor_type = "row"
         self.zebra_stripes = True
         for label, key, width in COLUMNS:
             self.add_column(label, key=key, width=width)
 
-    def upsert(self, job: pb.Job) -> None:
+    def upsert(self, job: pb.Job, seen: Seen, now: float) -> None:
+        loss = avg_loss(job, seen)
         cells = {
             "number": str(job.number),
             "name": job.name,
             "state": state_text(job.state),
-            "step": step_text(job),
-            "loss": loss_text(job.progress) if job.HasField("progress") else "",
-            "eta": eta_text(job),
+            "step": steps_text(job, seen),
+            "loss": "" if loss is None else f"{loss:.4f}",
+            "eta": eta_text(job, seen, now),
         }
         if job.id in self.rows:
             for key, value in cells.items():
                 self.update_cell(job.id, key, value)
         else:
             self.add_row(*cells.values(), key=job.id)
+
+    def tick(self, job: pb.Job, seen: Seen, now: float) -> None:
+        """The ETA, counted down between steps."""
+        if job.id in self.rows:
+            self.update_cell(job.id, "eta", eta_text(job, seen, now))
 
     @property
     def selected(self) -> str | None:

@@ -42,7 +42,7 @@ def braille_plot(points: list[tuple[float, float]], width: int, height: int) -> 
 
 
 class LossPlot(Widget):
-    """Loss per step; the border title says the last, lowest and highest values."""
+    """Loss per step (each step's own, not averaged); the border title says the last, lowest and highest."""
 
     DEFAULT_CSS = "LossPlot { height: 5; border: round $primary-muted; color: $accent; }"
 
@@ -54,7 +54,8 @@ class LossPlot(Widget):
     def add(self, step: int, loss: float) -> None:
         self.points[step] = loss
         values = list(self.points.values())
-        self.border_title = f"loss {self.points[max(self.points)]:.4f}  (min {min(values):.4f}, max {max(values):.4f}, {len(values)} steps)"
+        # per step, not the running average the title line and the queue show: named so
+        self.border_title = f"loss per step {self.points[max(self.points)]:.4f}  (min {min(values):.4f}, max {max(values):.4f}, {len(values)} steps)"
         self.refresh()
 
     def clear(self) -> None:
