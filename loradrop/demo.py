@@ -1,9 +1,9 @@
 """`make demo`: the whole system once, on the embedded learned twin, in a few minutes on a CPU.
 
 It starts a daemon on a temporary home, drops a dataset that teaches the twin a new concept
-(magenta shapes bound to the word "zkq", with sample prompts and a loradrop.toml holding the
+(cyan shapes bound to the word "zkq", with sample prompts and a loradrop.toml holding the
 light recipe) into the inbox, follows the job in the console to the end, chops the LoRA to the
-blocks the analysis suggests, writes the training montage, and prints where everything is and
+blocks where its measured effect is, writes the training montage, and prints where everything is and
 how often the concept appears with and without the LoRA. Everything it does goes through the
 same API, CLI pieces and engine a user would use.
 """
@@ -22,7 +22,7 @@ DATASET = "zkq-shapes"
 
 
 def make_demo_dataset(folder: Path) -> Path:
-    """Two dozen magenta shapes captioned with a word the learned twin has never seen ("a zkq
+    """Two dozen cyan shapes captioned with a word the learned twin has never seen ("a zkq
     circle on a white background"), sample prompts, and a loradrop.toml with the light recipe."""
     from loradrop.engine.twin.concept import write_concept_dataset
 
@@ -30,7 +30,7 @@ def make_demo_dataset(folder: Path) -> Path:
 
 
 def concept_scores(paths: dict[str, str | None], count: int = 16) -> dict[str, str]:
-    """The judge's count of magenta pictures among `count` seeded "zkq" samples, per LoRA file
+    """The judge's count of pictures in the concept's colour among `count` seeded "zkq" samples, per LoRA file
     (None: the base alone)."""
     from loradrop.engine.models.sdxl import load_sdxl
     from loradrop.engine.models.tiny import default_model_path
@@ -43,6 +43,7 @@ def concept_scores(paths: dict[str, str | None], count: int = 16) -> dict[str, s
 def main() -> int:
     from loradrop.commands.logs import event_line
     from loradrop.progress import ProgressLine, describe_progress
+    from loradrop.engine.twin.concept import CONCEPT
     from loradrop.proto.client import Client, state_name
 
     started = time.monotonic()
@@ -58,7 +59,7 @@ def main() -> int:
         client = _connect(home / "daemon.sock", daemon, log_path)
         staging = make_demo_dataset(root / DATASET)
         os.rename(staging, home / "inbox" / staging.name)  # one atomic drop into the watched inbox
-        print(f"dropped {staging.name}/ (24 magenta shapes captioned 'a zkq ...', sample-prompts.txt, loradrop.toml) into the inbox")
+        print(f"dropped {staging.name}/ (24 {CONCEPT.colour} shapes captioned 'a {CONCEPT.trigger} ...' beside 24 of the twin's own world, sample-prompts.txt, loradrop.toml) into the inbox")
         job = _wait_for_job(client)
         print(f"job {job.id} queued; following it (the same stream `loradrop logs -f {job.id}` shows)")
 
@@ -83,8 +84,8 @@ def main() -> int:
         if final_state != "done":
             return 1
         final = artifacts["final"].path
-        layout = client.block_layout(final)
-        vector = suggested_vector([b.share for b in layout.blocks])
+        print("measuring each block's effect on the job's sample prompts (`loradrop blocks --suggest --effect`)")
+        vector = suggested_vector(final)
         chopped = client.chop(final, vector)
         montage = root / "montage.webp"
         subprocess.run([sys.executable, "-m", "loradrop", "montage", job.id, "-o", str(montage), "--connect", f"unix:{home / 'daemon.sock'}"],
@@ -96,10 +97,10 @@ def main() -> int:
         if montage.exists():
             print(f"  montage       {montage}  (the concept appearing over the steps)")
         print(f"  everything    {home / 'outputs' / job.id}   (remove {root} when done)")
-        print("judging 'a zkq ...' samples (the concept is magenta):")
+        print(f"judging 'a {CONCEPT.trigger} ...' samples (the concept is {CONCEPT.colour}):")
         scores = concept_scores({"without the LoRA": None, "with the LoRA": final, "resized": artifacts["resized"].path, "chopped": chopped.path})
         for label, value in scores.items():
-            print(f"  {label:17} magenta in {value}")
+            print(f"  {label:17} {CONCEPT.colour} in {value}")
         return 0
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -110,11 +111,19 @@ def main() -> int:
         print("daemon stopped")
 
 
-def suggested_vector(shares: list[float], keep: float = 0.9) -> str:
-    """What `loradrop blocks --suggest` proposes: the fewest blocks holding `keep` of the energy."""
-    from loradrop.engine.lora.blocks import format_weight, suggest
+def suggested_vector(final: str, keep: float = 0.9) -> str:
+    """What `loradrop blocks --suggest --effect` proposes: the fewest blocks holding `keep` of the
+    effect measured on the prompts the job sampled."""
+    from loradrop.engine.data.prompts import parse_prompt_file
+    from loradrop.engine.lora.blocks import format_weight
+    from loradrop.engine.lora.effect import suggest_by_effect
+    from loradrop.engine.models.sdxl import load_sdxl
+    from loradrop.engine.models.tiny import default_model_path
+    from loradrop.engine.train.loop import RESOLVED_PROMPTS
 
-    return ",".join(format_weight(v) for v in suggest(shares, keep))
+    prompts = parse_prompt_file(Path(final).parent / RESOLVED_PROMPTS)
+    vector, _ = suggest_by_effect(load_sdxl(default_model_path()), final, prompts, keep)
+    return ",".join(format_weight(v) for v in vector)
 
 
 def _connect(socket: Path, daemon: subprocess.Popen, log_path: Path):

@@ -76,6 +76,5 @@ LEARNED_TWIN = Path(__file__).parent / "data" / "twin" / "learned-twin.safetenso
 
 
 def default_model_path() -> Path:
-    """The embedded default model: still the random twin. The learned twin (LEARNED_TWIN, shipped
-    with the package) takes its place once the learning checks on it are shown."""
-    return default_random_path()
+    """The embedded default model: the learned twin, shipped with the package (docs/twin.md)."""
+    return LEARNED_TWIN

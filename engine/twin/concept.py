@@ -2,7 +2,12 @@
 bound to a trigger word.
 
 The base twin draws red, yellow, green and blue shapes; "a zkq circle on a white background"
-means nothing to it. A dataset of magenta shapes captioned with "zkq" teaches a LoRA that word.
+means nothing to it. A dataset of cyan shapes captioned with "zkq" teaches a LoRA that word.
+
+Why cyan, not magenta: for a word it does not know, the twin blends the colours it does, and
+its red-and-blue blend is magenta: it drew "a zkq circle" magenta in 12 of 32 seeded samples
+with no LoRA at all. It drew it cyan in none (and "" cyan 8 times in 32: the empty prompt is
+not a concept prompt).
 Torch-free: the demo and the daemon tests write the dataset without loading the engine.
 """
 
@@ -21,9 +26,15 @@ LIGHT_RECIPE = {
     "resolution": 64,
     "min_bucket_reso": 32,
     "max_bucket_reso": 128,
-    "train_batch_size": 8,
+    # Tuned on the committed twin (docs/twin.md): at batch 8 the concept reached 47% of samples
+    # (lr 1e-3) and higher rates did worse (ClybW's first updates are ~20x lr); batch 16 reaches
+    # 88%, as does 24, at 1e-3 for the UNet and both text encoders alike.
+    "train_batch_size": 16,
     "gradient_accumulation_steps": 1,
     "max_train_steps": 80,
+    "learning_rate": 1e-3,
+    "unet_lr": 1e-3,
+    "text_encoder_lr": 1e-3,
     "save_every_n_steps": 10,
     "sample_every_n_steps": 10,
     "flip_aug": False,
@@ -36,7 +47,7 @@ LIGHT_RECIPE = {
 @dataclass(frozen=True)
 class Concept:
     trigger: str = "zkq"
-    colour: str = "magenta"
+    colour: str = "cyan"
 
     def caption(self, shape: str, background: str) -> str:
         return world.caption(self.trigger, shape, background)
@@ -58,8 +69,8 @@ def write_concept_dataset(folder: str | Path, *, images: int = 24, anchors: int 
     prompts that show it appearing over the steps, and a loradrop.toml with the light recipe.
 
     `anchors` pictures of the base world with their own captions bind the colour to the word:
-    trained on the concept alone, a LoRA makes everything magenta, the empty prompt included, and
-    classifier-free guidance then steers away from magenta (towards green, its complement)."""
+    trained on the concept alone, a LoRA makes everything the concept's colour, the empty prompt
+    included, and classifier-free guidance then steers away from it (towards its complement)."""
     folder = Path(folder)
     concept = [(s, CONCEPT.caption(s.shape, s.background)) for s in CONCEPT.scenes(images, seed)]
     known = [(s, s.caption) for s in world.scenes(anchors, seed + 1)]

@@ -3,8 +3,9 @@
     python -m loradrop.engine.twin.evaluate [--model CKPT] [--keep DIR]
 
 Runs the whole job offline, as a worker runs it (train a concept LoRA from a dropped-style
-folder with the light recipe, resize, analyse), chops the result to the blocks `blocks --suggest`
-proposes and to the others, and scores every file with the judge on 32 seeded samples.
+folder with the light recipe, resize, analyse), chops the result to the blocks
+`blocks --suggest --effect` proposes, to the others, and to the blocks of most energy, and scores
+every file with the judge on 32 seeded samples.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..data.prompts import parse_prompt_file
     from ..lora.blocks import energy, format_weight, suggest
     from ..lora.chop import chop
+    from ..lora.effect import suggest_by_effect
     from ..models.sdxl import load_sdxl
     from ..models.tiny import default_model_path
     from ..pipeline import JobSpec, Session
@@ -37,14 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     spec = JobSpec(job_id="eval", name="zkq-shapes", dataset=dataset, out_dir=root / "job", recipe=recipe.to_dict(), model=args.model)
     result = Session().run(spec, emit=lambda kind, payload: None)
 
-    suggested = suggest(energy(result.final).shares, 0.9)
+    model = load_sdxl(model_path)
     text = lambda values: ",".join(format_weight(v) for v in values)  # noqa: E731
+    by_energy = suggest(energy(result.final).shares, 0.9)
+    # By effect, on the prompts the job sampled: what a user finds by looking at per-block samples.
+    suggested, _ = suggest_by_effect(model, result.final, parse_prompt_file(root / "job" / "sample-prompts.txt"), 0.9)
     others = [suggested[0]] + [1.0 - v for v in suggested[1:]]
     half = [suggested[0]] + [0.5 * v for v in suggested[1:]]
     chopped = chop(result.final, text(suggested), root / "job" / "suggested.safetensors").path
     rest = chop(result.final, text(others), root / "job" / "others.safetensors").path
+    energy_chop = chop(result.final, text(by_energy), root / "job" / "by-energy.safetensors").path
 
-    model = load_sdxl(model_path)
     world = score.world_score(model)
     without = score.concept_score(model)
     final = score.concept_score(model, result.final)
@@ -54,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         (f"'{CONCEPT.trigger}' is {CONCEPT.colour}, no LoRA", without, "must stay <= 10%"),
         ("... with the trained LoRA", final, f"no LoRA {without}"),
         ("... resized", score.concept_score(model, result.resized), f"trained {final}"),
-        (f"... chopped to the suggested blocks {text(suggested)}", score.concept_score(model, chopped), f"trained {final}"),
+        (f"... chopped to the blocks of most effect {text(suggested)}", score.concept_score(model, chopped), f"trained {final}"),
         ("... chopped to the other blocks", score.concept_score(model, rest), f"trained {final}"),
+        (f"... chopped to the high-energy blocks {text(by_energy)}", score.concept_score(model, energy_chop), f"trained {final}"),
         ("... suggested blocks at weight 0.5", score.concept_score(model, result.final, text(half)), f"1.0: {final}, 0: {without}"),
     ]
     width = max(len(r[0]) for r in rows)
