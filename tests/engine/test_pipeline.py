@@ -109,3 +109,25 @@ def test_a_preview_in_slices_between_steps_is_the_same_picture_and_leaves_traini
     (sliced,) = control.render.paths
     (whole,) = session.preview(plain.final, None, ["a circle --w 64 --h 64 --s 2"], 3, None, tmp_path / "whole", steps=2)
     assert sliced.read_bytes() == whole.read_bytes()
+
+
+def test_a_written_lora_with_inf_or_nan_is_refused_and_never_listed(tmp_path):
+    """finite_output: a resize or chop whose result is not finite leaves no file in the folder."""
+    from safetensors.torch import save_file
+
+    from loradrop.engine.pipeline import finite_output
+    from loradrop.errors import UserError
+
+    def write(bad: float):
+        def into(staging):
+            path = staging / "x-chop.safetensors"
+            save_file({"m.lora_up.weight": torch.tensor([[1.0, bad]]), "m.alpha": torch.tensor(1.0)}, str(path))
+            return path
+        return into
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(UserError, match="would hold inf or NaN .in m.lora_up.weight.; it was not kept"):
+            finite_output(write(bad), tmp_path)
+        assert list(tmp_path.iterdir()) == []  # nothing listed, the staging folder gone too
+    assert finite_output(write(2.0), tmp_path) == tmp_path / "x-chop.safetensors"
+    assert [p.name for p in tmp_path.iterdir()] == ["x-chop.safetensors"]
