@@ -130,7 +130,7 @@ class Session:
         from .lora.resize import resize
         from .models.hashes import model_hashes
         from .recipe import Recipe
-        from .train.loop import train
+        from .train.loop import RESOLVED_PROMPTS, train
 
         recipe = Recipe.from_mapping({**spec.recipe, "output_name": spec.name}, source=f"job {spec.job_id}")
         _preflight(spec, recipe)
@@ -187,6 +187,7 @@ class Session:
         emit("stage", {"stage": "analyze"})
         analysis = energy(trained.final, base=base if single_file else None)
         keep = suggest(analysis.shares, 0.9)
+        effect = self._effect(trained.final, [out / RESOLVED_PROMPTS, spec.dataset / recipe.sample_prompts], recipe, model, progress("analyze"))
         analysis_path = out / "blocks.json"
         atomic_write_text(analysis_path, json.dumps({
             "lora": str(trained.final),
@@ -194,12 +195,19 @@ class Session:
             "pass_through": analysis.passthrough.tensors,
             "blocks": [{"name": b.name, "label": b.short, "tensors": b.tensors, "energy": b.energy,
                         "relative": b.relative, "share": b.share} for b in analysis.blocks],
-            "suggested_vector_90": ",".join(f"{v:g}" for v in keep),
+            "suggested_vector_90": ",".join(f"{v:g}" for v in (effect[0] if effect else keep)),
+            "suggested_by": "effect" if effect else "energy",
+            "effect_shares": effect[1].shares if effect else None,
         }, indent=1))
         emit("artifact", {"path": str(analysis_path), "kind": "analysis", "bytes": analysis_path.stat().st_size, "step": None})
         top = sorted(analysis.blocks, key=lambda b: -b.share)[:3]
         emit("log", {"level": "info", "text": "blocks with the most energy: " + ", ".join(f"{b.short} {100 * b.share:.0f}%" for b in top)
                      + f"; 90% of it is kept by {','.join(f'{v:g}' for v in keep)}"})
+        if effect:
+            vector, report = effect
+            top = sorted(zip(analysis.blocks, report.shares), key=lambda bs: -bs[1])[:3]
+            emit("log", {"level": "info", "text": "blocks with the most effect on the sample prompts: " + ", ".join(f"{b.short} {100 * s:.0f}%" for b, s in top)
+                         + f"; 90% of it is kept by {','.join(f'{v:g}' for v in vector)} (the suggestion)"})
 
         if spec.block_vector:
             emit("stage", {"stage": "chop"})
@@ -212,6 +220,19 @@ class Session:
 
     def _set_training(self, network) -> None:
         self._training = network
+
+    def _effect(self, lora: Path, sources: list[Path], recipe, model, progress: Callable[[int, int], None]):
+        """The effect-based suggestion on the job's prompts (the first of `sources` that exists: as
+        sampled, seeds resolved; else the dataset's own): (vector, report), or None when the
+        recipe asks for energy or there are no prompts to measure on."""
+        from .data.prompts import parse_prompt_file
+        from .lora.effect import suggest_by_effect
+
+        source = next((p for p in sources if p.is_file()), None)
+        prompts = parse_prompt_file(source) if source is not None and recipe.suggest_by == "effect" else []
+        if not prompts:
+            return None
+        return suggest_by_effect(model, lora, prompts, 0.9, progress=progress)
 
     # ---------------------------------------------------------------- previews
 

@@ -91,6 +91,10 @@ class Recipe:
 
     # --- after training (loradrop's stages, from the guide)
     resize_recipe: str = "fro_ckpt=1,thr=-3.55"
+    # How the analysis suggests blocks to chop to: "effect" switches each block off on the job's
+    # sample prompts and measures (engine/lora/effect.py); "energy" reads ‖ΔW‖ off the file,
+    # which follows a block's width more than its effect (docs/twin.md). Effect needs prompts.
+    suggest_by: str = "effect"
 
     # ------------------------------------------------------------------ TOML and overrides
 
@@ -183,6 +187,7 @@ class Recipe:
             "save_model_as": ("safetensors",),
             "sample_sampler": ("euler_a",),
             "log_with": ("tensorboard", "none"),
+            "suggest_by": ("effect", "energy"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -10,6 +10,7 @@ same API, CLI pieces and engine a user would use.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -42,9 +43,9 @@ def concept_scores(paths: dict[str, str | None], count: int = 16) -> dict[str, s
 
 def main() -> int:
     from loradrop.commands.logs import event_line
-    from loradrop.progress import ProgressLine, describe_progress
     from loradrop.engine.twin.concept import CONCEPT
-    from loradrop.proto.client import Client, state_name
+    from loradrop.progress import ProgressLine, describe_progress
+    from loradrop.proto.client import state_name
 
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="loradrop-demo-", dir="/tmp"))  # short: socket paths are limited
@@ -84,8 +85,8 @@ def main() -> int:
         if final_state != "done":
             return 1
         final = artifacts["final"].path
-        print("measuring each block's effect on the job's sample prompts (`loradrop blocks --suggest --effect`)")
-        vector = suggested_vector(final)
+        # The job measured each block's effect on its sample prompts (`blocks --suggest --effect`).
+        vector = json.loads(Path(artifacts["analysis"].path).read_text())["suggested_vector_90"]
         chopped = client.chop(final, vector)
         montage = root / "montage.webp"
         subprocess.run([sys.executable, "-m", "loradrop", "montage", job.id, "-o", str(montage), "--connect", f"unix:{home / 'daemon.sock'}"],
@@ -109,21 +110,6 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             daemon.kill()
         print("daemon stopped")
-
-
-def suggested_vector(final: str, keep: float = 0.9) -> str:
-    """What `loradrop blocks --suggest --effect` proposes: the fewest blocks holding `keep` of the
-    effect measured on the prompts the job sampled."""
-    from loradrop.engine.data.prompts import parse_prompt_file
-    from loradrop.engine.lora.blocks import format_weight
-    from loradrop.engine.lora.effect import suggest_by_effect
-    from loradrop.engine.models.sdxl import load_sdxl
-    from loradrop.engine.models.tiny import default_model_path
-    from loradrop.engine.train.loop import RESOLVED_PROMPTS
-
-    prompts = parse_prompt_file(Path(final).parent / RESOLVED_PROMPTS)
-    vector, _ = suggest_by_effect(load_sdxl(default_model_path()), final, prompts, keep)
-    return ",".join(format_weight(v) for v in vector)
 
 
 def _connect(socket: Path, daemon: subprocess.Popen, log_path: Path):

@@ -27,6 +27,7 @@ TINY_RECIPE = {
     "sample_every_n_steps": 0,
     "save_every_n_steps": 1,
     "log_with": "none",
+    "suggest_by": "energy",  # effect is measured in tests/engine/test_pipeline.py and tests/twin, not in every job
     "mixed_precision": "no",
     "gradient_checkpointing": False,
     "max_data_loader_n_workers": 0,

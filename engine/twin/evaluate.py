@@ -11,15 +11,14 @@ every file with the judge on 32 seeded samples.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..data.prompts import parse_prompt_file
     from ..lora.blocks import energy, format_weight, suggest
     from ..lora.chop import chop
-    from ..lora.effect import suggest_by_effect
     from ..models.sdxl import load_sdxl
     from ..models.tiny import default_model_path
     from ..pipeline import JobSpec, Session
@@ -43,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_sdxl(model_path)
     text = lambda values: ",".join(format_weight(v) for v in values)  # noqa: E731
     by_energy = suggest(energy(result.final).shares, 0.9)
-    # By effect, on the prompts the job sampled: what a user finds by looking at per-block samples.
-    suggested, _ = suggest_by_effect(model, result.final, parse_prompt_file(root / "job" / "sample-prompts.txt"), 0.9)
+    # The job's suggestion, by effect on the prompts it sampled (its recipe's suggest_by).
+    suggested = [float(v) for v in json.loads((root / "job" / "blocks.json").read_text())["suggested_vector_90"].split(",")]
     others = [suggested[0]] + [1.0 - v for v in suggested[1:]]
     half = [suggested[0]] + [0.5 * v for v in suggested[1:]]
     chopped = chop(result.final, text(suggested), root / "job" / "suggested.safetensors").path

@@ -131,3 +131,20 @@ def test_a_written_lora_with_inf_or_nan_is_refused_and_never_listed(tmp_path):
         assert list(tmp_path.iterdir()) == []  # nothing listed, the staging folder gone too
     assert finite_output(write(2.0), tmp_path) == tmp_path / "x-chop.safetensors"
     assert [p.name for p in tmp_path.iterdir()] == ["x-chop.safetensors"]
+
+
+def test_the_analysis_suggests_blocks_by_their_effect_on_the_sample_prompts(session, tmp_path):
+    data = make_dataset(tmp_path / "data", images=2, sizes=BUCKET_SIZES, prompts=["a circle --w 64 --h 64 --s 4 --d 1"])
+    spec = _spec(tmp_path, data, "job-effect")
+    spec.recipe = {**spec.recipe, "suggest_by": "effect", "resize_recipe": ""}
+    events = []
+    session.run(spec, lambda k, p: events.append((k, p)))
+    analysis = json.loads((tmp_path / "job-effect" / "blocks.json").read_text())
+    assert analysis["suggested_by"] == "effect" and len(analysis["effect_shares"]) == 20
+    assert abs(sum(analysis["effect_shares"]) - 1) < 1e-6
+    vector = [float(v) for v in analysis["suggested_vector_90"].split(",")]
+    kept = sum(s for s, v in zip(analysis["effect_shares"], vector[1:]) if v)
+    assert vector[0] == 1 and kept >= 0.9 - 1e-9
+    measured = [p for k, p in events if k == "progress" and p["stage"] == "analyze"]
+    assert measured and measured[-1]["done"] == measured[-1]["total"] == 22  # every block off, then all on and all off
+    assert any("most effect on the sample prompts" in p["text"] for k, p in events if k == "log")

@@ -10,13 +10,12 @@ uses the same 32 seeded prompts.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from loradrop.engine.data.prompts import parse_prompt_file
 from loradrop.engine.lora.blocks import format_weight
-from loradrop.engine.lora.effect import suggest_by_effect
 from loradrop.engine.twin import score
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -29,8 +28,10 @@ def vector_text(values) -> str:
 @pytest.fixture(scope="module")
 def scores(learned_twin, concept_run):
     final = concept_run.artifacts["final"]
-    prompts = parse_prompt_file(Path(final).parent / "sample-prompts.txt")  # the job's own, as sampled
-    suggested, _ = suggest_by_effect(learned_twin, final, prompts, 0.9)
+    # The daemon's own suggestion: the job measured each block's effect on its sample prompts.
+    analysis = json.loads(Path(concept_run.artifacts["analysis"]).read_text())
+    assert analysis["suggested_by"] == "effect", analysis
+    suggested = [float(v) for v in analysis["suggested_vector_90"].split(",")]
     complement = [suggested[0]] + [1.0 - v for v in suggested[1:]]
     half = [suggested[0]] + [0.5 * v for v in suggested[1:]]
     with concept_run.daemon.client() as client:
