@@ -65,6 +65,8 @@ class DaemonConfig:
     heartbeat_seconds: float = 60.0  # a worker silent this long is frozen, and is killed
     idle_seconds: float = 60.0  # an upload sending nothing (a download read by no one) this long is ended
     hook_seconds: float = 300.0  # the most an --on-job-end command may run
+    captioner: str | None = None  # captions images that lack one, for jobs whose loradrop.toml names no caption_model
+    captioner_kind: str | None = None  # "tagger" or "vlm"; None: told by the folder's files
 
     def check(self) -> None:
         """Refuse settings that would open the daemon to the network unguarded."""

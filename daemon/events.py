@@ -47,6 +47,11 @@ class EventLog:
             job = self._publish_change(self.store.transition(job_id, state, error=error, expect=expect, attempts=attempts))
         return self._announce_end(job)
 
+    def accept_captions(self, job_id: str) -> Job | None:
+        """A job in review queued again, its captions accepted, and announced; None if it was not in review."""
+        with self._changed:
+            return self._publish_change(self.store.accept_captions(job_id))
+
     def _announce_end(self, job: Job | None) -> Job | None:
         # outside the lock: the callback may take its time
         if job is not None and job.state in TERMINAL and self._on_end is not None:

@@ -1,7 +1,8 @@
 """How a dataset folder becomes a job: checked, its settings resolved and frozen, recorded.
 
 Settings come in three layers: the Recipe's defaults, then the folder's `loradrop.toml` (recipe
-keys at the top level, plus `name`, `model` and `block_vector`), then the request's own values.
+keys at the top level, plus `name`, `model`, `block_vector` and the caption stage's keys, see
+captions.py), then the request's own values.
 The result is stored with the job and never read again from the folder, so editing the folder's
 file later does not change a queued job. Everything that can be judged without torch is judged
 here, before any training: every setting's type and range, the block vector's length (a LoRA
@@ -29,12 +30,13 @@ from loradrop.engine.data.prompts import parse_prompt_file
 from loradrop.engine.recipe import Recipe, check_block_vector, load_toml
 from loradrop.errors import UserError
 
+from . import captions
 from .config import DaemonConfig
 from .errors import Conflict, DiskFull, Refused, RequestError
 from .events import EventLog
 from .home import Home
 from .security import printable, refuse_links_out, resolve_inside, safe_name
-from .store import CANCELLED, FAILED, QUEUED, RUNNING, Job
+from .store import CANCELLED, FAILED, QUEUED, REVIEW, RUNNING, WAITING, Job
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Settings:
     model: str | None
     block_vector: str | None
     recipe: dict
+    captions: dict
 
 
 def folder_key(path: Path) -> str:
@@ -82,7 +85,7 @@ class Intake:
         settings = self.resolve(folder, request, default_name=folder.name)
         key = folder_key(folder)
         for job in self.events.store.inbox_jobs(key):
-            if job.state in (QUEUED, RUNNING) and (job.name, job.model, job.block_vector, job.recipe) == (
+            if job.state in (QUEUED, RUNNING, REVIEW) and (job.name, job.model, job.block_vector, job.recipe) == (
                     settings.name, settings.model, settings.block_vector, settings.recipe):
                 raise Conflict(f"{folder.name} is {job.state} already as job {job.id}, with the same settings; wait for it, "
                                f"cancel it (`loradrop cancel {job.id}`), or give another --name to train it twice.")
@@ -97,7 +100,7 @@ class Intake:
             with tarfile.open(fileobj=_Stream(data, UPLOAD_LIMIT), mode="r|") as tar:
                 # The "data" filter refuses absolute names, `..`, links out of the folder and devices.
                 tar.extractall(staging, filter="data")
-            settings = self.resolve(staging, first, default_name=name)
+            settings = self.resolve(staging, first, default_name=name, shown=name)
             final = _free_name(self.home.inbox, name)
             job = self._queue(settings, source="upload", dataset=final, key=folder_key(staging), wake=False)
             staging.rename(final)  # after the job exists, so the watcher knows the folder as taken
@@ -121,7 +124,7 @@ class Intake:
             folder = Path(job.dataset)
             self._check_folder(folder)
             settings = self.resolve(folder, Request(name=job.name), default_name=job.name)
-            self.events.store.set_settings(job.id, settings.model, settings.block_vector, settings.recipe)
+            self.events.store.set_settings(job.id, settings.model, settings.block_vector, settings.recipe, settings.captions)
         retried = self.events.transition(job.id, QUEUED, expect=(FAILED, CANCELLED), attempts=0)
         if retried is None:
             raise Conflict(f"job {job.id} changed state meanwhile; look at it again.")
@@ -155,8 +158,8 @@ class Intake:
         """A folder gone before its job started cancels the job; the key is freed either way
         (a new folder may get the same inode)."""
         for job in self.events.store.inbox_jobs(key):
-            if job.state == QUEUED:
-                self.events.transition(job.id, CANCELLED, error="its folder was removed from the inbox", expect=(QUEUED,))
+            if job.state in WAITING:
+                self.events.transition(job.id, CANCELLED, error="its folder was removed from the inbox", expect=WAITING)
             self.events.store.set_inbox(job.id, job.dataset, None)
 
     def forget_missing(self, present: set[str]) -> None:
@@ -167,12 +170,15 @@ class Intake:
 
     # ------------------------------------------------------------------ resolution
 
-    def resolve(self, folder: Path, request: Request, *, default_name: str) -> Settings:
-        """The job's frozen settings: recipe defaults < the folder's loradrop.toml < the request."""
+    def resolve(self, folder: Path, request: Request, *, default_name: str, shown: str | None = None) -> Settings:
+        """The job's frozen settings: recipe defaults < the folder's loradrop.toml < the request.
+        `shown`: the folder's name in sentences, for an upload still in its hidden staging folder."""
         values: dict = {}
         source = folder / FOLDER_FILE
         if _regular_file(source, "a TOML file of recipe settings"):
             values = load_toml(source)
+        caption = captions.resolve(values, source, captioner=self.config.captioner, captioner_kind=self.config.captioner_kind,
+                                   model_path=self.caption_model_path)
         extra = {k: values.pop(k) for k in FOLDER_KEYS if k in values}
         for key, value in extra.items():
             if not isinstance(value, str):
@@ -186,7 +192,20 @@ class Intake:
         prompts = folder / recipe.sample_prompts
         if recipe.sample_every_n_steps and _regular_file(prompts, "a text file of sample prompts"):
             parse_prompt_file(prompts, lambda _warning: None)  # a sample past the size or step limits is refused
-        return Settings(name=name, model=self.model_path(request.model or extra.get("model", "")), block_vector=vector, recipe=recipe.to_dict())
+        # Before any worker: a folder with uncaptioned images and nothing to caption them fails now.
+        captions.refuse_uncaptioned(folder, recipe.caption_extension, caption, shown)
+        return Settings(name=name, model=self.model_path(request.model or extra.get("model", "")), block_vector=vector,
+                        recipe=recipe.to_dict(), captions=caption)
+
+    def caption_model_path(self, text: str) -> Path:
+        """A loradrop.toml's caption_model: a tagger or VLM folder (or .onnx file) in models/, or
+        the daemon's own --captioner; a folder file may not load models from elsewhere."""
+        if self.config.captioner and text == self.config.captioner:
+            return Path(text)
+        path = resolve_inside(text, [self.home.models], what="caption model", base=self.home.models)
+        if not path.exists():
+            raise RequestError(f"caption model {text!r} is not in {self.home.models}; copy the tagger or VLM folder there first.")
+        return path
 
     def model_path(self, text: str) -> str | None:
         """A base checkpoint a request may use: a file in models/ (by name or path), or the
@@ -209,7 +228,7 @@ class Intake:
 
     def _queue(self, settings: Settings, *, source: str, dataset: Path, key: str | None, wake: bool = True) -> Job:
         job = self.events.add_job(name=settings.name, source=source, dataset=str(dataset), inbox_key=key, model=settings.model,
-                                  block_vector=settings.block_vector, recipe=settings.recipe)
+                                  block_vector=settings.block_vector, recipe=settings.recipe, captions=settings.captions)
         if wake:
             self._wake()
         return job

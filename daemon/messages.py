@@ -37,6 +37,9 @@ def job_message(job: Job, out_dir: Path) -> pb.Job:
         resized=job.result.get("resized") or "",
         chopped=job.result.get("chopped") or "",
         last_seq=job.last_seq,
+        captioner=(job.captions or {}).get("model") or "",
+        trigger=(job.captions or {}).get("trigger") or "",
+        review=bool((job.captions or {}).get("review")),
     )
 
 

@@ -27,6 +27,7 @@ from loradrop.errors import UserError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
 
+from . import captions
 from .config import DaemonConfig
 from .errors import Busy, Conflict, NotFound, Refused, RequestError, Unavailable
 from .events import EventLog
@@ -34,8 +35,8 @@ from .home import Home
 from .intake import Intake, Request
 from .limits import MAX_DOWNLOADS, MAX_STREAMS, MAX_TOOL_CALLS, MAX_UPLOADS, Gate, IdleWatch
 from .messages import event_message, image_message, job_message
-from .security import printable, resolve_inside
-from .store import CANCELLED, QUEUED, RUNNING, STATES, TERMINAL, Job
+from .security import printable, refuse_links_out, resolve_inside
+from .store import CANCELLED, REVIEW, RUNNING, STATES, TERMINAL, WAITING, Job
 from .supervisor import CallFailed, Supervisor
 from .watcher import InboxWatcher
 
@@ -127,6 +128,7 @@ class Service(rpc.LoradropServicer):
             pending_folders=self.watcher.waiting(),
             last_event_seq=self.events.top,
             quiet_seconds=self.config.quiet_seconds,
+            captioner=self.config.captioner or "",
         )
 
     @_answers
@@ -157,7 +159,7 @@ class Service(rpc.LoradropServicer):
         job = self._job(request.job_id)
         if job.state in TERMINAL:
             raise Conflict(f"job {job.id} has already ended ({job.state}).")
-        cancelled = self.events.transition(job.id, CANCELLED, error="cancelled by request", expect=(QUEUED,))
+        cancelled = self.events.transition(job.id, CANCELLED, error="cancelled by request", expect=WAITING)
         if cancelled is not None:
             return self._message(cancelled)
         # It runs: the worker stops at the next step boundary and reports it cancelled.
@@ -167,6 +169,40 @@ class Service(rpc.LoradropServicer):
     @_answers
     def RetryJob(self, request, context):
         return self._message(self.intake.retry(self._job(request.job_id)))
+
+    @_answers
+    def AcceptCaptions(self, request, context):
+        job = self._job(request.job_id)
+        if job.state != REVIEW:
+            raise Conflict(f"job {job.id} is {job.state}, not waiting for caption review; only a job in review can be accepted.")
+        accepted = self.events.accept_captions(job.id)
+        if accepted is None:
+            raise Conflict(f"job {job.id} changed state meanwhile; look at it again.")
+        self.events.emit(job.id, "log", {"level": "info", "text": "captions accepted; the job is queued to train"})
+        self.supervisor.wake()
+        return self._message(accepted)
+
+    @_answers
+    def ListCaptions(self, request, context):
+        job = self._job(request.job_id)
+        folder, extension = self._dataset(job)
+        return pb.ListCaptionsReply(captions=[pb.Caption(**c) for c in captions.listing(folder, extension)])
+
+    @_answers
+    def SetCaption(self, request, context):
+        job = self._job(request.job_id)
+        if job.state == RUNNING:
+            raise Conflict(f"job {job.id} is running and reads its captions; edit them once it has ended, or while it waits for review.")
+        folder, extension = self._dataset(job)
+        return pb.Caption(**captions.write(folder, extension, request.image, request.text))
+
+    def _dataset(self, job: Job) -> tuple[Path, str]:
+        """The job's dataset folder (only one inside the inbox, with no links out) and its caption extension."""
+        folder = resolve_inside(job.dataset, [self.home.inbox], what="dataset")
+        if not folder.is_dir():
+            raise NotFound(f"the dataset folder {job.dataset} of job {job.id} is gone.")
+        refuse_links_out(folder, self.home.inbox)
+        return folder, (job.recipe or {}).get("caption_extension", ".txt")
 
     @_answers
     def SaveNow(self, request, context):

@@ -2,7 +2,8 @@
 
 A job's state moves queued → running → done | failed | cancelled; a crash or a stop moves a
 running job back to queued, marked interrupted: it runs again before every job that has not
-started yet. Every state change is stored together with its event, in one transaction, so a
+started yet. A job whose images the daemon captioned, with `review = true`, waits in review
+(running → review) until a person accepts the captions (review → queued, marked accepted). Every state change is stored together with its event, in one transaction, so a
 reader that sees the new state also finds the event that announced it.
 
 A full disk must not cost a state change: the store keeps a reserve file beside the database and
@@ -27,8 +28,9 @@ from .errors import BadStore, DiskFull
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+QUEUED, RUNNING, DONE, FAILED, CANCELLED, REVIEW = "queued", "running", "done", "failed", "cancelled", "review"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED, REVIEW)
+WAITING = (QUEUED, REVIEW)  # not ended, not running: a cancel ends them at once
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 
 _SCHEMA = """
@@ -51,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress     TEXT,
     result       TEXT NOT NULL DEFAULT '{}',
     last_seq     INTEGER NOT NULL DEFAULT 0,
-    interrupted  INTEGER NOT NULL DEFAULT 0
+    interrupted  INTEGER NOT NULL DEFAULT 0,
+    captions     TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_inbox_key ON jobs(inbox_key);
 CREATE TABLE IF NOT EXISTS events (
@@ -86,6 +89,9 @@ class Job:
     progress: dict[str, Any] | None
     result: dict[str, Any] = field(default_factory=dict)
     last_seq: int = 0
+    # The caption stage's frozen settings: {"model", "kind", "trigger", "review", "accepted"};
+    # None for a job refused at intake (or from before the caption stage).
+    captions: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ class Store:
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
             if "interrupted" not in columns:  # a database from before the column
                 self._db.execute("ALTER TABLE jobs ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0")
+            if "captions" not in columns:  # a database from before the caption stage
+                self._db.execute("ALTER TABLE jobs ADD COLUMN captions TEXT")
         except BaseException:
             self._db.close()
             raise
@@ -201,6 +209,7 @@ class Store:
         model: str | None,
         block_vector: str | None,
         recipe: dict[str, Any] | None,
+        captions: dict[str, Any] | None = None,
         state: str = QUEUED,
         error: str = "",
     ) -> tuple[Job, Event]:
@@ -211,10 +220,11 @@ class Store:
             number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM jobs").fetchone()[0]
             job_id = f"{number:04d}-{name}"
             db.execute(
-                "INSERT INTO jobs (number, id, name, state, source, dataset, inbox_key, model, block_vector, recipe, created, ended, error)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (number, id, name, state, source, dataset, inbox_key, model, block_vector, recipe, created, ended, error, captions)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (number, job_id, name, state, source, dataset, inbox_key, model, block_vector,
-                 None if recipe is None else json.dumps(recipe), now, now if state in TERMINAL else None, error),
+                 None if recipe is None else json.dumps(recipe), now, now if state in TERMINAL else None, error,
+                 None if captions is None else json.dumps(captions)),
             )
             event = self._insert_event(db, job_id, "state", {"state": state, "error": error}, now)
             return self._get(db, job_id), event
@@ -295,9 +305,23 @@ class Store:
     def set_inbox(self, job_id: str, dataset: str, inbox_key: str | None) -> None:
         self._write(lambda db: db.execute("UPDATE jobs SET dataset = ?, inbox_key = ? WHERE id = ?", (dataset, inbox_key, job_id)))
 
-    def set_settings(self, job_id: str, model: str | None, block_vector: str | None, recipe: dict[str, Any]) -> None:
-        self._write(lambda db: db.execute("UPDATE jobs SET model = ?, block_vector = ?, recipe = ? WHERE id = ?",
-                                          (model, block_vector, json.dumps(recipe), job_id)))
+    def set_settings(self, job_id: str, model: str | None, block_vector: str | None, recipe: dict[str, Any], captions: dict[str, Any]) -> None:
+        self._write(lambda db: db.execute("UPDATE jobs SET model = ?, block_vector = ?, recipe = ?, captions = ? WHERE id = ?",
+                                          (model, block_vector, json.dumps(recipe), json.dumps(captions), job_id)))
+
+    def accept_captions(self, job_id: str) -> tuple[Job, Event] | None:
+        """A job in review, queued again with its captions marked accepted (so the caption stage
+        does not hold it a second time), in one transaction; None if it was not in review."""
+
+        def accept(db):
+            changed = self._transition(db, job_id, QUEUED, "", {REVIEW}, attempts=None)
+            if changed is not None:
+                captions = {**(changed[0].captions or {}), "accepted": True}
+                db.execute("UPDATE jobs SET captions = ? WHERE id = ?", (json.dumps(captions), job_id))
+                changed = (self._get(db, job_id), changed[1])
+            return changed
+
+        return self._write(accept)
 
     # ------------------------------------------------------------------ events
 
@@ -389,6 +413,7 @@ def _job(row: sqlite3.Row) -> Job:
         progress=None if row["progress"] is None else json.loads(row["progress"]),
         result=json.loads(row["result"]),
         last_seq=row["last_seq"],
+        captions=None if row["captions"] is None else json.loads(row["captions"]),
     )
 
 

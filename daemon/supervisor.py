@@ -35,7 +35,7 @@ from .config import DaemonConfig
 from .errors import DiskFull, Unavailable
 from .events import EventLog
 from .home import Home
-from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job
+from .store import CANCELLED, DONE, FAILED, QUEUED, REVIEW, RUNNING, Job
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class Supervisor:
             "recipe": job.recipe,
             "model": job.model,
             "block_vector": job.block_vector,
+            "captions": job.captions or {},  # the caption stage's settings, run by the worker before the engine's scan
             "cache_dir": str(self.home.cache),
             "resume": True,  # a job's out_dir is its own: a checkpoint there is from an earlier try
             "inbox": str(self.home.inbox),  # the worker checks the folder's links again before reading it
@@ -171,6 +172,10 @@ class Supervisor:
         self._cancelling.discard(job_id)
         if outcome == "stopped":
             self._requeue(job_id, "the daemon is stopping; this job resumes from its last full checkpoint on the next start")
+            return
+        if outcome == REVIEW:  # captioned, held for a person: the worker is free for the next job meanwhile
+            self._quietly(lambda: self.events.emit(job_id, "log", {"level": "info", "text": f"captions written; the job waits for review: look them over, then `loradrop accept {job_id}`"}))
+            self._lasting(lambda: self.events.transition(job_id, REVIEW, expect=(RUNNING,)), f"that job {job_id} waits for review")
             return
         if outcome == DONE:
             self._lasting(lambda: self.events.store.set_result(job_id, result), f"the result of job {job_id}")

@@ -8,7 +8,7 @@ file operations (block layout, chop, resize) that also need torch.
 Messages in:  run {spec} · control {job_id, request: save|sample|cancel} · call {id, name, args} ·
               cancel_call {id} · stop
 Messages out: ready {pid} · fatal {error} · beat · event {job_id, kind, payload, time} ·
-              done {job_id, outcome: done|failed|cancelled|stopped, error, result} ·
+              done {job_id, outcome: done|failed|cancelled|stopped|review, error, result} ·
               progress {id, payload} · reply {id, ok, value|error}
 
 The worker dies with the daemon: when the pipe reports end-of-file (the daemon exited, even by
@@ -112,6 +112,7 @@ class Worker:
         self._tasks: queue.Queue = queue.Queue()
         self._control: JobControl | None = None
         self.session = None
+        self._captions = None  # the caption stage, with the captioner it loaded, made on the first job
         self._previews: collections.deque[_Preview] = collections.deque()  # begun, not yet rendered
         self._cancelled_calls: set[int] = set()
         self._resumed: float | None = None  # when the running job's current step began
@@ -207,6 +208,7 @@ class Worker:
 
         fields = dict(task["spec"])
         inbox = Path(fields.pop("inbox"))
+        caption_settings = fields.pop("captions", None) or {}
         spec = JobSpec(**_paths(fields, ("dataset", "out_dir", "cache_dir")))
         control: JobControl = task["control"]
 
@@ -222,8 +224,11 @@ class Worker:
         self._resumed = None
         try:
             refuse_links_out(spec.dataset, inbox)
-            result = self.session.run(spec, emit, control)
-            done["result"] = _plain(vars(result))
+            if self._caption(spec, caption_settings, emit, control):
+                done["outcome"] = "review"
+            else:
+                result = self.session.run(spec, emit, control)
+                done["result"] = _plain(vars(result))
         except Cancelled:
             done["outcome"] = "stopped" if control.stopping else "cancelled"
         except UserError as e:
@@ -235,6 +240,15 @@ class Worker:
             done.update(outcome="failed", error=sentence or _describe(e))
         self._control = None
         self.send(_plain(done))
+
+    def _caption(self, spec, settings: dict[str, Any], emit, control: JobControl) -> bool:
+        """The caption stage before the engine's scan; True when the job is to wait for review."""
+        from .caption_stage import CaptionStage
+
+        if self._captions is None:
+            self._captions = CaptionStage(self.device)
+        extension = spec.recipe.get("caption_extension", ".txt")
+        return self._captions.run(spec.dataset, settings, extension, emit, control.check)
 
     # ------------------------------------------------------------------ calls
 

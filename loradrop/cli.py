@@ -22,6 +22,7 @@ COMMANDS = [
     "status",
     "cancel",
     "retry",
+    "accept",
     "tui",
     "montage",
     # offline tools

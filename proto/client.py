@@ -117,6 +117,17 @@ class Client:
     def retry(self, job_id: str) -> pb.Job:
         return self._call(self._stub.RetryJob, pb.JobRef(job_id=str(job_id)))
 
+    def accept_captions(self, job_id: str) -> pb.Job:
+        """Let a job waiting for caption review go on to train."""
+        return self._call(self._stub.AcceptCaptions, pb.JobRef(job_id=str(job_id)))
+
+    def captions(self, job_id: str) -> list[pb.Caption]:
+        """The images of the job's dataset with their captions."""
+        return list(self._call(self._stub.ListCaptions, pb.JobRef(job_id=str(job_id))).captions)
+
+    def set_caption(self, job_id: str, image: str, text: str) -> pb.Caption:
+        return self._call(self._stub.SetCaption, pb.SetCaptionRequest(job_id=str(job_id), image=image, text=text))
+
     def save_now(self, job_id: str) -> pb.Job:
         return self._call(self._stub.SaveNow, pb.JobRef(job_id=str(job_id)))
 

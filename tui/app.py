@@ -278,7 +278,7 @@ class LoradropApp(KeysInOrder):
 
     def cancel_job(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
-        if job is None or job.state not in (pb.QUEUED, pb.RUNNING):
+        if job is None or job.state not in (pb.QUEUED, pb.RUNNING, pb.REVIEW):
             self.notify(f"job {job_id} is not queued or running; there is nothing to cancel.", severity="warning")
             return
 

@@ -133,6 +133,8 @@ def job_line(job: pb.Job, seen: Seen) -> str:
         steps = f"{seen.train.done} steps" if seen.train else "trained"
         files = ", ".join(f"{os.path.basename(path)} ({kind})" for kind, path in outputs(job))
         return f"{job.id} done: {steps}{loss_part}  ·  {files or 'no LoRA file'}"
+    if job.state == pb.REVIEW:
+        return f"{job.id} review: the daemon captioned its images; press e to look them over, edit and accept"
     steps = steps_text(job, seen, width=40)
     where = f" at {steps if not steps[:1].isdigit() else 'train ' + steps}" if steps else ""
     if job.error:

@@ -1,6 +1,6 @@
 """The captioning contract: what to run (a captioner spec), on which files (a write policy), and
-what came of each image. The CLI builds these from its flags; the daemon's caption stage will
-build them from `loradrop.toml` and its own settings."""
+what came of each image. The CLI builds these from its flags; the daemon's caption stage
+(daemon/caption_stage.py) from `loradrop.toml` and its own settings."""
 
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--heartbeat-seconds", type=float, default=60.0, metavar="S", help="a worker silent this long (frozen, stopped) is killed and its job resumed (default: 60)")
     p.add_argument("--idle-seconds", type=float, default=60.0, metavar="S", help="an upload that sends nothing, or a download nobody reads, this long is ended (default: 60)")
     p.add_argument("--on-job-end-seconds", type=float, default=300.0, metavar="S", help="the most an --on-job-end command may run before it is ended (default: 300)")
+    p.add_argument("--captioner", metavar="PATH", help="caption images that have no caption with this local model before training: a WD14 tagger folder (model.onnx, selected_tags.csv) or a transformers VLM folder (see docs/captions.md)")
+    p.add_argument("--captioner-kind", choices=("tagger", "vlm"), help="what --captioner holds (default: told by its files)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +43,15 @@ def run(args) -> int:
 
     if args.model and not Path(args.model).expanduser().is_file():
         raise UserError(f"--model {args.model} is not a file; give a single-file SDXL checkpoint (.safetensors).")
+    captioner = Path(args.captioner).expanduser().resolve() if args.captioner else None
+    if captioner is not None and not captioner.exists():
+        raise UserError(f"--captioner {args.captioner} does not exist; give a WD14 tagger folder (model.onnx, selected_tags.csv) or a transformers model folder (config.json).")
+    if captioner is not None:
+        from loradrop.daemon.captions import check_model
+
+        check_model(captioner, args.captioner_kind or "", "--captioner")
+    if args.captioner_kind and captioner is None:
+        raise UserError("--captioner-kind says what --captioner holds; give --captioner PATH too.")
     home = Home(Path(args.home).expanduser() if args.home else default_home())
     listen = Listen.parse(args.listen) if args.listen else Listen(unix=home.root.expanduser().absolute() / "daemon.sock")
     config = DaemonConfig(
@@ -58,6 +69,8 @@ def run(args) -> int:
         heartbeat_seconds=args.heartbeat_seconds,
         idle_seconds=args.idle_seconds,
         hook_seconds=args.on_job_end_seconds,
+        captioner=str(captioner) if captioner else None,
+        captioner_kind=args.captioner_kind,
     )
     serve(config)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 # The API's job states, named here so `--help` imports nothing (tests/daemon/test_cli.py checks them).
-STATE_NAMES = ("queued", "running", "done", "failed", "cancelled")
+STATE_NAMES = ("queued", "running", "done", "failed", "cancelled", "review")
 
 
 def add_parser(sub) -> None:
@@ -45,6 +45,8 @@ def job_line(job) -> str:
             parts.append(f"ETA {format_duration(p.eta_s)}")
     if job.error:
         parts.append(job.error)
+    elif state == "review":
+        parts.append(f"captions written in {job.dataset}; look them over, then `loradrop accept {job.id}`")
     elif state == "done":
         parts.append(job.chopped or job.resized or job.final)
     return "  ".join(parts).rstrip()

@@ -23,6 +23,8 @@ def run(args) -> int:
     print(f"home     {s.home}")
     print(f"inbox    {s.inbox} (quiet time {s.quiet_seconds:g}s)")
     print(f"model    {s.default_model or 'the embedded tiny twin'}")
+    if s.captioner:
+        print(f"captions {s.captioner} (for images without one)")
     for w in s.workers:
         doing = f" running {w.job_id}" if w.job_id else ""
         print(f"worker {w.index} {w.device:<7} {w.state}{doing}" + (f" (pid {w.pid})" if w.pid else ""))

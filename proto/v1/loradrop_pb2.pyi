@@ -15,12 +15,14 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DONE: _ClassVar[JobState]
     FAILED: _ClassVar[JobState]
     CANCELLED: _ClassVar[JobState]
+    REVIEW: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
 DONE: JobState
 FAILED: JobState
 CANCELLED: JobState
+REVIEW: JobState
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -41,7 +43,7 @@ class Worker(_message.Message):
     def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "pid", "started", "home", "inbox", "outputs", "models", "default_model", "workers", "jobs_by_state", "pending_folders", "last_event_seq", "quiet_seconds")
+    __slots__ = ("version", "pid", "started", "home", "inbox", "outputs", "models", "default_model", "workers", "jobs_by_state", "pending_folders", "last_event_seq", "quiet_seconds", "captioner")
     class JobsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,7 @@ class StatusReply(_message.Message):
     PENDING_FOLDERS_FIELD_NUMBER: _ClassVar[int]
     LAST_EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     QUIET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONER_FIELD_NUMBER: _ClassVar[int]
     version: str
     pid: int
     started: float
@@ -75,7 +78,8 @@ class StatusReply(_message.Message):
     pending_folders: _containers.RepeatedScalarFieldContainer[str]
     last_event_seq: int
     quiet_seconds: float
-    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., started: _Optional[float] = ..., home: _Optional[str] = ..., inbox: _Optional[str] = ..., outputs: _Optional[str] = ..., models: _Optional[str] = ..., default_model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., pending_folders: _Optional[_Iterable[str]] = ..., last_event_seq: _Optional[int] = ..., quiet_seconds: _Optional[float] = ...) -> None: ...
+    captioner: str
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., started: _Optional[float] = ..., home: _Optional[str] = ..., inbox: _Optional[str] = ..., outputs: _Optional[str] = ..., models: _Optional[str] = ..., default_model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., pending_folders: _Optional[_Iterable[str]] = ..., last_event_seq: _Optional[int] = ..., quiet_seconds: _Optional[float] = ..., captioner: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("dataset", "overrides", "name", "model", "block_vector")
@@ -128,7 +132,7 @@ class Progress(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., loss: _Optional[float] = ..., avg_loss: _Optional[float] = ..., lr_unet: _Optional[float] = ..., lr_te: _Optional[float] = ..., rate: _Optional[float] = ..., eta_s: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "number", "name", "state", "source", "dataset", "model", "block_vector", "recipe_toml", "created", "started", "ended", "error", "attempts", "progress", "out_dir", "final", "resized", "chopped", "last_seq")
+    __slots__ = ("id", "number", "name", "state", "source", "dataset", "model", "block_vector", "recipe_toml", "created", "started", "ended", "error", "attempts", "progress", "out_dir", "final", "resized", "chopped", "last_seq", "captioner", "trigger", "review")
     ID_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +153,9 @@ class Job(_message.Message):
     RESIZED_FIELD_NUMBER: _ClassVar[int]
     CHOPPED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONER_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
     id: str
     number: int
     name: str
@@ -169,7 +176,10 @@ class Job(_message.Message):
     resized: str
     chopped: str
     last_seq: int
-    def __init__(self, id: _Optional[str] = ..., number: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., source: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., block_vector: _Optional[str] = ..., recipe_toml: _Optional[str] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., ended: _Optional[float] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., out_dir: _Optional[str] = ..., final: _Optional[str] = ..., resized: _Optional[str] = ..., chopped: _Optional[str] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    captioner: str
+    trigger: str
+    review: bool
+    def __init__(self, id: _Optional[str] = ..., number: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., source: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[str] = ..., block_vector: _Optional[str] = ..., recipe_toml: _Optional[str] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., ended: _Optional[float] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., out_dir: _Optional[str] = ..., final: _Optional[str] = ..., resized: _Optional[str] = ..., chopped: _Optional[str] = ..., last_seq: _Optional[int] = ..., captioner: _Optional[str] = ..., trigger: _Optional[str] = ..., review: _Optional[bool] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("states",)
@@ -424,3 +434,31 @@ class PreviewReply(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+
+class Caption(_message.Message):
+    __slots__ = ("image", "caption_file", "text", "exists")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FILE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    EXISTS_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    caption_file: str
+    text: str
+    exists: bool
+    def __init__(self, image: _Optional[str] = ..., caption_file: _Optional[str] = ..., text: _Optional[str] = ..., exists: _Optional[bool] = ...) -> None: ...
+
+class ListCaptionsReply(_message.Message):
+    __slots__ = ("captions",)
+    CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    captions: _containers.RepeatedCompositeFieldContainer[Caption]
+    def __init__(self, captions: _Optional[_Iterable[_Union[Caption, _Mapping]]] = ...) -> None: ...
+
+class SetCaptionRequest(_message.Message):
+    __slots__ = ("job_id", "image", "text")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    image: str
+    text: str
+    def __init__(self, job_id: _Optional[str] = ..., image: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,21 @@ class LoradropStub:
                 request_serializer=loradrop_dot_v1_dot_loradrop__pb2.JobRef.SerializeToString,
                 response_deserializer=loradrop_dot_v1_dot_loradrop__pb2.Job.FromString,
                 _registered_method=True)
+        self.AcceptCaptions = channel.unary_unary(
+                '/loradrop.v1.Loradrop/AcceptCaptions',
+                request_serializer=loradrop_dot_v1_dot_loradrop__pb2.JobRef.SerializeToString,
+                response_deserializer=loradrop_dot_v1_dot_loradrop__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListCaptions = channel.unary_unary(
+                '/loradrop.v1.Loradrop/ListCaptions',
+                request_serializer=loradrop_dot_v1_dot_loradrop__pb2.JobRef.SerializeToString,
+                response_deserializer=loradrop_dot_v1_dot_loradrop__pb2.ListCaptionsReply.FromString,
+                _registered_method=True)
+        self.SetCaption = channel.unary_unary(
+                '/loradrop.v1.Loradrop/SetCaption',
+                request_serializer=loradrop_dot_v1_dot_loradrop__pb2.SetCaptionRequest.SerializeToString,
+                response_deserializer=loradrop_dot_v1_dot_loradrop__pb2.Caption.FromString,
+                _registered_method=True)
         self.SaveNow = channel.unary_unary(
                 '/loradrop.v1.Loradrop/SaveNow',
                 request_serializer=loradrop_dot_v1_dot_loradrop__pb2.JobRef.SerializeToString,
@@ -166,6 +181,30 @@ class LoradropServicer:
 
     def RetryJob(self, request, context):
         """Queue a failed or cancelled job again; it continues from its last full checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptCaptions(self, request, context):
+        """Let a job held in REVIEW (the daemon captioned its images and its loradrop.toml says
+        `review = true`) go on: it is queued again and trains on the captions as they are now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCaptions(self, request, context):
+        """The images of a job's dataset folder with their captions, as the files say now; the image
+        itself comes from GetSample(path).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCaption(self, request, context):
+        """Write one image's caption file (atomically). Refused while the job runs: its scan may be
+        reading the folder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -278,6 +317,21 @@ def add_LoradropServicer_to_server(servicer, server):
                     servicer.RetryJob,
                     request_deserializer=loradrop_dot_v1_dot_loradrop__pb2.JobRef.FromString,
                     response_serializer=loradrop_dot_v1_dot_loradrop__pb2.Job.SerializeToString,
+            ),
+            'AcceptCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptCaptions,
+                    request_deserializer=loradrop_dot_v1_dot_loradrop__pb2.JobRef.FromString,
+                    response_serializer=loradrop_dot_v1_dot_loradrop__pb2.Job.SerializeToString,
+            ),
+            'ListCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCaptions,
+                    request_deserializer=loradrop_dot_v1_dot_loradrop__pb2.JobRef.FromString,
+                    response_serializer=loradrop_dot_v1_dot_loradrop__pb2.ListCaptionsReply.SerializeToString,
+            ),
+            'SetCaption': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCaption,
+                    request_deserializer=loradrop_dot_v1_dot_loradrop__pb2.SetCaptionRequest.FromString,
+                    response_serializer=loradrop_dot_v1_dot_loradrop__pb2.Caption.SerializeToString,
             ),
             'SaveNow': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveNow,
@@ -519,6 +573,87 @@ class Loradrop:
             '/loradrop.v1.Loradrop/RetryJob',
             loradrop_dot_v1_dot_loradrop__pb2.JobRef.SerializeToString,
             loradrop_dot_v1_dot_loradrop__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loradrop.v1.Loradrop/AcceptCaptions',
+            loradrop_dot_v1_dot_loradrop__pb2.JobRef.SerializeToString,
+            loradrop_dot_v1_dot_loradrop__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loradrop.v1.Loradrop/ListCaptions',
+            loradrop_dot_v1_dot_loradrop__pb2.JobRef.SerializeToString,
+            loradrop_dot_v1_dot_loradrop__pb2.ListCaptionsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCaption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loradrop.v1.Loradrop/SetCaption',
+            loradrop_dot_v1_dot_loradrop__pb2.SetCaptionRequest.SerializeToString,
+            loradrop_dot_v1_dot_loradrop__pb2.Caption.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,8 +113,10 @@ def test_job_calls(api, data):
     d, stub, _, job, paths = api
     refs = st.one_of(_texts(paths), st.sampled_from([job.id, str(job.number), f"{job.number:04d}"]))
     ref = pb.JobRef(job_id=data.draw(refs))
-    for method in (stub.GetJob, stub.CancelJob, stub.RetryJob, stub.SaveNow, stub.SampleNow, stub.ListArtifacts):
+    for method in (stub.GetJob, stub.CancelJob, stub.RetryJob, stub.SaveNow, stub.SampleNow, stub.ListArtifacts, stub.AcceptCaptions, stub.ListCaptions):
         _status(lambda: method(ref, timeout=DEADLINE))
+    caption = pb.SetCaptionRequest(job_id=ref.job_id, image=data.draw(_texts(paths)), text=data.draw(st.text(max_size=40)))
+    _status(lambda: stub.SetCaption(caption, timeout=DEADLINE))
     states = data.draw(st.lists(INT32, max_size=5))
     code = _status(lambda: stub.ListJobs(pb.ListJobsRequest(states=states), timeout=DEADLINE))
     assert code == grpc.StatusCode.OK or any(s not in pb.JobState.values() or s == 0 for s in states)

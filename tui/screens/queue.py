@@ -26,6 +26,7 @@ class QueueScreen(Screen):
         Binding("c", "cancel", "cancel"),
         Binding("r", "retry", "retry"),
         Binding("b", "blocks", "blocks"),
+        Binding("e", "captions", "captions"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -141,3 +142,9 @@ class QueueScreen(Screen):
             self.notify("this job has no LoRA file yet; blocks can be edited once it is done.", severity="warning")
             return
         self.app.push_screen(BlocksScreen(job.id, lora))
+
+    def action_captions(self) -> None:
+        from .captions import CaptionScreen
+
+        if self.selected:
+            self.app.push_screen(CaptionScreen(self.selected))
