@@ -25,7 +25,7 @@ SCRIPT = "sdxl_train_network.py"
 # Where things are, not how to train: `loradrop train` takes these on its own command line.
 RUN_PATHS = {
     "pretrained_model_name_or_path": "pass it with --model",
-    "train_data_dir": "pass it as DATASET",
+    "train_data_dir": "pass it as DATASET (its N_name/ subfolders train N times each, as in kohya)",
     "output_dir": "pass it with -o",
     "logging_dir": "pass it with -o (TensorBoard logs go under the output folder)",
 }
@@ -39,8 +39,9 @@ SWITCHES = (
 # Flags that take one value and are named exactly as their recipe key.
 DIRECT = (
     "output_name", "seed", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-    "caption_extension", "keep_tokens", "dataset_repeats", "max_data_loader_n_workers",
-    "network_module", "network_dim", "network_alpha", "network_dropout", "learning_rate", "unet_lr",
+    "caption_extension", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate",
+    "dataset_repeats", "max_data_loader_n_workers", "network_module", "network_dim", "network_alpha",
+    "network_dropout", "learning_rate", "unet_lr",
     "optimizer_type", "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "train_batch_size",
     "gradient_accumulation_steps", "max_train_steps", "mixed_precision", "multires_noise_iterations",
     "multires_noise_discount", "save_every_n_steps", "save_precision", "save_model_as",
@@ -63,7 +64,8 @@ NETWORK_ARGS_AT_DEFAULT = {"rank_dropout_scale": False, "bypass_mode": False, "r
 KOHYA_DEFAULTS: dict[str, Any] = {
     **{key: False for key in SWITCHES},
     "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
-    "caption_extension": ".caption", "keep_tokens": 0, "dataset_repeats": 1, "max_data_loader_n_workers": 8,
+    "caption_extension": ".caption", "keep_tokens": 0, "caption_dropout_rate": 0.0, "caption_tag_dropout_rate": 0.0,
+    "dataset_repeats": 1, "max_data_loader_n_workers": 8,
     "network_dim": 4, "network_alpha": 1.0, "network_dropout": 0.0,
     "algo": "locon", "preset": "full", "rank_dropout": 0.0, "module_dropout": 0.0,
     "use_tucker": False, "use_scalar": False, "dora_wd": False, "train_norm": False,
@@ -86,6 +88,10 @@ HINTS = {
     "resume": "use `loradrop train --resume`",
     "dataset_config": "loradrop reads the DATASET folder itself",
     "vae": "loradrop uses the checkpoint's own VAE",
+    "reg_data_dir": "loradrop does not train with regularization images (kohya's prior loss); leave it out",
+    "prior_loss_weight": "loradrop does not train with regularization images (kohya's prior loss); leave it out",
+    "caption_dropout_every_n_epochs": "loradrop counts steps, not epochs: use caption_dropout_rate",
+    "keep_tokens_separator": "loradrop keeps the first keep_tokens tags: set keep_tokens",
 }
 
 _HINTS = typing.get_type_hints(Recipe)

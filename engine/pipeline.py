@@ -142,6 +142,8 @@ class Session:
 
         emit("stage", {"stage": "scan"})
         dataset = scan(spec.dataset, recipe)
+        for line in dataset.scan_report():  # per N_name/ subfolder: images, repeats, skipped
+            emit("log", {"level": "info", "text": line})
         for warning in (dataset.subfolder_warning(), dataset.orphan_warning()):
             if warning:
                 emit("log", {"level": "warning", "text": warning})

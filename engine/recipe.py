@@ -35,6 +35,8 @@ class Recipe:
     caption_extension: str = ".txt"
     shuffle_caption: bool = True
     keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0  # kohya's: a fetch trains on the empty caption this often
+    caption_tag_dropout_rate: float = 0.0  # kohya's: each tag past keep_tokens is left out this often
     flip_aug: bool = True
     dataset_repeats: int = 1
     cache_latents: bool = True
@@ -198,6 +200,9 @@ class Recipe:
         for key in ("network_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(f"{key} must be in [0, 1)")
+        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise bad(f"{key} must be in [0, 1], not {getattr(self, key)}")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -99,6 +99,22 @@ def test_train_names_the_run_after_its_folder_unless_told(capsys, tmp_path, tiny
     assert tensorfile.read_metadata(tmp_path / "b" / "other.safetensors")["ss_output_name"] == "other"
 
 
+def test_train_reports_a_kohya_folder_per_subfolder(capsys, tmp_path, tiny_path):
+    from support import make_dataset
+
+    data = tmp_path / "img"
+    make_dataset(data / "4_zkw", images=2)
+    make_dataset(data / "notes", images=1)  # not N_name: kohya ignores it, and so does loradrop, saying so
+    (data / "4_zkw" / "bad.png").write_bytes(b"")
+    code, out, err = run(capsys, "train", data, "--model", tiny_path, "--recipe", data / "4_zkw" / "loradrop.toml",
+                         "--set", "max_train_steps=1", "--cache-dir", tmp_path / "cache", "-o", tmp_path / "out")
+    said = out + err
+    assert code == 0
+    assert f"{data}: 2 images, 8 per epoch, from 1 folder (kohya's N_name layout)" in said
+    assert "4_zkw/: 2 images x 4 repeats = 8 per epoch, 1 skipped" in said
+    assert "has images in subfolders (notes/); they are not used" in said and "4_zkw/bad.png: empty file" in said
+
+
 @pytest.mark.parametrize(("argv", "says"), [(["-r", "fro_ckpt=1,thr=-3,speed=9"], "Unknown key 'speed'"), (["-r", "thr=-3"], "No score weight")])
 def test_resize_with_a_bad_recipe_says_why(capsys, lora, tiny_path, argv, says):
     code, _, err = run(capsys, "resize", tiny_path, lora, *argv)

@@ -177,6 +177,8 @@ def test_set_errors_name_the_key(item, match):
         ("network_module=networks.lora", "network_module 'networks.lora' is not supported"),
         ("use_tucker=true", "use_tucker=true is not supported"),
         ("rank_dropout=1.0", r"rank_dropout must be in \[0, 1\)"),
+        ("caption_dropout_rate=1.5", r"caption_dropout_rate must be in \[0, 1\], not 1.5"),
+        ("caption_tag_dropout_rate=-0.1", r"caption_tag_dropout_rate must be in \[0, 1\]"),
         ("learning_rate=-1e-4", "learning_rate must be 0 or more"),
         ("learning_rate=nan", "learning_rate must be a finite number"),
         ("max_grad_norm=inf", "max_grad_norm must be a finite number"),
@@ -295,6 +297,20 @@ def test_absent_flags_take_kohyas_defaults():
     assert (r.save_every_n_steps, r.sample_every_n_steps, r.multires_noise_iterations, r.log_with) == (0, 0, 0, "none")
     assert r.sample_sampler == "euler_a" and result.unsupported == []  # kohya's ddim does not matter without sampling
     assert any("kohya's defaults apply" in n and "max_train_steps=1600" in n for n in result.notes)
+
+
+def test_kohyas_caption_flags_convert_and_regularization_is_named():
+    result = convert_kohya(
+        "sdxl_train_network.py --train_data_dir img --reg_data_dir reg --prior_loss_weight 1.0 --caption_extension .txt "
+        "--keep_tokens 1 --shuffle_caption --caption_dropout_rate 0.05 --caption_tag_dropout_rate 0.1"
+    )
+    r = result.recipe
+    assert (r.caption_extension, r.keep_tokens, r.shuffle_caption, r.caption_dropout_rate, r.caption_tag_dropout_rate) == (".txt", 1, True, 0.05, 0.1)
+    why = dict(line.split(": ", 1) for line in result.unsupported)
+    assert sorted(why) == ["--prior_loss_weight=1.0", "--reg_data_dir=reg"]
+    assert "does not train with regularization images" in why["--reg_data_dir=reg"]
+    assert Recipe.from_mapping(tomllib.loads(r.to_toml())).caption_tag_dropout_rate == 0.1  # settable in loradrop.toml
+    assert convert_kohya("sdxl_train_network.py --resolution 512").recipe.caption_dropout_rate == 0.0
 
 
 def test_sampling_with_kohyas_default_sampler_is_reported():

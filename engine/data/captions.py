@@ -1,5 +1,7 @@
-"""Captions: the first line of a same-stem text file, shuffled by tag on every fetch (kohya's
-shuffle_caption with caption_separator ",")."""
+"""Captions: the first line of a same-stem text file, processed on every fetch as kohya's
+BaseDataset.process_caption does (caption_separator ","): the whole caption dropped with
+caption_dropout_rate; else, past the first keep_tokens tags, the tags shuffled (shuffle_caption)
+and then each dropped with caption_tag_dropout_rate."""
 
 from __future__ import annotations
 
@@ -42,7 +44,22 @@ def read_caption(path: str | os.PathLike) -> str:
 def shuffle_caption(caption: str, rng: random.Random, keep_tokens: int = 0) -> str:
     """Split on ",", strip, drop empty tags, keep the first `keep_tokens` in place, shuffle the
     rest with `rng`, join with ", "."""
+    return process_caption(caption, rng, shuffle=True, keep_tokens=keep_tokens)
+
+
+def process_caption(caption: str, rng: random.Random, *, shuffle: bool, keep_tokens: int = 0,
+                    dropout_rate: float = 0.0, tag_dropout_rate: float = 0.0) -> str:
+    """kohya's order: caption dropout first (the caption becomes ""), then shuffle, then tag
+    dropout of the tags not kept. `rng` is drawn from only for a rate above 0, so a recipe
+    without dropout trains exactly as before the rates existed."""
+    if dropout_rate > 0 and rng.random() < dropout_rate:
+        return ""
+    if not shuffle and tag_dropout_rate <= 0:
+        return caption  # kohya leaves the caption as written when it neither shuffles nor drops tags
     tags = [t for t in (part.strip() for part in caption.split(",")) if t]
     fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(rest)
+    if shuffle:
+        rng.shuffle(rest)
+    if tag_dropout_rate > 0:
+        rest = [t for t in rest if rng.random() >= tag_dropout_rate]
     return ", ".join(fixed + rest)

@@ -1,5 +1,9 @@
 """A dataset folder: images with same-stem captions, checked, bucketed, and batched per epoch.
 
+The folder's own images train `dataset_repeats` times per epoch; kohya's `N_name/` subfolders
+(see subsets.py) train N times each, and their images without a caption file take the name's
+class tokens as caption, as kohya does.
+
 `scan` reads headers only (plus cheap structural checks, see images.check_image), in threads, so a
 folder of thousands of images scans in seconds; pixels are decoded once, by the latent cache.
 Every image that cannot be used is listed with its reason in `Dataset.skipped`; the scan fails
@@ -23,9 +27,10 @@ from ..recipe import Recipe
 from .buckets import Size, make_buckets, pick_bucket
 from .captions import BadCaption, read_caption
 from .images import IMAGE_EXTENSIONS, BadImage, check_image
+from .subsets import Subset, classify
 
 _LISTED = 20  # skipped files named one by one in the warning; the rest are counted
-MAX_LISTED_ITEMS = 10_000_000  # images × dataset_repeats: the per-epoch list the loop builds
+MAX_LISTED_ITEMS = 10_000_000  # images × repeats: the per-epoch list the loop builds
 
 
 FileId = tuple[int, int]  # (st_dev, st_ino): a file's identity across renames
@@ -39,6 +44,9 @@ class Item:
     bucket: Size  # (w, h)
     file_id: FileId | None = None  # the image's identity, and its folder's: renames are followed
     folder_id: FileId | None = None
+    repeats: int = 1  # times listed per epoch: dataset_repeats, or the N of its N_name/ subfolder
+    subset: str = ""  # its N_name/ subfolder, "" for the dataset folder's own images
+    root_id: FileId | None = None  # the dataset folder's identity, for an image in a subfolder
 
     def current_path(self) -> Path:
         """Where the image is now. A rename since the scan, of the file or of the dataset folder
@@ -49,7 +57,10 @@ class Item:
             return path
         folder = path.parent
         if self.folder_id is not None and not _is(folder, self.folder_id):
-            folder = _find(folder.parent, self.folder_id) or folder
+            root = folder.parent
+            if self.root_id is not None and not _is(root, self.root_id):
+                root = _find(root.parent, self.root_id) or root  # the dataset folder itself was renamed
+            folder = _find(root, self.folder_id) or folder
         if _is(folder / path.name, self.file_id):
             return folder / path.name
         return _find(folder, self.file_id) or path
@@ -60,8 +71,22 @@ class Dataset:
     folder: Path
     items: list[Item] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
-    subfolders: list[str] = field(default_factory=list)  # subfolders holding images: not searched
+    subfolders: list[str] = field(default_factory=list)  # subfolders holding images not named N_name: not searched
     orphans: list[str] = field(default_factory=list)  # caption files with no image of their stem
+    subsets: list[Subset] = field(default_factory=list)  # the folder's own images first, then each N_name/
+
+    @property
+    def images_per_epoch(self) -> int:
+        return sum(item.repeats for item in self.items)
+
+    def scan_report(self) -> list[str]:
+        """One line per subset (images, repeats, skipped), for a kohya layout; a flat folder's
+        counts are already in the skipped warning."""
+        if not any(s.name for s in self.subsets):
+            return []
+        used = [s for s in self.subsets if s.name or s.images or s.skipped]
+        return [f"{self.folder}: {len(self.items)} images, {self.images_per_epoch} per epoch, from "
+                f"{len(used)} folder{'s' if len(used) != 1 else ''} (kohya's N_name layout)"] + [f"  {s.report()}" for s in used]
 
     def orphan_warning(self) -> str | None:
         """Captions without an image are usually a renamed or deleted picture: say which."""
@@ -71,18 +96,19 @@ class Dataset:
         return f"{self.folder} has caption files with no image of the same name ({names}); they are not used."
 
     def subfolder_warning(self) -> str | None:
-        """Images in subfolders are not trained on; say so rather than leave them out silently."""
+        """Images in subfolders kohya would not read are not trained on; say so rather than leave
+        them out silently."""
         if not self.subfolders:
             return None
         names = ", ".join(f"{n}/" for n in self.subfolders[:_LISTED])
         return (f"{self.folder} has images in subfolders ({names}); they are not used, only the folder's own images "
-                "train: move them up into the folder to use them.")
+                "and N_name/ subfolders (kohya's layout, N repeats) train: rename them N_name or move their images up.")
 
     def skipped_warning(self) -> str | None:
         """One warning naming every skipped file (the first few by name) and why, or None."""
         if not self.skipped:
             return None
-        named = "; ".join(f"{p.name}: {why}" for p, why in self.skipped[:_LISTED])
+        named = "; ".join(f"{_relative(p, self.folder)}: {why}" for p, why in self.skipped[:_LISTED])
         more = len(self.skipped) - _LISTED
         tail = f"; and {more} more ({_reason_counts(self.skipped[_LISTED:])})" if more > 0 else ""
         return (
@@ -92,41 +118,61 @@ class Dataset:
 
 
 def scan(folder: str | os.PathLike, recipe: Recipe) -> Dataset:
-    """Find every usable image in `folder` (not its subfolders) and give it a bucket."""
+    """Find every usable image in `folder` and its `N_name/` subfolders, and give it a bucket."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"{folder} {what}; expected a folder of images with same-stem {recipe.caption_extension} captions.")
-    # Only image names are candidates: captions, sample-prompts.txt, loradrop.toml and anything
-    # else are not, and hidden files (editors', macOS's ._ twins) never are.
-    try:
-        candidates = sorted(
-            entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
-        )
-    except OSError as e:
-        raise UserError(f"{folder} cannot be listed ({e.strerror or e}); check its permissions.") from None
+    subfolders = classify(folder)
+    if subfolders.regularization:
+        raise UserError(f"{folder / subfolders.regularization} looks like a kohya regularization set, which loradrop does "
+                        f"not train with (no prior loss); move {subfolders.regularization}/ out of the dataset folder.")
     if recipe.enable_bucket:
         buckets = make_buckets(recipe.resolution, recipe.min_bucket_reso, recipe.max_bucket_reso, recipe.bucket_reso_steps)
     else:
         buckets = [(recipe.resolution, recipe.resolution)]
-    dataset = Dataset(folder, subfolders=subfolders_with_images(folder))
-    folder_id = _file_id(folder.stat())
+    own = Subset(folder, "", recipe.dataset_repeats, None)  # a flat folder's images need captions, as before
+    dataset = Dataset(folder, subfolders=subfolders.ignored, subsets=[own, *subfolders.subsets])
+    root_id = _file_id(folder.stat())
     with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
-        checked = pool.map(lambda p: _check(p, recipe.caption_extension), candidates)
-        for path, result in zip(candidates, checked):
-            if isinstance(result, str):
-                dataset.skipped.append((path, result))
-            else:
-                caption, size, file_id = result
-                dataset.items.append(Item(path, caption, size, pick_bucket(*size, buckets), file_id, folder_id))
-    dataset.orphans = _orphan_captions(folder, candidates, recipe.caption_extension)
+        for subset in dataset.subsets:
+            _scan_subset(subset, dataset, recipe, buckets, pool, root_id if subset.name else None)
     if not dataset.items:
-        raise UserError(_nothing_usable(folder, dataset.skipped, recipe.caption_extension))
-    if len(dataset.items) * recipe.dataset_repeats > MAX_LISTED_ITEMS:
-        n, repeats = len(dataset.items), recipe.dataset_repeats
-        raise UserError(f"dataset_repeats {repeats} makes an epoch of {n * repeats:,} images ({n} x {repeats}), more than "
-                        f"{MAX_LISTED_ITEMS:,}; lower dataset_repeats.")
+        raise UserError(_nothing_usable(folder, dataset.skipped, recipe.caption_extension, len(dataset.subsets) > 1))
+    if dataset.images_per_epoch > MAX_LISTED_ITEMS:
+        worst = max(dataset.subsets, key=lambda s: s.images * s.repeats)
+        what = f"{worst.name}/ repeats {worst.repeats} times" if worst.name else f"dataset_repeats is {worst.repeats}"
+        fix = f"rename {worst.name}/ with a smaller N" if worst.name else "lower dataset_repeats"
+        raise UserError(f"{folder}: an epoch would list {dataset.images_per_epoch:,} images ({what}), more than "
+                        f"{MAX_LISTED_ITEMS:,}; {fix}.")
     return dataset
+
+
+def _scan_subset(subset: Subset, dataset: Dataset, recipe: Recipe, buckets: list[Size], pool: ThreadPoolExecutor,
+                 root_id: FileId | None) -> None:
+    # Only image names are candidates: captions, sample-prompts.txt, loradrop.toml and anything
+    # else are not, and hidden files (editors', macOS's ._ twins) never are.
+    folder = subset.folder
+    try:
+        candidates = sorted(
+            entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        folder_id = _file_id(folder.stat())
+    except OSError as e:
+        raise UserError(f"{folder} cannot be listed ({e.strerror or e}); check its permissions.") from None
+    checked = pool.map(lambda p: _check(p, recipe.caption_extension, subset.class_tokens), candidates)
+    for path, result in zip(candidates, checked):
+        if isinstance(result, str):
+            dataset.skipped.append((path, result))
+            subset.skipped += 1
+        else:
+            caption, size, file_id, uncaptioned = result
+            dataset.items.append(Item(path, caption, size, pick_bucket(*size, buckets), file_id, folder_id,
+                                      subset.repeats, subset.name, root_id))
+            subset.images += 1
+            subset.uncaptioned += uncaptioned
+    prefix = f"{subset.name}/" if subset.name else ""
+    dataset.orphans += [prefix + n for n in _orphan_captions(folder, candidates, recipe.caption_extension)]
 
 
 # Text files a dataset folder holds that are not captions.
@@ -143,24 +189,8 @@ def _orphan_captions(folder: Path, images: list[Path], caption_extension: str) -
     return [n for n in names if n[: -len(caption_extension)] not in stems]
 
 
-def subfolders_with_images(folder: Path) -> list[str]:
-    """The folder's own subfolders (not hidden) that hold an image at their top: kohya's
-    `10_name/` layout, which the scan does not read."""
-    found = []
-    try:
-        with os.scandir(folder) as entries:
-            subs = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
-        for name in subs:
-            with os.scandir(folder / name) as inner:
-                if any(Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not e.name.startswith(".") for e in inner):
-                    found.append(name)
-    except OSError:
-        pass  # an unreadable subfolder is no reason to fail a scan of its parent
-    return found
-
-
-def _check(path: Path, caption_extension: str) -> tuple[str, Size, FileId] | str:
-    """(caption, size, identity) for a usable image, or the reason it is not."""
+def _check(path: Path, caption_extension: str, class_tokens: str | None) -> tuple[str, Size, FileId, bool] | str:
+    """(caption, size, identity, captioned by class_tokens) for a usable image, or the reason it is not."""
     try:
         st = path.stat()
     except OSError as e:
@@ -168,14 +198,15 @@ def _check(path: Path, caption_extension: str) -> tuple[str, Size, FileId] | str
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     caption_path = path.with_name(path.stem + caption_extension)
-    if not caption_path.is_file():
+    uncaptioned = not caption_path.is_file()
+    if uncaptioned and class_tokens is None:
         return f"no caption file ({caption_path.name})"
     try:
-        caption = read_caption(caption_path)
+        caption = class_tokens if uncaptioned else read_caption(caption_path)
         size = check_image(path)
     except (BadCaption, BadImage) as e:
         return e.reason
-    return caption, size, _file_id(st)
+    return caption, size, _file_id(st), uncaptioned
 
 
 def _file_id(st: os.stat_result) -> FileId:
@@ -207,10 +238,16 @@ def _reason_counts(skipped: list[tuple[Path, str]]) -> str:
     return ", ".join(f"{n} {why}" for why, n in counts.most_common())
 
 
-def _nothing_usable(folder: Path, skipped: list[tuple[Path, str]], caption_extension: str) -> str:
+def _relative(path: Path, folder: Path) -> str:
+    return path.name if path.parent == folder else f"{path.parent.name}/{path.name}"
+
+
+def _nothing_usable(folder: Path, skipped: list[tuple[Path, str]], caption_extension: str, kohya: bool = False) -> str:
+    if not skipped and kohya:
+        return f"{folder} and its N_name subfolders have no PNG, JPEG or WebP images; put images in them."
     if not skipped:
         subfolders = any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
-        where = " (subfolders are not searched)" if subfolders else ""
+        where = " (subfolders are not searched unless named N_name, kohya's layout)" if subfolders else ""
         return f"{folder} has no PNG, JPEG or WebP images{where}; put images with same-stem {caption_extension} captions in it."
     return (
         f"{folder} has no usable images: all {len(skipped)} were skipped "

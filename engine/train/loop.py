@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from loradrop.errors import UserError
 
-from ..data.captions import shuffle_caption
+from ..data.captions import process_caption
 from ..data.dataset import Dataset, epoch_batches
 from ..data.latents import CachedLatent, LatentCache
 from ..data.prompts import SamplePrompt, parse_prompt_file, prompts_from_captions
@@ -118,7 +118,7 @@ def train(
         atomic_write_text(out_dir / RESOLVED_PROMPTS, "".join(p.line() + "\n" for p in resolved))
     emit("stage", {"stage": "cache"})
     latents = _cache_latents(model, dataset, cache_dir, device, world, emit, recipe.max_data_loader_n_workers)
-    items = [i for i in range(len(latents)) for _ in range(recipe.dataset_repeats)]
+    items = [i for i in range(len(latents)) for _ in range(dataset.items[i].repeats)]  # an N_name/ subfolder's N
     buckets = [latents[i].target_size for i in items]
     num_batches = len(epoch_batches(buckets, recipe.train_batch_size, recipe.seed, 0))
 
@@ -146,7 +146,7 @@ def train(
 
         step = 0
         state_path = out_dir / "state" / checkpoints.STATE_FILE
-        fingerprint = _fingerprint(recipe, latents)
+        fingerprint = _fingerprint(recipe, latents, [item.repeats for item in dataset.items])
         if resume and state_path.exists():
             tensors, info = checkpoints.read_state(state_path)
             if info.get("fingerprint") != fingerprint:
@@ -165,6 +165,7 @@ def train(
             model_path=str(model.source),
             model_hashes=model_hashes,
             started_at=time.time(),
+            dataset_dirs={(s.name or dataset_dir.name): (s.repeats, s.images) for s in dataset.subsets if s.images},
         )
         ac = alphas_cumprod().to(device)
         save_dtype = SAVE_DTYPES[recipe.save_precision]
@@ -192,7 +193,8 @@ def train(
                 flip = recipe.flip_aug and rng.random() < 0.5
                 x0.append(cached.flipped if flip else cached.latent)
                 caption = dataset.items[i].caption
-                captions.append(shuffle_caption(caption, rng, recipe.keep_tokens) if recipe.shuffle_caption else caption)
+                captions.append(process_caption(caption, rng, shuffle=recipe.shuffle_caption, keep_tokens=recipe.keep_tokens,
+                                                dropout_rate=recipe.caption_dropout_rate, tag_dropout_rate=recipe.caption_tag_dropout_rate))
                 orig.append(cached.original_size)
                 crop.append(cached.crop_top_left)
                 target.append(cached.target_size)
@@ -415,12 +417,14 @@ _NOT_MATH = {
 }
 
 
-def _fingerprint(recipe: Recipe, latents: list[CachedLatent]) -> str:
+def _fingerprint(recipe: Recipe, latents: list[CachedLatent], repeats: list[int] | None = None) -> str:
     """What a saved state must match to be resumed: the training settings and the data."""
     math_settings = {k: v for k, v in recipe.to_dict().items() if k not in _NOT_MATH}
     h = hashlib.sha256(repr(sorted(math_settings.items())).encode())
     for cached in latents:
         h.update(cached.key.encode())
+    if repeats and any(n != recipe.dataset_repeats for n in repeats):
+        h.update(repr(repeats).encode())  # N_name/ repeats shape the epoch; a flat folder's fingerprint is unchanged
     return h.hexdigest()
 
 

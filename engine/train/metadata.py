@@ -35,8 +35,13 @@ def training_metadata(
     model_path: str | None,
     model_hashes: tuple[str, str] | None,
     started_at: float,
+    dataset_dirs: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, str]:
-    """Everything known when training starts; per-save values are added by `at_save`."""
+    """Everything known when training starts; per-save values are added by `at_save`.
+    `dataset_dirs`: folder name -> (repeats, images), kohya's ss_dataset_dirs; `captions` is the
+    epoch's list, repeats included."""
+    if dataset_dirs is None:
+        dataset_dirs = {dataset_dir.name: (recipe.dataset_repeats, len(captions) // max(1, recipe.dataset_repeats))}
     optimizer = recipe.optimizer_type
     if recipe.optimizer_args:
         optimizer += f"({','.join(f'{k}={v}' for k, v in recipe.optimizer_args.items())})"
@@ -63,7 +68,7 @@ def training_metadata(
         "ss_learning_rate": recipe.learning_rate,
         "ss_text_encoder_lr": recipe.text_encoder_lr,
         "ss_unet_lr": recipe.unet_lr,
-        "ss_num_train_images": len(captions) * recipe.dataset_repeats,
+        "ss_num_train_images": sum(n * count for n, count in dataset_dirs.values()),
         "ss_num_reg_images": 0,
         "ss_num_batches_per_epoch": num_batches_per_epoch,
         "ss_num_epochs": num_epochs,
@@ -95,9 +100,9 @@ def training_metadata(
         "ss_sd_scripts_commit_hash": "loradrop",
         "ss_optimizer": optimizer,
         "ss_max_grad_norm": recipe.max_grad_norm,
-        "ss_caption_dropout_rate": 0.0,
+        "ss_caption_dropout_rate": recipe.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": 0,
-        "ss_caption_tag_dropout_rate": 0.0,
+        "ss_caption_tag_dropout_rate": recipe.caption_tag_dropout_rate,
         "ss_face_crop_aug_range": None,
         "ss_prior_loss_weight": 1.0,
         "ss_min_snr_gamma": None,
@@ -114,7 +119,7 @@ def training_metadata(
         "ss_min_bucket_reso": recipe.min_bucket_reso,
         "ss_max_bucket_reso": recipe.max_bucket_reso,
         "ss_keep_tokens": recipe.keep_tokens,
-        "ss_dataset_dirs": json.dumps({dataset_dir.name: {"n_repeats": recipe.dataset_repeats, "img_count": len(captions)}}),
+        "ss_dataset_dirs": json.dumps({name: {"n_repeats": n, "img_count": count} for name, (n, count) in dataset_dirs.items()}),
         "ss_reg_dataset_dirs": json.dumps({}),
         "ss_tag_frequency": json.dumps({dataset_dir.name: tag_frequency(captions)}),
         "ss_bucket_info": json.dumps(

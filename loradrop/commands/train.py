@@ -83,6 +83,11 @@ def run(args) -> int:
         elif kind == "artifact" and payload["kind"] == "final":
             bar.message(f"saved   {payload['path']}")
 
+    for line in dataset.scan_report():  # per N_name/ subfolder: images, repeats, skipped (as in a job's log)
+        emit("log", {"level": "info", "text": line})
+    for warning in (dataset.subfolder_warning(), dataset.orphan_warning()):
+        if warning:
+            emit("log", {"level": "warning", "text": warning})
     if bar:
         bar.message(f"loading {model_path}")
     model = load_sdxl(model_path, dtype=precision.weights, vae_dtype=torch.float32 if recipe.no_half_vae else precision.weights)

@@ -137,6 +137,24 @@ def test_drop_gives_trained_resized_and_chopped_artifacts(trainer):
     assert "libtorch" not in maps, "the server process loaded torch"
 
 
+def test_a_kohya_folder_is_taken_and_its_job_log_reports_each_subfolder(trainer):
+    d = trainer
+    folder = d.root / "kohya"
+    make_dataset(folder / "5_zkw", images=2)
+    make_dataset(folder / "2_other", images=1)
+    (folder / "loradrop.toml").write_text((folder / "5_zkw" / "loradrop.toml").read_text())  # the daemon reads the top's
+    (folder / "5_zkw" / "loradrop.toml").unlink()
+    (folder / "2_other" / "loradrop.toml").unlink()
+    shutil.move(folder, d.home / "inbox" / "kohya")
+    with d.client() as c:
+        job = wait_for(lambda: [j for j in c.jobs() if Path(j.dataset).name == "kohya"], what="the job")[0]
+        job = _finished(c, job.id)
+        assert job.state == pb.DONE, job.error
+        logs = [e.log.text for e in c.events(job.id, follow=False) if e.HasField("log")]
+    assert f"{d.home / 'inbox' / 'kohya'}: 3 images, 12 per epoch, from 2 folders (kohya's N_name layout)" in logs
+    assert "  5_zkw/: 2 images x 5 repeats = 10 per epoch, 0 skipped" in logs
+
+
 def test_a_killed_worker_resumes_then_fails_and_the_next_job_runs(trainer):
     d = trainer
     with d.client() as c:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from loradrop.engine.data.buckets import make_buckets, pick_bucket
-from loradrop.engine.data.captions import BadCaption, read_caption, shuffle_caption
+from loradrop.engine.data.captions import BadCaption, process_caption, read_caption, shuffle_caption
 from loradrop.engine.data.dataset import Item, epoch_batches, scan
 from loradrop.engine.recipe import Recipe
 from loradrop.errors import UserError
@@ -54,6 +54,37 @@ def test_read_caption(tmp_path):
     assert read_caption(path) == ""
     path.write_bytes("caf\u00e9, na\u00efve".encode("utf-8"))
     assert read_caption(path) == "caf\u00e9, na\u00efve"
+
+
+def test_process_caption_follows_kohyas_order():
+    """kohya's process_caption: whole-caption dropout first; else shuffle the tags past
+    keep_tokens, then drop each of those with caption_tag_dropout_rate."""
+    caption = "me, a, b, c, d, e"
+    for seed in range(30):
+        mine = process_caption(caption, random.Random(seed), shuffle=True, keep_tokens=1, dropout_rate=0.3, tag_dropout_rate=0.5)
+        rng = random.Random(seed)  # the same steps, written out as kohya does them
+        if rng.random() < 0.3:
+            expected = ""
+        else:
+            rest = ["a", "b", "c", "d", "e"]
+            rng.shuffle(rest)
+            expected = ", ".join(["me"] + [t for t in rest if rng.random() >= 0.5])
+        assert mine == expected
+    assert process_caption(caption, random.Random(0), shuffle=False, dropout_rate=1.0) == ""
+    kept = {process_caption(caption, random.Random(s), shuffle=False, keep_tokens=2, tag_dropout_rate=1.0) for s in range(5)}
+    assert kept == {"me, a"}  # kept tags are never dropped, and without shuffle the order stays
+    assert process_caption(" as,written ", random.Random(0), shuffle=False) == " as,written "
+
+
+def test_process_caption_without_rates_draws_as_before():
+    """No dropout: the rng is used exactly as shuffle_caption used it, so old runs replay."""
+    caption = "a, b, c, d, e, f"
+    for seed in range(10):
+        a, b = random.Random(seed), random.Random(seed)
+        rest = ["c", "d", "e", "f"]
+        b.shuffle(rest)  # what the loop did before the rates existed
+        assert process_caption(caption, a, shuffle=True, keep_tokens=2) == ", ".join(["a", "b"] + rest)
+        assert a.random() == b.random()
 
 
 def test_caption_in_invalid_utf8(tmp_path):
@@ -242,20 +273,85 @@ def test_all_bad(tmp_path):
     assert "2 no caption file" in message and "1 empty file" in message
 
 
-def test_images_in_subfolders_are_named_not_ignored_silently(tmp_path):
-    """kohya-style `10_name/` folders are not read (yet); a scan said nothing of their images."""
-    write_pair(tmp_path, "top")
-    for sub in ("10_cats", "5_dogs", "notes"):
+def test_kohya_folders_repeat_n_times_and_caption_by_name(tmp_path):
+    """kohya's layout: `N_name/` trains N times per epoch, an image without a caption file takes
+    the name's class tokens; other subfolders (and N < 1) are ignored, and named."""
+    write_pair(tmp_path, "top")  # the folder's own images: dataset_repeats
+    for sub in ("10_cats", "3_my_char", "0_zero", "notes", "empty_words"):
         (tmp_path / sub).mkdir()
     write_pair(tmp_path / "10_cats", "a")
-    write_pair(tmp_path / "5_dogs", "b", ext=".jpg")
-    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    write_pair(tmp_path / "10_cats", "b", ext=".jpg")
+    write_image(tmp_path / "3_my_char" / "c.png")  # no caption file: kohya captions it "my_char"
+    (tmp_path / "3_my_char" / "d.png").write_bytes(b"")  # skipped, and counted in its subfolder
+    write_pair(tmp_path / "0_zero", "z")
+    write_pair(tmp_path / "notes", "n")
+    (tmp_path / "empty_words" / "readme.txt").write_text("no images here")
+    ds = scan(tmp_path, RECIPE.updated({"dataset_repeats": 2}))
+    by_name = {i.path.name: i for i in ds.items}
+    assert sorted(by_name) == ["a.png", "b.jpg", "c.png", "top.png"]
+    assert [(by_name[n].repeats, by_name[n].subset) for n in ("top.png", "a.png", "c.png")] == [(2, ""), (10, "10_cats"), (3, "3_my_char")]
+    assert by_name["c.png"].caption == "my_char" and by_name["a.png"].caption == "a photo, red, outdoors"
+    # kohya's per-epoch count: sum of images x num_repeats; the loop lists each item `repeats` times
+    assert ds.images_per_epoch == 1 * 2 + 2 * 10 + 1 * 3 == len([i for i, item in enumerate(ds.items) for _ in range(item.repeats)])
+    assert ds.scan_report() == [
+        f"{tmp_path}: 4 images, 25 per epoch, from 3 folders (kohya's N_name layout)",
+        "  the folder's own images: 1 image x 2 repeats = 2 per epoch, 0 skipped",
+        "  10_cats/: 2 images x 10 repeats = 20 per epoch, 0 skipped",
+        "  3_my_char/: 1 image x 3 repeats = 3 per epoch, 1 skipped, 1 without a caption file captioned 'my_char' (from the folder name)",
+    ]
+    assert ds.subfolders == ["0_zero", "notes"] and "(0_zero/, notes/)" in ds.subfolder_warning()
+    assert "3_my_char/d.png: empty file" in ds.skipped_warning()
+
+
+def test_a_flat_folder_has_no_kohya_report_and_keeps_its_captions_rule(tmp_path):
+    write_pair(tmp_path, "top")
+    write_image(tmp_path / "uncaptioned.png")
     ds = scan(tmp_path, RECIPE)
-    assert [i.path.name for i in ds.items] == ["top.png"] and ds.subfolders == ["10_cats", "5_dogs"]
-    warning = ds.subfolder_warning()
-    assert "(10_cats/, 5_dogs/)" in warning and "they are not used" in warning and "move them up" in warning
-    (tmp_path / "10_cats" / "a.png").unlink()
-    assert scan(tmp_path, RECIPE).subfolder_warning() == f"{tmp_path} has images in subfolders (5_dogs/); they are not used, only the folder's own images train: move them up into the folder to use them."
+    assert ds.scan_report() == [] and ds.subfolder_warning() is None
+    assert [i.repeats for i in ds.items] == [1] and "no caption file" in ds.skipped_warning()
+
+
+def test_kohya_folders_alone_and_empty(tmp_path):
+    (tmp_path / "5_cats").mkdir()
+    with pytest.raises(UserError) as e:
+        scan(tmp_path, RECIPE)
+    assert str(e.value) == f"{tmp_path} and its N_name subfolders have no PNG, JPEG or WebP images; put images in them."
+    write_image(tmp_path / "5_cats" / "a.png")  # no caption, no top-level images: trains as "cats"
+    ds = scan(tmp_path, RECIPE)
+    assert [(i.caption, i.repeats) for i in ds.items] == [("cats", 5)]
+    (tmp_path / "2_").mkdir()
+    write_image(tmp_path / "2_" / "b.png")  # kohya's `2_`: no class tokens, the empty caption
+    ds = scan(tmp_path, RECIPE)
+    assert [(i.caption, i.repeats) for i in ds.items] == [("", 2), ("cats", 5)]  # subfolders in name order
+    assert ds.scan_report()[1] == "  2_/: 1 image x 2 repeats = 2 per epoch, 0 skipped, 1 without a caption file trained on the empty caption (the folder name has no class tokens)"
+
+
+def test_a_regularization_folder_is_refused_in_one_sentence(tmp_path):
+    (tmp_path / "10_me").mkdir()
+    write_pair(tmp_path / "10_me", "a")
+    (tmp_path / "reg" / "1_woman").mkdir(parents=True)
+    write_pair(tmp_path / "reg" / "1_woman", "w")
+    with pytest.raises(UserError) as e:
+        scan(tmp_path, RECIPE)
+    assert str(e.value) == (f"{tmp_path / 'reg'} looks like a kohya regularization set, which loradrop does not train with "
+                            "(no prior loss); move reg/ out of the dataset folder.")
+
+
+def test_a_huge_n_is_refused_naming_the_subfolder(tmp_path):
+    (tmp_path / "20000000_x").mkdir()
+    write_pair(tmp_path / "20000000_x", "a")
+    with pytest.raises(UserError) as e:
+        scan(tmp_path, RECIPE)
+    assert "20000000_x/ repeats 20000000 times" in str(e.value) and "rename 20000000_x/ with a smaller N" in str(e.value)
+
+
+def test_an_image_in_a_kohya_folder_is_followed_when_the_dataset_folder_is_renamed(tmp_path):
+    root = tmp_path / "data"
+    (root / "2_x").mkdir(parents=True)
+    write_pair(root / "2_x", "a")
+    item = scan(root, RECIPE).items[0]
+    root.rename(tmp_path / "moved")
+    assert item.current_path() == tmp_path / "moved" / "2_x" / "a.png"
 
 
 def test_a_caption_file_of_gigabytes_is_skipped_not_read(tmp_path):

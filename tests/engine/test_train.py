@@ -336,6 +336,23 @@ def test_bad_files_are_skipped_and_listed(tiny_path, tmp_path):
     assert result.final.exists()
 
 
+def test_a_kohya_folder_trains_each_subfolder_n_times(tiny_path, tmp_path):
+    """Two N_name/ folders: the epoch lists each image N times (kohya's num_repeats), an image
+    without a caption trains on the folder's class tokens, and the metadata says so as kohya's does."""
+    data = tmp_path / "img"
+    make_dataset(data / "10_zkw", images=2, sizes=SIZES)
+    make_dataset(data / "3_plain thing", images=1, sizes=SIZES)
+    (data / "3_plain thing" / "img0.txt").unlink()
+    events = []
+    result = _train(load_sdxl(tiny_path), data, tmp_path / "out", tmp_path / "cache", events, max_train_steps=2,
+                    caption_dropout_rate=0.5, caption_tag_dropout_rate=0.5, keep_tokens=1)
+    with tensorfile.TensorFile(result.final) as tf:
+        meta = tf.metadata
+    assert json.loads(meta["ss_dataset_dirs"]) == {"10_zkw": {"n_repeats": 10, "img_count": 2}, "3_plain thing": {"n_repeats": 3, "img_count": 1}}
+    assert meta["ss_num_train_images"] == "23" and meta["ss_caption_dropout_rate"] == "0.5"
+    assert "plain thing" in json.loads(meta["ss_tag_frequency"])["img"]  # the class tokens, as a caption
+
+
 @pytest.mark.parametrize("make", ["empty", "only-bad"])
 def test_unusable_dataset_fails_in_one_sentence(tmp_path, make):
     data = tmp_path / "data"
