@@ -160,6 +160,7 @@ def test_no_path_taking_request_reaches_outside(home, daemons, tmp_path):
     tar = io.BytesIO()
     with tarfile.open(fileobj=tar, mode="w") as t:
         t.add(home / "inbox" / "cats" / "img0.png", arcname="img0.png")
+        t.add(home / "inbox" / "cats" / "img0.txt", arcname="img0.txt")  # captioned: the names are what is tried here
     for name in ["../../evil", "/abs/evil", ".hidden", "a/b", "\n"]:
         uploaded = stub.UploadDataset(iter([pb.UploadChunk(job=pb.SubmitJobRequest(dataset=name), data=tar.getvalue())]), timeout=DEADLINE)
         assert Path(uploaded.dataset).parent == home / "inbox" and not Path(uploaded.dataset).name.startswith("."), uploaded.dataset
