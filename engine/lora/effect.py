@@ -22,7 +22,7 @@ import torch
 
 from ..data.prompts import SamplePrompt
 from ..models.sdxl import SDXL
-from .blocks import Layout, format_weight, layout
+from .blocks import Layout, format_weight, layout, suggest
 from .lorafile import LoraFile, read_lora
 
 EFFECT_STEPS = 8  # denoising steps per prompt: the layout of a picture is set in the first few
@@ -50,8 +50,6 @@ class EffectReport:
 def suggest_by_effect(model: SDXL, lora: str | os.PathLike | LoraFile, prompts: Sequence[SamplePrompt], keep: float,
                       **kwargs) -> tuple[list[float], EffectReport]:
     """The smallest 0/1 chop vector whose blocks hold `keep` of the measured effect, and the report."""
-    from .blocks import suggest
-
     report = block_effects(model, lora, prompts, **kwargs)
     return suggest(report.shares, keep), report
 

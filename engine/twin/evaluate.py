@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..lora.blocks import energy, format_weight, suggest
+    from ..lora.blocks import energy, format_weight, parse_vector, suggest
     from ..lora.chop import chop
     from ..models.sdxl import load_sdxl
     from ..models.tiny import default_model_path
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     text = lambda values: ",".join(format_weight(v) for v in values)  # noqa: E731
     by_energy = suggest(energy(result.final).shares, 0.9)
     # The job's suggestion, by effect on the prompts it sampled (its recipe's suggest_by).
-    suggested = [float(v) for v in json.loads((root / "job" / "blocks.json").read_text())["suggested_vector_90"].split(",")]
+    suggested = parse_vector(json.loads((root / "job" / "blocks.json").read_text())["suggested_vector_90"])
     others = [suggested[0]] + [1.0 - v for v in suggested[1:]]
     half = [suggested[0]] + [0.5 * v for v in suggested[1:]]
     chopped = chop(result.final, text(suggested), root / "job" / "suggested.safetensors").path

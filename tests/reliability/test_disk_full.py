@@ -22,16 +22,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def small_outputs(home):
-    """home/outputs on its own 64 MB tmpfs (needs root, as CI and this sandbox run)."""
-    outputs = home / "outputs"
-    outputs.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(outputs)], capture_output=True, text=True)
+def _tmpfs(folder: Path):
+    """`folder` on its own 64 MB tmpfs while the fixture lives (needs root, as CI and this sandbox run)."""
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(folder)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); this test needs root")
-    yield outputs
-    subprocess.run(["umount", "-l", str(outputs)], check=False)
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_outputs(home):
+    """home/outputs on its own tmpfs."""
+    yield from _tmpfs(home / "outputs")
 
 
 def _fill(folder: Path) -> Path:
@@ -91,13 +95,8 @@ def test_a_full_disk_fails_the_job_clearly_and_keeps_its_last_checkpoint(home, d
 
 @pytest.fixture
 def small_home(home):
-    """The whole home on its own 64 MB tmpfs: the job database fills up with the outputs."""
-    home.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(home)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); this test needs root")
-    yield home
-    subprocess.run(["umount", "-l", str(home)], check=False)
+    """The whole home on its own tmpfs: the job database fills up with the outputs."""
+    yield from _tmpfs(home)
 
 
 def test_a_full_home_never_loses_a_jobs_end_and_refuses_uploads_clearly(small_home, daemons, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loradrop.engine.lora.blocks import format_weight
+from loradrop.engine.lora.blocks import format_weight, parse_vector
 from loradrop.engine.twin import score
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -31,7 +31,7 @@ def scores(learned_twin, concept_run):
     # The daemon's own suggestion: the job measured each block's effect on its sample prompts.
     analysis = json.loads(Path(concept_run.artifacts["analysis"]).read_text())
     assert analysis["suggested_by"] == "effect", analysis
-    suggested = [float(v) for v in analysis["suggested_vector_90"].split(",")]
+    suggested = parse_vector(analysis["suggested_vector_90"])
     complement = [suggested[0]] + [1.0 - v for v in suggested[1:]]
     half = [suggested[0]] + [0.5 * v for v in suggested[1:]]
     with concept_run.daemon.client() as client:
