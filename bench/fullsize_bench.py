@@ -14,6 +14,12 @@ RSS (from wait4; this parent never loads torch, so its own size does not leak in
   load    each of the three files through StableDiffusionXLPipeline.load_lora_weights into a
           full-size UNet and text encoders built on the meta device (no weights: a key check);
           every module of each file must be adapted, and diffusers must report no stray key.
+
+On this project's development machine (2 cores, 23 GB, no GPU), 2026-12-03: checkpoint written
+in 50 s; train 112 s wall (the update itself 36 s), 19.8 GB peak RSS, a 234 MB LoRA; resize
+12.7 s, 0.70 GB (the guide's thr=-3.55 kept 2446 of 16432 dimensions in 865 of 876 modules);
+chop 2.0 s, 0.31 GB; diffusers adapts 876, 865 and 194 modules of the three files,
+all of them. The train peak leaves ~3 GB of that machine free: run nothing large beside it.
 """
 
 from __future__ import annotations

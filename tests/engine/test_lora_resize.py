@@ -177,6 +177,14 @@ def test_size_mode_lands_within_one_dimension_of_the_target(tmp_path, lora, trut
     assert report.path.name == f"known_frockpt1_size0.01_th{format_float(report.threshold)}.safetensors"
 
 
+# resize_lora's size search (elias-gaeros/resize_lora, resize_lora.py at 00f1af4, in
+# ResizeRecipe.resize_lora): l.133-147 sort every score descending, cumsum each dimension's
+# bytes (loralib's dim_size: elem·(out + in·kh·kw)) and take the score at
+# `torch.searchsorted(cum_sizes, target_size_bytes)`, the first total >= the target; l.156 keeps
+# `layer_scores > threshold`, strictly, in fp32 on both sides; loralib's statedict writes
+# nothing for a module left with no dimension (it is dropped, never kept at rank 1).
+
+
 def test_size_threshold_at_a_modules_only_singular_value(tmp_path, truth, base_weights, tiny_path):
     """resize_lora's search: best first, the threshold is the score of the first dimension at
     which the running total reaches the target, and only scores strictly above it are kept. A
@@ -203,6 +211,34 @@ def test_size_threshold_at_a_modules_only_singular_value(tmp_path, truth, base_w
         assert {n: r[1] for n, r in report.ranks.items() if n != x and r[1]} == want
         out = load_file(str(report.path))
         assert sum(2 * t.numel() for k, t in out.items() if not k.endswith(".alpha")) == fits - cost[x] * (not kept)
+
+
+def test_size_threshold_on_tied_scores_keeps_neither(tmp_path, truth, base_weights, tiny_path):
+    """Two dimensions with the same score (a rank-2 module with σ₁ = σ₂ exactly) where the
+    running total reaches the target: the threshold is their score and `>` keeps neither, even
+    when the target leaves room for one of them; a byte more than both need keeps both."""
+    x = "lora_unet_input_blocks_4_1_proj_in"
+    others = {n: t for n, t in truth.items() if n != x}
+    scores = expected_scores({"fro_ckpt": 1}, 1.0, others, base_weights)
+    cost = {n: 2 * (u.shape[0] + vh.shape[1]) for n, (u, _, vh, _) in truth.items()}
+    dims = sorted(((float(v), n) for n, sc in scores.items() for v in sc), reverse=True)
+    i = next(i for i in range(len(dims) // 2, len(dims) - 2) if dims[i][0] - dims[i + 1][0] > 0.05 and dims[i + 1][0] - dims[i + 2][0] > 0.02)
+    at = (dims[i][0] + dims[i + 1][0]) / 2
+    w = base_weights[x]
+    rows, cols = w.shape[0], math.prod(w.shape[1:])
+    # Axis-aligned factors: both columns of up and rows of down are the same number times a unit
+    # vector, so QR and SVD give two bitwise-equal singular values, hence two equal scores.
+    sigma = torch.full((2,), float(torch.linalg.vector_norm(w)) * 10**at, dtype=torch.float64)
+    tied = {**others, x: (torch.eye(rows, 2, dtype=torch.float64), sigma, torch.eye(2, cols, dtype=torch.float64), tuple(w.shape[1:]))}
+    src = write_lora(tmp_path / "tied.safetensors", tied)
+    before = sum(cost[n] for _, n in dims[: i + 1])  # bytes of every dimension scoring above the pair
+    want = collections.Counter(n for _, n in dims[: i + 1])
+    for budget, rank in ((before + cost[x], 0), (before + cost[x] + 1, 0), (before + 2 * cost[x], 0), (before + 2 * cost[x] + 1, 2)):
+        report = resize(tiny_path, src, f"fro_ckpt=1,size={budget / 2**20!r}", tmp_path / str(budget))
+        assert report.ranks[x] == (2, rank), budget
+        assert report.threshold == pytest.approx(dims[i + 1][0] if rank else at, abs=1e-5)
+        assert {n: r[1] for n, r in report.ranks.items() if n != x and r[1]} == want
+        assert x + ".alpha" not in load_file(str(report.path)) or rank
 
 
 def test_size_above_the_whole_lora_keeps_everything(tmp_path, lora, tiny_path):
