@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the test helpers: real datasets and daemon processes
-from support import BUCKET_SIZES, Daemon, make_dataset, pid_alive, wait_for  # noqa: E402
+sys.path.insert(0, str(REPO))
+from loradrop.testing import BUCKET_SIZES, Daemon, make_dataset, pid_alive, wait_for  # noqa: E402
 
 from loradrop.proto.client import Client, ClientError  # noqa: E402
 from loradrop.proto.v1 import loradrop_pb2 as pb  # noqa: E402

@@ -40,6 +40,7 @@ from loradrop.engine.data.latents import LatentCache  # noqa: E402
 from loradrop.engine.data.prompts import SamplePrompt  # noqa: E402
 from loradrop.engine.models.sdxl import load_sdxl  # noqa: E402
 from loradrop.engine.recipe import Recipe  # noqa: E402
+from loradrop.engine.events import Progress  # noqa: E402
 from loradrop.engine.train.loop import train  # noqa: E402
 from loradrop.engine.train.sampling import sample  # noqa: E402
 
@@ -70,8 +71,8 @@ def make_images(folder: Path, n: int, size: int) -> Path:
 def step_times(model, dataset, out: Path, cache: Path, recipe: Recipe, device) -> tuple[list[float], float]:
     stamps: list[float] = []
 
-    def emit(kind, payload):
-        if kind == "progress" and payload["stage"] == "train":
+    def emit(event):
+        if isinstance(event, Progress) and event.stage == "train":
             if device.type == "cuda":
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())

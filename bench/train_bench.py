@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+sys.path.insert(0, str(REPO))
 
-from support import BUCKET_SIZES, TINY_RECIPE, make_dataset  # noqa: E402
+from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, make_dataset  # noqa: E402
 
 from bench.rows import row, table, write_rows  # noqa: E402
 
@@ -35,6 +35,7 @@ from loradrop.engine.data.dataset import scan  # noqa: E402
 from loradrop.engine.models.sdxl import load_sdxl  # noqa: E402
 from loradrop.engine.models.tiny import default_model_path  # noqa: E402
 from loradrop.engine.recipe import Recipe  # noqa: E402
+from loradrop.engine.events import Progress  # noqa: E402
 from loradrop.engine.train.loop import train  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -43,8 +44,8 @@ CPU = torch.device("cpu")
 def trainer_steps(model, data: Path, out: Path, cache: Path, recipe: Recipe) -> list[float]:
     stamps: list[float] = []
 
-    def emit(kind, payload):
-        if kind == "progress" and payload["stage"] == "train":
+    def emit(event):
+        if isinstance(event, Progress) and event.stage == "train":
             stamps.append(time.perf_counter())
 
     train(model, scan(data, recipe), out, recipe, device=CPU, cache_dir=cache, emit=emit)

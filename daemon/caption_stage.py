@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from loradrop.engine.events import Emit, Log, Progress, Stage
 
 from .captions import missing, refuse_uncaptioned
-
-Emit = Callable[[str, dict[str, Any]], None]
+from .records import CaptionSettings
 
 
 class CaptionStage:
@@ -24,9 +23,9 @@ class CaptionStage:
         self._key: tuple[str, str] | None = None
         self._captioner = None
 
-    def run(self, folder: Path, settings: dict[str, Any], extension: str, emit: Emit, check: Callable[[], None]) -> bool:
+    def run(self, folder: Path, settings: CaptionSettings, extension: str, emit: Emit, check: Callable[[], None]) -> bool:
         """Caption what lacks a caption; True when the job is now to wait for review."""
-        if settings.get("accepted"):
+        if settings.accepted:
             return False  # accepted once: images still without a caption failed to caption, and are skipped by the scan
         images, lacking = missing(folder, extension)
         if not lacking:
@@ -34,22 +33,21 @@ class CaptionStage:
         refuse_uncaptioned(folder, extension, settings)  # the folder changed since intake, and no captioner is set
         from loradrop.engine.caption import Existing, Outcome, caption_folder
 
-        emit("stage", {"stage": "caption"})
-        emit("log", {"level": "info", "text": f"{len(lacking)} of {len(images)} images have no caption; captioning them with {settings['model']}"})
-        captioner = self._load(settings["model"], settings.get("kind") or "")
+        emit(Stage("caption"))
+        emit(Log(f"{len(lacking)} of {len(images)} images have no caption; captioning them with {settings.model}"))
+        captioner = self._load(settings.model, settings.kind)
 
         def progress(done: int, total: int) -> None:
-            emit("progress", {"stage": "caption", "done": done, "total": total, "loss": None, "avg_loss": None,
-                              "lr_unet": None, "lr_te": None, "rate": None, "eta_s": None})
+            emit(Progress("caption", done, total))
             if done < total:  # not after the last batch: a stop then would requeue a job that skips its review
                 check()
 
-        result = caption_folder(folder, captioner, trigger=settings.get("trigger") or None, existing=Existing.KEEP,
+        result = caption_folder(folder, captioner, trigger=settings.trigger or None, existing=Existing.KEEP,
                                 caption_extension=extension, progress=progress)
         for failed in result.failed:
-            emit("log", {"level": "warning", "text": f"caption: {failed.reason}"})
-        emit("log", {"level": "info", "text": result.summary()})
-        return bool(settings.get("review")) and bool(result.with_outcome(Outcome.WRITTEN))
+            emit(Log(f"caption: {failed.reason}", "warning"))
+        emit(Log(result.summary()))
+        return settings.review and bool(result.with_outcome(Outcome.WRITTEN))
 
     def _load(self, model: str, kind: str):
         from loradrop.engine.caption import (

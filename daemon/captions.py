@@ -9,6 +9,7 @@ are frozen with the job like its recipe.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,15 @@ from loradrop.engine.caption.run import caption_path, list_images
 
 from loradrop.errors import UserError
 
+from .records import CaptionSettings
+
 CAPTION_KEYS = ("caption_model", "caption_kind", "trigger", "review")  # loradrop.toml keys
 KINDS = ("tagger", "vlm")
 _NAMED = 3  # images named in the "no caption" sentence
 _TRIGGER_LIMIT = 100
 
 
-def resolve(values: dict[str, Any], source: Path, *, captioner: str | None, captioner_kind: str | None, model_path) -> dict[str, Any]:
+def resolve(values: dict[str, Any], source: Path, *, captioner: str | None, captioner_kind: str | None, model_path) -> CaptionSettings:
     """The frozen settings from the folder file's caption keys (popped from `values`).
     `model_path(text)` resolves a caption_model the way a base model is (inside models/)."""
     given = {k: values.pop(k) for k in CAPTION_KEYS if k in values}
@@ -43,7 +46,7 @@ def resolve(values: dict[str, Any], source: Path, *, captioner: str | None, capt
         check_model(Path(model), kind, f"{source}: caption_model")
     elif captioner:
         model, kind = captioner, kind or captioner_kind or ""
-    return {"model": model, "kind": kind, "trigger": trigger, "review": given.get("review", False), "accepted": False}
+    return CaptionSettings(model=model, kind=kind, trigger=trigger, review=given.get("review", False))
 
 
 def check_model(path: Path, kind: str, what: str) -> None:
@@ -61,9 +64,9 @@ def missing(folder: Path, extension: str) -> tuple[list[Path], list[Path]]:
     return images, [p for p in images if not caption_path(p, extension).exists()]
 
 
-def refuse_uncaptioned(folder: Path, extension: str, settings: dict[str, Any], shown: str | None = None) -> None:
+def refuse_uncaptioned(folder: Path, extension: str, settings: CaptionSettings, shown: str | None = None) -> None:
     """Without a captioner, images lacking captions fail the job now, naming them and the fix."""
-    if settings.get("model"):
+    if settings.model:
         return
     images, lacking = missing(folder, extension)
     if not lacking:
@@ -82,7 +85,17 @@ def refuse_uncaptioned(folder: Path, extension: str, settings: dict[str, Any], s
 MAX_CAPTION_CHARS = 10_000  # a caption is a line of tags or a sentence or two
 
 
-def listing(folder: Path, extension: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class CaptionEntry:
+    """An image and its caption, as the API's Caption message has them."""
+
+    image: str
+    caption_file: str
+    text: str
+    exists: bool
+
+
+def listing(folder: Path, extension: str) -> list[CaptionEntry]:
     """Every image of the folder with its caption as training would read it (its first line)."""
     from loradrop.engine.data.captions import BadCaption, read_caption
 
@@ -97,11 +110,11 @@ def listing(folder: Path, extension: str) -> list[dict[str, Any]]:
                 text = read_caption(target)
             except BadCaption as e:  # shown in place of the caption, so the person fixes it
                 text = f"({e.reason})"
-        out.append({"image": printable(str(image)), "caption_file": printable(str(target)), "text": printable(text), "exists": exists})
+        out.append(CaptionEntry(printable(str(image)), printable(str(target)), printable(text), exists))
     return out
 
 
-def write(folder: Path, extension: str, image: str, text: str) -> dict[str, Any]:
+def write(folder: Path, extension: str, image: str, text: str) -> CaptionEntry:
     """Write one image's caption file atomically; the image is named by path or by file name and
     must be one of the folder's images (never a path elsewhere)."""
     from loradrop.fsutil import atomic_write_text
@@ -118,4 +131,4 @@ def write(folder: Path, extension: str, image: str, text: str) -> dict[str, Any]
         raise NotFound(f"{image!r} is not an image of {folder}; ListCaptions names them.")
     target = caption_path(found, extension)
     atomic_write_text(target, text.strip() + "\n")
-    return {"image": printable(str(found)), "caption_file": printable(str(target)), "text": text.strip(), "exists": True}
+    return CaptionEntry(printable(str(found)), printable(str(target)), text.strip(), True)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from .store import TERMINAL, Event, Job, Store
+from loradrop.engine.events import Event as Body
+
+from .records import TERMINAL, Event, Job
+from .store import Store
 
 PAGE = 500
 
@@ -23,12 +26,12 @@ class EventLog:
         self._changed = threading.Condition()
         self._top = store.last_gseq()
 
-    def emit(self, job_id: str, kind: str, payload: dict[str, Any], at: float | None = None) -> Event:
+    def emit(self, job_id: str, body: Body, at: float | None = None) -> Event:
         """Store and publish an event; `at` is when it happened (default: now)."""
         # The store insert and the publication happen under one lock, so memory keeps
         # the events in the store's order.
         with self._changed:
-            return self._publish(self.store.add_event(job_id, kind, payload, at))
+            return self._publish(self.store.add_event(job_id, body, at))
 
     def add_job(self, **fields) -> Job:
         with self._changed:

@@ -17,7 +17,8 @@ import subprocess
 import threading
 from pathlib import Path
 
-from .store import Job, Store
+from .records import Job
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ def job_env(job: Job, artifacts: list[str]) -> dict[str, str]:
         "LORADROP_JOB_NAME": job.name,
         "LORADROP_JOB_ERROR": job.error,
         "LORADROP_ARTIFACTS": "\n".join(artifacts),
-        "LORADROP_FINAL": job.result.get("final") or "",
-        "LORADROP_RESIZED": job.result.get("resized") or "",
-        "LORADROP_CHOPPED": job.result.get("chopped") or "",
+        "LORADROP_FINAL": job.result.final,
+        "LORADROP_RESIZED": job.result.resized,
+        "LORADROP_CHOPPED": job.result.chopped,
     }
 
 
@@ -48,7 +49,7 @@ class JobEndCommand:
         self._timeout = shutil.which("timeout")
 
     def __call__(self, job: Job) -> None:
-        artifacts = [e.payload["path"] for e in self.store.job_events(job.id, "artifact")]
+        artifacts = [e.body.path for e in self.store.job_events(job.id, "artifact")]
         env = {**os.environ, **job_env(job, artifacts)}
         argv = ["/bin/sh", "-c", self.command]
         if self._timeout:  # keeps the limit even if the daemon itself is killed

@@ -30,13 +30,15 @@ from loradrop.engine.data.prompts import parse_prompt_file
 from loradrop.engine.recipe import Recipe, check_block_vector, load_toml
 from loradrop.errors import UserError
 
+from loradrop.engine.events import Log
+
 from . import captions
 from .config import DaemonConfig
 from .errors import Conflict, DiskFull, Refused, RequestError
 from .events import EventLog
 from .home import Home
 from .security import printable, refuse_links_out, resolve_inside, safe_name
-from .store import CANCELLED, FAILED, QUEUED, REVIEW, RUNNING, WAITING, Job
+from .records import CANCELLED, FAILED, QUEUED, REVIEW, RUNNING, WAITING, CaptionSettings, Job
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class Settings:
     model: str | None
     block_vector: str | None
     recipe: dict
-    captions: dict
+    captions: CaptionSettings
 
 
 def folder_key(path: Path) -> str:
@@ -145,7 +147,7 @@ class Intake:
             error = printable(str(e))
             job = self.events.add_job(name=safe_name(folder.name), source="inbox", dataset=printable(str(folder)), inbox_key=key,
                                       model=None, block_vector=None, recipe=None, state=FAILED, error=error)
-            self.events.emit("", "log", {"level": "warning", "text": f"inbox: {printable(folder.name)} refused as job {job.id}: {error}"})
+            self.events.emit("", Log(f"inbox: {printable(folder.name)} refused as job {job.id}: {error}", "warning"))
             log.warning("inbox folder %s refused: %s", printable(str(folder)), error)
             return
         self._queue(settings, source="inbox", dataset=folder, key=key)

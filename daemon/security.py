@@ -20,6 +20,7 @@ import grpc
 from loradrop.errors import UserError
 
 from .errors import Refused, RequestError
+from .pipe import printable
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 NAME_MAX = 64
@@ -121,15 +122,6 @@ def tree(folder: str | os.PathLike) -> Iterator[os.DirEntry]:
                     stack.append(entry.path)
             except OSError:
                 pass
-
-
-def printable(text: str) -> str:
-    """`text` with U+FFFD for what UTF-8 cannot spell: a file name that is not UTF-8 reaches
-    Python as lone surrogates, which neither sqlite nor protobuf accepts."""
-    return _SURROGATES.sub("\ufffd", text)
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 # ---------------------------------------------------------------------------- transport

@@ -6,98 +6,43 @@ work that needs it is a call into a worker process.
 
 from __future__ import annotations
 
-import errno
-import functools
-import inspect
+import dataclasses
 import logging
 import os
 import re
 import time
 import uuid
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Iterator
 
-import grpc
 
 from loradrop import __version__
+from loradrop.engine.events import Artifact, Log, PreviewProgress
 from loradrop.engine.data.prompts import MAX_SAMPLE_STEPS, check_limits, parse_prompt_line
 from loradrop.engine.recipe import check_block_vector
-from loradrop.errors import UserError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
 
 from . import captions
+from .answers import answers
 from .config import DaemonConfig
-from .errors import Busy, Conflict, NotFound, Refused, RequestError, Unavailable
+from .errors import Conflict, NotFound, RequestError, Unavailable
 from .events import EventLog
 from .home import Home
 from .intake import Intake, Request
 from .limits import MAX_DOWNLOADS, MAX_STREAMS, MAX_TOOL_CALLS, MAX_UPLOADS, Gate, IdleWatch
-from .messages import event_message, image_message, job_message
-from .security import printable, refuse_links_out, resolve_inside
-from .store import CANCELLED, REVIEW, RUNNING, STATES, TERMINAL, WAITING, Job
-from .supervisor import CallFailed, Supervisor
+from .messages import event_message, job_message
+from .thumbnails import image_message
+from .records import CANCELLED, REVIEW, RUNNING, STATES, TERMINAL, WAITING, Job
+from .security import refuse_links_out, resolve_inside
+from .supervisor import Supervisor
 from .watcher import InboxWatcher
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-TOOL_TIMEOUT = {"blocks": 300.0, "chop": 300.0, "resize": 1800.0, "preview": 1800.0}
+WORKER_CALL_S = {"blocks": 300.0, "chop": 300.0, "resize": 1800.0, "preview": 1800.0}  # how long each call into a worker may take
 _KIND = re.compile(r"[a-z_]{1,32}")
-_ERROR_CODES = [  # most specific first
-    (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Refused, grpc.StatusCode.PERMISSION_DENIED),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (UserError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-
-
-def _answers(method):
-    """Turn the daemon's errors into status codes, for plain and streaming methods alike."""
-
-    def fail(e: Exception, context) -> None:
-        if isinstance(e, CallFailed):
-            code = grpc.StatusCode.INVALID_ARGUMENT if e.user else grpc.StatusCode.RESOURCE_EXHAUSTED if e.space else grpc.StatusCode.INTERNAL
-            context.abort(code, printable(str(e)))
-        if isinstance(e, FutureTimeout):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method.__name__} took too long; the worker is still busy with it.")
-        for kind, code in _ERROR_CODES:
-            if isinstance(e, kind):
-                context.abort(code, printable(str(e)))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, printable(f"disk full: no space left on the disk under {e.filename or 'the home'}; free some and ask again."))
-        log.exception("%s failed", method.__name__)
-        context.abort(grpc.StatusCode.INTERNAL, printable(f"{method.__name__} failed inside the daemon ({type(e).__name__}: {e}); see daemon.log."))
-
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def streaming(self, request, context):
-            try:
-                yield from method(self, request, context)
-            except Exception as e:
-                if isinstance(e, grpc.RpcError):
-                    raise
-                if context.is_active():  # else the client is gone: nobody to tell
-                    fail(e, context)
-
-        return streaming
-
-    @functools.wraps(method)
-    def plain(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as e:
-            if isinstance(e, grpc.RpcError):
-                raise
-            fail(e, context)
-
-    return plain
-
-
 class Service(rpc.LoradropServicer):
     def __init__(self, home: Home, config: DaemonConfig, events: EventLog, intake: Intake, supervisor: Supervisor, watcher: InboxWatcher):
         self.home, self.config, self.events, self.intake, self.supervisor, self.watcher = home, config, events, intake, supervisor, watcher
@@ -112,7 +57,7 @@ class Service(rpc.LoradropServicer):
 
     # ------------------------------------------------------------------ daemon and jobs
 
-    @_answers
+    @answers
     def Status(self, request, context):
         return pb.StatusReply(
             version=__version__,
@@ -131,11 +76,11 @@ class Service(rpc.LoradropServicer):
             captioner=self.config.captioner or "",
         )
 
-    @_answers
+    @answers
     def SubmitJob(self, request, context):
         return self._message(self.intake.submit(request.dataset, _request(request)))
 
-    @_answers
+    @answers
     def UploadDataset(self, request_iterator, context):
         with self._uploads.enter(context), self._idle.watching(context) as watched:
             messages = watched.messages(request_iterator)
@@ -145,16 +90,16 @@ class Service(rpc.LoradropServicer):
             chunks = (m.data for m in _chain(first, messages))
             return self._message(self.intake.upload(_request(first.job), first.job.dataset, chunks))
 
-    @_answers
+    @answers
     def ListJobs(self, request, context):
         states = [_state_name(s) for s in request.states]
         return pb.ListJobsReply(jobs=[self._message(j) for j in self.store.jobs(states)])
 
-    @_answers
+    @answers
     def GetJob(self, request, context):
         return self._message(self._job(request.job_id))
 
-    @_answers
+    @answers
     def CancelJob(self, request, context):
         job = self._job(request.job_id)
         if job.state in TERMINAL:
@@ -166,11 +111,11 @@ class Service(rpc.LoradropServicer):
         self.supervisor.control(job.id, "cancel")
         return self._message(self._job(job.id))
 
-    @_answers
+    @answers
     def RetryJob(self, request, context):
         return self._message(self.intake.retry(self._job(request.job_id)))
 
-    @_answers
+    @answers
     def AcceptCaptions(self, request, context):
         job = self._job(request.job_id)
         if job.state != REVIEW:
@@ -178,23 +123,23 @@ class Service(rpc.LoradropServicer):
         accepted = self.events.accept_captions(job.id)
         if accepted is None:
             raise Conflict(f"job {job.id} changed state meanwhile; look at it again.")
-        self.events.emit(job.id, "log", {"level": "info", "text": "captions accepted; the job is queued to train"})
+        self.events.emit(job.id, Log("captions accepted; the job is queued to train"))
         self.supervisor.wake()
         return self._message(accepted)
 
-    @_answers
+    @answers
     def ListCaptions(self, request, context):
         job = self._job(request.job_id)
         folder, extension = self._dataset(job)
-        return pb.ListCaptionsReply(captions=[pb.Caption(**c) for c in captions.listing(folder, extension)])
+        return pb.ListCaptionsReply(captions=[pb.Caption(**dataclasses.asdict(c)) for c in captions.listing(folder, extension)])
 
-    @_answers
+    @answers
     def SetCaption(self, request, context):
         job = self._job(request.job_id)
         if job.state == RUNNING:
             raise Conflict(f"job {job.id} is running and reads its captions; edit them once it has ended, or while it waits for review.")
         folder, extension = self._dataset(job)
-        return pb.Caption(**captions.write(folder, extension, request.image, request.text))
+        return pb.Caption(**dataclasses.asdict(captions.write(folder, extension, request.image, request.text)))
 
     def _dataset(self, job: Job) -> tuple[Path, str]:
         """The job's dataset folder (only one inside the inbox, with no links out) and its caption extension."""
@@ -204,11 +149,11 @@ class Service(rpc.LoradropServicer):
         refuse_links_out(folder, self.home.inbox)
         return folder, (job.recipe or {}).get("caption_extension", ".txt")
 
-    @_answers
+    @answers
     def SaveNow(self, request, context):
         return self._ask_running(request.job_id, "save")
 
-    @_answers
+    @answers
     def SampleNow(self, request, context):
         return self._ask_running(request.job_id, "sample")
 
@@ -218,7 +163,7 @@ class Service(rpc.LoradropServicer):
             raise Conflict(f"job {job.id} is {job.state}, not running; only a running job can {what} now.")
         return self._message(job)
 
-    @_answers
+    @answers
     def StreamEvents(self, request, context):
         if request.since < 0:
             raise RequestError(f"since must be 0 or more, not {request.since}.")
@@ -234,7 +179,7 @@ class Service(rpc.LoradropServicer):
 
     # ------------------------------------------------------------------ files
 
-    @_answers
+    @answers
     def GetSample(self, request, context):
         _check_max_size(request.max_size)
         if request.path and (request.job_id or request.seq):
@@ -245,15 +190,15 @@ class Service(rpc.LoradropServicer):
             event = self.store.event(self._job(request.job_id).id, request.seq)
             if event is None or event.kind != "sample":
                 raise NotFound(f"job {request.job_id} has no sample event number {request.seq}.")
-            path = self._path(event.payload["path"], [self.home.outputs], "sample")
+            path = self._path(event.body.path, [self.home.outputs], "sample")
         return image_message(path, request.max_size)
 
-    @_answers
+    @answers
     def ListArtifacts(self, request, context):
         job = self._job(request.job_id)
         out_dir = self.home.job_dir(job.id)
-        kinds = {e.payload.get("path"): e.payload.get("kind", "other") for e in self.store.job_events(job.id, "artifact")}
-        samples = {e.payload.get("path") for e in self.store.job_events(job.id, "sample")}
+        kinds = {e.body.path: e.body.kind for e in self.store.job_events(job.id, "artifact")}
+        samples = {e.body.path for e in self.store.job_events(job.id, "sample")}
         artifacts = []
         for path in sorted(out_dir.rglob("*")) if out_dir.is_dir() else ():
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(out_dir).parts):
@@ -263,7 +208,7 @@ class Service(rpc.LoradropServicer):
             artifacts.append(pb.Artifact(path=str(path), kind=kind, bytes=st.st_size, job_id=job.id, mtime=st.st_mtime))
         return pb.ListArtifactsReply(artifacts=artifacts)
 
-    @_answers
+    @answers
     def DownloadArtifact(self, request, context):
         path = self._path(request.path, [self.home.outputs], "artifact")
         total = path.stat().st_size
@@ -276,7 +221,7 @@ class Service(rpc.LoradropServicer):
 
     # ------------------------------------------------------------------ LoRA tools (in a worker)
 
-    @_answers
+    @answers
     def BlockLayout(self, request, context):
         path, _ = self._artifact(request.path)
         layout = self._call("blocks", context, path=str(path))
@@ -288,13 +233,13 @@ class Service(rpc.LoradropServicer):
             presets=[pb.Preset(name=n, vector=v) for n, v in layout["presets"].items()],
         )
 
-    @_answers
+    @answers
     def Chop(self, request, context):
         path, job = self._artifact(request.path)
         check_block_vector(request.vector, "the vector", entries=None)  # its length is checked against the file's blocks
         return self._new_artifact(job, self._call("chop", context, path=str(path), vector=request.vector), "chopped")
 
-    @_answers
+    @answers
     def Resize(self, request, context):
         path, job = self._artifact(request.path)
         recipe = request.recipe or (job.recipe or {}).get("resize_recipe", "")
@@ -302,7 +247,7 @@ class Service(rpc.LoradropServicer):
             raise RequestError("give a resize recipe, for example fro_ckpt=1,thr=-3.55.")
         return self._new_artifact(job, self._call("resize", context, path=str(path), recipe=recipe, model=job.model), "resized")
 
-    @_answers
+    @answers
     def Preview(self, request, context):
         path, job = self._artifact(request.path)
         if request.vector:
@@ -315,8 +260,8 @@ class Service(rpc.LoradropServicer):
         seed = request.seed if request.HasField("seed") else (job.recipe or {}).get("seed", 0)
         request_id = request.request_id[:64] or uuid.uuid4().hex[:12]
 
-        def progress(payload: dict) -> None:
-            self.events.emit(job.id, "preview", {"request_id": request_id, **payload})
+        def progress(step: PreviewProgress) -> None:
+            self.events.emit(job.id, dataclasses.replace(step, request_id=request_id))
 
         images = self._call(
             "preview",
@@ -333,7 +278,7 @@ class Service(rpc.LoradropServicer):
         replies = []
         for p in images:
             image = Path(p)
-            self.events.emit(job.id, "artifact", {"path": str(image), "kind": "preview", "bytes": image.stat().st_size, "step": None})
+            self.events.emit(job.id, Artifact.of(image, "preview"))
             replies.append(image_message(image, request.max_size))
         return pb.PreviewReply(images=replies)
 
@@ -370,12 +315,12 @@ class Service(rpc.LoradropServicer):
         if self.stopping:
             raise Unavailable("the daemon is stopping.")
         with self._tool_calls.enter(context):
-            return self.supervisor.call(name, args, TOOL_TIMEOUT[name], progress=progress, cancelled=lambda: not context.is_active())
+            return self.supervisor.call(name, args, WORKER_CALL_S[name], progress=progress, cancelled=lambda: not context.is_active())
 
     def _new_artifact(self, job: Job, path_text: str, kind: str) -> pb.Artifact:
         path = Path(path_text)
         st = path.stat()
-        self.events.emit(job.id, "artifact", {"path": str(path), "kind": kind, "bytes": st.st_size, "step": None})
+        self.events.emit(job.id, Artifact(str(path), kind, st.st_size))
         return pb.Artifact(path=str(path), kind=kind, bytes=st.st_size, job_id=job.id, mtime=st.st_mtime)
 
 

@@ -14,24 +14,23 @@ that says how to start fresh.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from loradrop.engine.events import Event as Body
+from loradrop.engine.events import Progress, StateChange, encode
+
 from .errors import BadStore, DiskFull
+from .records import QUEUED, REVIEW, RUNNING, TERMINAL, CaptionSettings, Event, Job, JobFiles, event_from_row, job_from_row
 
 log = logging.getLogger(__name__)
-
-QUEUED, RUNNING, DONE, FAILED, CANCELLED, REVIEW = "queued", "running", "done", "failed", "cancelled", "review"
-STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED, REVIEW)
-WAITING = (QUEUED, REVIEW)  # not ended, not running: a cancel ends them at once
-TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -67,41 +66,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 """
-
-
-@dataclass(frozen=True)
-class Job:
-    number: int
-    id: str
-    name: str
-    state: str
-    source: str  # "inbox", "submit", "upload"
-    dataset: str
-    inbox_key: str | None
-    model: str | None
-    block_vector: str | None
-    recipe: dict[str, Any] | None  # None: refused before a recipe could be resolved
-    created: float
-    started: float | None
-    ended: float | None
-    error: str
-    attempts: int
-    progress: dict[str, Any] | None
-    result: dict[str, Any] = field(default_factory=dict)
-    last_seq: int = 0
-    # The caption stage's frozen settings: {"model", "kind", "trigger", "review", "accepted"};
-    # None for a job refused at intake (or from before the caption stage).
-    captions: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Event:
-    gseq: int
-    job_id: str  # "" for the daemon's own events
-    seq: int  # per job; for daemon events the same as gseq
-    time: float
-    kind: str
-    payload: dict[str, Any]
 
 
 RESERVE_BYTES = 8 << 20  # what the reserve file holds back for sqlite on a full disk
@@ -209,7 +173,7 @@ class Store:
         model: str | None,
         block_vector: str | None,
         recipe: dict[str, Any] | None,
-        captions: dict[str, Any] | None = None,
+        captions: CaptionSettings | None = None,
         state: str = QUEUED,
         error: str = "",
     ) -> tuple[Job, Event]:
@@ -224,9 +188,9 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (number, job_id, name, state, source, dataset, inbox_key, model, block_vector,
                  None if recipe is None else json.dumps(recipe), now, now if state in TERMINAL else None, error,
-                 None if captions is None else json.dumps(captions)),
+                 None if captions is None else json.dumps(dataclasses.asdict(captions))),
             )
-            event = self._insert_event(db, job_id, "state", {"state": state, "error": error}, now)
+            event = self._insert_event(db, job_id, StateChange(state, error), now)
             return self._get(db, job_id), event
 
         return self._write(add)
@@ -240,7 +204,7 @@ class Store:
                 row = self._db.execute("SELECT * FROM jobs WHERE number = ?", (int(ref),)).fetchone()
             else:
                 row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (ref,)).fetchone()
-            return _job(row) if row else None
+            return job_from_row(row) if row else None
 
     def jobs(self, states: Iterable[str] = ()) -> list[Job]:
         states = list(states)
@@ -250,7 +214,7 @@ class Store:
                 rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY number", states)
             else:
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY number")
-            return [_job(r) for r in rows]
+            return [job_from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -259,7 +223,7 @@ class Store:
     def inbox_jobs(self, key: str) -> list[Job]:
         """The jobs made from the inbox folder with this key (its inode)."""
         with self._lock:
-            return [_job(r) for r in self._db.execute("SELECT * FROM jobs WHERE inbox_key = ? ORDER BY number", (key,))]
+            return [job_from_row(r) for r in self._db.execute("SELECT * FROM jobs WHERE inbox_key = ? ORDER BY number", (key,))]
 
     def claim_next(self) -> tuple[Job, Event] | None:
         """The next queued job, now running: interrupted ones first (they hold a checkpoint and
@@ -296,18 +260,18 @@ class Store:
         cur = db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})", [*args, job_id, *expect])
         if cur.rowcount == 0:
             return None
-        event = self._insert_event(db, job_id, "state", {"state": state, "error": error}, now)
+        event = self._insert_event(db, job_id, StateChange(state, error), now)
         return self._get(db, job_id), event
 
-    def set_result(self, job_id: str, result: dict[str, Any]) -> None:
-        self._write(lambda db: db.execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(result), job_id)))
+    def set_result(self, job_id: str, result: JobFiles) -> None:
+        self._write(lambda db: db.execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(dataclasses.asdict(result)), job_id)))
 
     def set_inbox(self, job_id: str, dataset: str, inbox_key: str | None) -> None:
         self._write(lambda db: db.execute("UPDATE jobs SET dataset = ?, inbox_key = ? WHERE id = ?", (dataset, inbox_key, job_id)))
 
-    def set_settings(self, job_id: str, model: str | None, block_vector: str | None, recipe: dict[str, Any], captions: dict[str, Any]) -> None:
+    def set_settings(self, job_id: str, model: str | None, block_vector: str | None, recipe: dict[str, Any], captions: CaptionSettings) -> None:
         self._write(lambda db: db.execute("UPDATE jobs SET model = ?, block_vector = ?, recipe = ?, captions = ? WHERE id = ?",
-                                          (model, block_vector, json.dumps(recipe), json.dumps(captions), job_id)))
+                                          (model, block_vector, json.dumps(recipe), json.dumps(dataclasses.asdict(captions)), job_id)))
 
     def accept_captions(self, job_id: str) -> tuple[Job, Event] | None:
         """A job in review, queued again with its captions marked accepted (so the caption stage
@@ -316,8 +280,8 @@ class Store:
         def accept(db):
             changed = self._transition(db, job_id, QUEUED, "", {REVIEW}, attempts=None)
             if changed is not None:
-                captions = {**(changed[0].captions or {}), "accepted": True}
-                db.execute("UPDATE jobs SET captions = ? WHERE id = ?", (json.dumps(captions), job_id))
+                captions = dataclasses.replace(changed[0].captions or CaptionSettings(), accepted=True)
+                db.execute("UPDATE jobs SET captions = ? WHERE id = ?", (json.dumps(dataclasses.asdict(captions)), job_id))
                 changed = (self._get(db, job_id), changed[1])
             return changed
 
@@ -325,16 +289,17 @@ class Store:
 
     # ------------------------------------------------------------------ events
 
-    def add_event(self, job_id: str, kind: str, payload: dict[str, Any], at: float | None = None) -> Event:
+    def add_event(self, job_id: str, body: Body, at: float | None = None) -> Event:
         def add(db):
-            if kind == "progress" and job_id:
-                db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(payload), job_id))
-            return self._insert_event(db, job_id, kind, payload, time.time() if at is None else at)
+            if isinstance(body, Progress) and job_id:
+                db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(encode(body)[1]), job_id))
+            return self._insert_event(db, job_id, body, time.time() if at is None else at)
 
         return self._write(add)
 
-    def _insert_event(self, db, job_id: str, kind: str, payload: dict[str, Any], now: float) -> Event:
-        text = json.dumps(payload)
+    def _insert_event(self, db, job_id: str, body: Body, now: float) -> Event:
+        kind, fields = encode(body)
+        text = json.dumps(fields)
         if job_id:
             db.execute("UPDATE jobs SET last_seq = last_seq + 1 WHERE id = ?", (job_id,))
             seq = db.execute("SELECT last_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
@@ -343,7 +308,7 @@ class Store:
             gseq = db.execute("INSERT INTO events (job_id, seq, time, kind, payload) VALUES ('', 0, ?, ?, ?)", (now, kind, text)).lastrowid
             db.execute("UPDATE events SET seq = gseq WHERE gseq = ?", (gseq,))
             seq = gseq
-        return Event(gseq, job_id, seq, now, kind, payload)
+        return Event(gseq, job_id, seq, now, body)
 
     def events_after(self, job_id: str | None, since: int, limit: int) -> tuple[list[Event], int]:
         """Up to `limit` events after `since` (the job's seq, or the global one without a job),
@@ -353,13 +318,13 @@ class Store:
                 rows = self._db.execute("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, since, limit))
             else:
                 rows = self._db.execute("SELECT * FROM events WHERE gseq > ? ORDER BY gseq LIMIT ?", (since, limit))
-            events = [_event(r) for r in rows]
+            events = [event_from_row(r) for r in rows]
             return events, self.last_gseq()
 
     def job_events(self, job_id: str, kind: str) -> list[Event]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM events WHERE job_id = ? AND kind = ? ORDER BY seq", (job_id, kind))
-            return [_event(r) for r in rows]
+            return [event_from_row(r) for r in rows]
 
     def event(self, job_id: str, seq: int) -> Event | None:
         if seq < 1:  # numbers start at 1 (and seq - 1 must stay inside sqlite's integers)
@@ -372,7 +337,7 @@ class Store:
             return self._db.execute("SELECT COALESCE(MAX(gseq), 0) FROM events").fetchone()[0]
 
     def _get(self, db, job_id: str) -> Job:
-        return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return job_from_row(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
 class _Damaged(sqlite3.DatabaseError):
@@ -391,31 +356,3 @@ def _set_aside(path: Path, error: Exception) -> str:
             os.replace(part, f"{aside}{suffix}")
     return (f"{path} is not a readable job database ({error}); it was moved aside to {aside} (kept, not deleted), so "
             "`loradrop daemon` starts afresh with an empty queue the next time (the files in outputs/ stay where they are).")
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        number=row["number"],
-        id=row["id"],
-        name=row["name"],
-        state=row["state"],
-        source=row["source"],
-        dataset=row["dataset"],
-        inbox_key=row["inbox_key"],
-        model=row["model"],
-        block_vector=row["block_vector"],
-        recipe=None if row["recipe"] is None else json.loads(row["recipe"]),
-        created=row["created"],
-        started=row["started"],
-        ended=row["ended"],
-        error=row["error"],
-        attempts=row["attempts"],
-        progress=None if row["progress"] is None else json.loads(row["progress"]),
-        result=json.loads(row["result"]),
-        last_seq=row["last_seq"],
-        captions=None if row["captions"] is None else json.loads(row["captions"]),
-    )
-
-
-def _event(row: sqlite3.Row) -> Event:
-    return Event(row["gseq"], row["job_id"], row["seq"], row["time"], row["kind"], json.loads(row["payload"]))

@@ -24,17 +24,17 @@ def blocks(path: str) -> dict[str, Any]:
 
 
 def chop(path: str, vector: str) -> str:
-    from loradrop.engine.lora.chop import SUFFIX, chop as chop_file
-    from loradrop.engine.pipeline import finite_output
+    from loradrop.engine.lora.chop import chop as chop_file
+    from loradrop.engine.lora.finite import finite_output
+    from loradrop.engine.outputs import chopped_name
 
     source = Path(path)
-    final = source.with_name(f"{source.stem}{SUFFIX}.safetensors")
-    return str(finite_output(lambda staging: chop_file(source, vector, staging / final.name).path, source.parent))
+    return str(finite_output(lambda staging: chop_file(source, vector, staging / chopped_name(source)).path, source.parent))
 
 
 def resize(path: str, recipe: str, model: str | None) -> str:
     from loradrop.engine.lora.resize import resize as resize_file
-    from loradrop.engine.pipeline import finite_output
+    from loradrop.engine.lora.finite import finite_output
 
     source = Path(path)
     return str(finite_output(lambda staging: resize_file(_base_model(model), source, recipe, out_dir=staging).path, source.parent))

@@ -5,11 +5,7 @@ process could deadlock) and talks to it over one pipe. A training worker holds o
 `Session` for its life, so the base model stays loaded between jobs; a tool worker runs the LoRA
 file operations (block layout, chop, resize) that also need torch.
 
-Messages in:  run {spec} · control {job_id, request: save|sample|cancel} · call {id, name, args} ·
-              cancel_call {id} · stop
-Messages out: ready {pid} · fatal {error} · beat · event {job_id, kind, payload, time} ·
-              done {job_id, outcome: done|failed|cancelled|stopped|review, error, result} ·
-              progress {id, payload} · reply {id, ok, value|error}
+The messages both ways are the records of daemon/pipe.py.
 
 The worker dies with the daemon: when the pipe reports end-of-file (the daemon exited, even by
 kill -9), the reader thread ends the process at once. A third thread beats every HEARTBEAT
@@ -25,8 +21,8 @@ steps when its caller goes away (cancel_call), and reports its progress.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
-import json
 import logging
 import math
 import os
@@ -37,6 +33,13 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from loradrop.engine.events import Cancelled, Lendable, Log, Progress
+from loradrop.errors import UserError
+
+from .pipe import (CANCELLED, DONE, FAILED, REVIEW, STOPPED, Beat, Call, CallProgress, CancelCall, Done, Fatal, FromWorker, JobEvent,
+                   Ready, Reply, Run, Steer, Stop, ToWorker, printable_record)
+from .records import JobFiles
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +76,14 @@ class JobControl:
             else:
                 self._requests.add(what)
 
-    def poll(self) -> set[str]:
-        self._worker.serve_calls()  # previews asked for while the job trains use its loaded model
+    def poll(self, lend: Lendable | None = None) -> set[str]:
+        self._worker.serve_calls(lend)  # previews asked for while the job trains use its loaded model
         self.check()
         with self._lock:
             got, self._requests = self._requests, set()
             return got
 
     def check(self) -> None:
-        from loradrop.engine.pipeline import Cancelled
-
         if self.cancelled or self.stopping:
             raise Cancelled()
 
@@ -97,11 +98,10 @@ class ProgressCoalescer:
         self._stage: str | None = None
         self._sent = 0.0
 
-    def keep(self, payload: dict[str, Any], now: float) -> bool:
-        stage = payload.get("stage")
-        if stage == self._stage and payload.get("done") != payload.get("total") and now - self._sent < self.interval:
+    def keep(self, progress: Progress, now: float) -> bool:
+        if progress.stage == self._stage and progress.done != progress.total and now - self._sent < self.interval:
             return False
-        self._stage, self._sent = stage, now
+        self._stage, self._sent = progress.stage, now
         return True
 
 
@@ -118,7 +118,8 @@ class Worker:
         self._resumed: float | None = None  # when the running job's current step began
         self._stopping = False  # the daemon asked this worker to stop
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: FromWorker) -> None:
+        message = printable_record(message)  # the store and the wire take only valid text
         with self._send_lock:
             self.conn.send(message)
 
@@ -127,21 +128,21 @@ class Worker:
         threading.Thread(target=self._beat, name="worker-heartbeat", daemon=True).start()
         if self.role == TRAIN:
             try:
-                from loradrop.engine.pipeline import Session
+                from loradrop.engine.session import Session
 
                 self.session = Session(device=self.device)
             except Exception as e:
-                self.send({"op": "fatal", "error": _describe(e)})
+                self.send(Fatal(_describe(e)))
                 raise
-        self.send({"op": "ready", "pid": os.getpid()})
+        self.send(Ready(os.getpid()))
         while True:
             while self._previews:  # without a job, a preview renders straight through
                 self._advance_preview(math.inf)
             task = self._tasks.get()
             if task is None:
                 return
-            if task["op"] == "run":
-                self._run(task)
+            if isinstance(task, _Job):
+                self._run(task.run, task.control)
             else:
                 self._call(task)
 
@@ -149,37 +150,38 @@ class Worker:
         while True:
             time.sleep(HEARTBEAT)
             try:
-                self.send({"op": "beat"})
+                self.send(Beat())
             except OSError:
                 return  # the pipe is gone; the reader ends the process
 
     def _read(self) -> None:
         while True:
             try:
-                message = self.conn.recv()
+                message: ToWorker = self.conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the daemon is gone: no orphan keeps the GPU
-            op = message["op"]
-            if op == "run":
-                self._control = JobControl(message["spec"]["job_id"], self)
-                self._tasks.put({**message, "control": self._control})
-            elif op == "control":
-                control = self._control
-                if control is not None and control.job_id == message["job_id"]:
-                    control.request(message["request"])
-            elif op == "cancel_call":
-                self._cancelled_calls.add(message["id"])
-            elif op == "stop":
-                self._stopping = True
-                if self._control is not None:
-                    self._control.request("stop")
-                self._tasks.put(None)
-            else:
-                self._tasks.put(message)
+            match message:
+                case Run():
+                    self._control = JobControl(message.spec.job_id, self)
+                    self._tasks.put(_Job(message, self._control))
+                case Steer(job_id, request):
+                    control = self._control
+                    if control is not None and control.job_id == job_id:
+                        control.request(request)
+                case CancelCall(call_id):
+                    self._cancelled_calls.add(call_id)
+                case Stop():
+                    self._stopping = True
+                    if self._control is not None:
+                        self._control.request("stop")
+                    self._tasks.put(None)
+                case _:
+                    self._tasks.put(message)
 
-    def serve_calls(self) -> None:
+    def serve_calls(self, lend: Lendable | None) -> None:
         """Between two steps of the running job (its `poll`): begin the calls that arrived, and
-        give the current preview its share of the time the last step took."""
+        give the current preview its share of the time the last step took, with the job's
+        adapters (`lend`) set aside meanwhile."""
         now = time.monotonic()
         step = 0.0 if self._resumed is None else now - self._resumed
         deferred = []
@@ -188,60 +190,52 @@ class Worker:
                 task = self._tasks.get_nowait()
             except queue.Empty:
                 break
-            if task is not None and task["op"] == "call":
+            if isinstance(task, Call):
                 self._call(task)
             else:
                 deferred.append(task)
         for task in deferred:
             self._tasks.put(task)
         if self._previews:
-            self._advance_preview(PREVIEW_SHARE * step)
+            self._advance_preview(PREVIEW_SHARE * step, lend)
         self._resumed = time.monotonic()
 
     # ------------------------------------------------------------------ jobs
 
-    def _run(self, task: dict[str, Any]) -> None:
-        from loradrop.engine.pipeline import Cancelled, JobSpec
-        from loradrop.errors import UserError
-
+    def _run(self, run: Run, control: JobControl) -> None:
         from .security import refuse_links_out
 
-        fields = dict(task["spec"])
-        inbox = Path(fields.pop("inbox"))
-        caption_settings = fields.pop("captions", None) or {}
-        spec = JobSpec(**_paths(fields, ("dataset", "out_dir", "cache_dir")))
-        control: JobControl = task["control"]
-
+        spec = run.spec
         coalesce = ProgressCoalescer()
 
-        def emit(kind: str, payload: dict[str, Any]) -> None:
+        def emit(body) -> None:
             now = time.time()
-            if kind == "progress" and not coalesce.keep(payload, now):
+            if isinstance(body, Progress) and not coalesce.keep(body, now):
                 return
-            self.send({"op": "event", "job_id": spec.job_id, "kind": kind, "payload": _plain(payload), "time": now})
+            self.send(JobEvent(spec.job_id, body, now))
 
-        done = {"op": "done", "job_id": spec.job_id, "outcome": "done", "error": "", "result": {}}
         self._resumed = None
         try:
-            refuse_links_out(spec.dataset, inbox)
-            if self._caption(spec, caption_settings, emit, control):
-                done["outcome"] = "review"
+            refuse_links_out(spec.dataset, Path(run.inbox))
+            if self._caption(spec, run.captions, emit, control):
+                done = Done(spec.job_id, REVIEW)
             else:
                 result = self.session.run(spec, emit, control)
-                done["result"] = _plain(vars(result))
+                files = JobFiles(*(str(p) if p else "" for p in (result.final, result.resized, result.chopped)), steps_done=result.steps_done)
+                done = Done(spec.job_id, DONE, result=files)
         except Cancelled:
-            done["outcome"] = "stopped" if control.stopping else "cancelled"
+            done = Done(spec.job_id, STOPPED if control.stopping else CANCELLED)
         except UserError as e:
-            done.update(outcome="failed", error=str(e))
+            done = Done(spec.job_id, FAILED, str(e))
         except Exception as e:
             sentence = _file_trouble(e, spec.out_dir, "retry the job (it resumes from its last full checkpoint)")
             if sentence is None:
-                emit("log", {"level": "error", "text": traceback.format_exc()})
-            done.update(outcome="failed", error=sentence or _describe(e))
+                emit(Log(traceback.format_exc(), "error"))
+            done = Done(spec.job_id, FAILED, sentence or _describe(e))
         self._control = None
-        self.send(_plain(done))
+        self.send(done)
 
-    def _caption(self, spec, settings: dict[str, Any], emit, control: JobControl) -> bool:
+    def _caption(self, spec, settings, emit, control: JobControl) -> bool:
         """The caption stage before the engine's scan; True when the job is to wait for review."""
         from .caption_stage import CaptionStage
 
@@ -252,27 +246,21 @@ class Worker:
 
     # ------------------------------------------------------------------ calls
 
-    def _call(self, task: dict[str, Any]) -> None:
-        from loradrop.errors import UserError
-
+    def _call(self, call: Call) -> None:
         from . import tools
 
-        call_id = task["id"]
         try:
-            if task["name"] == "preview":  # begun here, rendered by _advance_preview
-                report = _Reporter(lambda payload: self.send({"op": "progress", "id": call_id, "payload": payload}))
-                self._previews.append(_Preview(call_id, tools.start_preview(self.session, progress=report, **task["args"])))
+            if call.name == "preview":  # begun here, rendered by _advance_preview
+                report = _Reporter(lambda progress: self.send(CallProgress(call.id, progress)))
+                self._previews.append(_Preview(call.id, tools.start_preview(self.session, progress=report, **call.args)))
                 return
-            self._reply(call_id, True, getattr(tools, task["name"])(**task["args"]))
+            self._reply(call.id, True, getattr(tools, call.name)(**call.args))
         except UserError as e:
-            self._reply(call_id, False, str(e), user=True)
+            self._reply(call.id, False, str(e), user=True)
         except Exception as e:
-            self._failed(call_id, task["name"], e)
+            self._failed(call.id, call.name, e)
 
-    def _advance_preview(self, seconds: float) -> None:
-        from loradrop.engine.pipeline import Cancelled
-        from loradrop.errors import UserError
-
+    def _advance_preview(self, seconds: float, lend: Lendable | None = None) -> None:
         preview = self._previews[0]
 
         def check() -> None:
@@ -280,7 +268,7 @@ class Worker:
                 raise Cancelled()
 
         try:
-            preview.render.advance(seconds, check)
+            preview.render.advance(seconds, check, lend)
             if not preview.render.finished:
                 return
             self._reply(preview.id, True, [str(p) for p in preview.render.paths])
@@ -294,9 +282,7 @@ class Worker:
         self._cancelled_calls.discard(preview.id)
 
     def _reply(self, call_id: int, ok: bool, value: Any, *, user: bool = False, space: bool = False) -> None:
-        reply = {"op": "reply", "id": call_id, "ok": ok}
-        reply.update({"value": value} if ok else {"error": value, "user": user, "space": space})
-        self.send(_plain(reply))
+        self.send(Reply(call_id, True, value) if ok else Reply(call_id, False, error=value, user=user, space=space))
 
     def _failed(self, call_id: int, name: str, e: Exception) -> None:
         sentence = _file_trouble(e, None, "ask again")
@@ -305,9 +291,16 @@ class Worker:
         self._reply(call_id, False, sentence or _describe(e), space=_no_space(e))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    run: Run
+    control: JobControl
+
+
+@dataclasses.dataclass(frozen=True)
 class _Preview:
-    def __init__(self, call_id: int, render):
-        self.id, self.render = call_id, render
+    id: int
+    render: Any  # the engine's PreviewRender
 
 
 class _Reporter:
@@ -316,23 +309,11 @@ class _Reporter:
     def __init__(self, send, interval: float = 0.2):
         self._send, self._interval, self._sent = send, interval, 0.0
 
-    def __call__(self, payload: dict[str, Any]) -> None:
+    def __call__(self, progress) -> None:
         now = time.monotonic()
-        if payload["step"] == payload["steps"] or now - self._sent >= self._interval:
+        if progress.step == progress.steps or now - self._sent >= self._interval:
             self._sent = now
-            self._send(payload)
-
-
-def _paths(spec: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: (Path(v) if k in keys and v is not None else v) for k, v in spec.items()}
-
-
-def _plain(value: Any) -> Any:
-    """JSON-able copies of the engine's payloads (paths become strings), with file names that
-    are not UTF-8 made printable: the store and the wire take only valid text."""
-    from .security import printable
-
-    return json.loads(printable(json.dumps(value, default=str, ensure_ascii=False)))
+            self._send(progress)
 
 
 def _no_space(e: BaseException) -> bool:

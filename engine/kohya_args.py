@@ -35,6 +35,9 @@ SWITCHES = (
     "enable_bucket", "shuffle_caption", "flip_aug", "cache_latents", "cache_latents_to_disk",
     "gradient_checkpointing", "sdpa", "no_half_vae",
 )
+# store_true flags loradrop also reads off the checkpoint: given means true; absent keeps "auto"
+# (kohya would train epsilon, which is wrong for a v-prediction checkpoint).
+DETECTED_SWITCHES = ("v_parameterization", "zero_terminal_snr")
 
 # Flags that take one value and are named exactly as their recipe key.
 DIRECT = (
@@ -55,6 +58,7 @@ NETWORK_ARGS = {
     "dropout": "network_dropout", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout",
     "use_tucker": "use_tucker", "use_cp": "use_tucker", "use_conv_cp": "use_tucker",
     "use_scalar": "use_scalar", "dora_wd": "dora_wd", "train_norm": "train_norm",
+    "wd_on_output": "wd_on_output", "factor": "factor", "decompose_both": "decompose_both", "full_matrix": "full_matrix",
 }
 # --network_args that loradrop has no setting for, harmless at LyCORIS' default (what loradrop does).
 NETWORK_ARGS_AT_DEFAULT = {"rank_dropout_scale": False, "bypass_mode": False, "rs_lora": False, "rescaled": False}
@@ -69,6 +73,7 @@ KOHYA_DEFAULTS: dict[str, Any] = {
     "network_dim": 4, "network_alpha": 1.0, "network_dropout": 0.0,
     "algo": "locon", "preset": "full", "rank_dropout": 0.0, "module_dropout": 0.0,
     "use_tucker": False, "use_scalar": False, "dora_wd": False, "train_norm": False,
+    "factor": -1, "decompose_both": False, "full_matrix": False,
     "learning_rate": 2e-6, "optimizer_type": "AdamW", "optimizer_args": {},
     "lr_scheduler": "constant", "lr_scheduler_args": {}, "lr_warmup_steps": 0, "max_grad_norm": 1.0,
     "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1600, "mixed_precision": "no",
@@ -78,7 +83,7 @@ KOHYA_DEFAULTS: dict[str, Any] = {
 }
 
 # Why some common kohya flags have no recipe key, and what to do instead.
-HINTS = {
+NO_KEY_BECAUSE = {
     "max_train_epochs": "loradrop counts optimizer steps: set max_train_steps",
     "save_every_n_epochs": "set save_every_n_steps",
     "sample_every_n_epochs": "set sample_every_n_steps",
@@ -94,8 +99,8 @@ HINTS = {
     "keep_tokens_separator": "loradrop keeps the first keep_tokens tags: set keep_tokens",
 }
 
-_HINTS = typing.get_type_hints(Recipe)
-_KNOWN = (*RUN_PATHS, *SWITCHES, *DIRECT, *SPECIAL)
+_FIELD_TYPES = typing.get_type_hints(Recipe)
+_KNOWN = (*RUN_PATHS, *SWITCHES, *DETECTED_SWITCHES, *DIRECT, *SPECIAL)
 
 
 @dataclass
@@ -125,7 +130,7 @@ def convert_kohya(text: str, *, source: str = "command line") -> KohyaConversion
         shown = f"--{name}" + (f"={args[0]}" if len(args) == 1 else "".join(f" {a}" for a in args))
         if name in RUN_PATHS:
             out.paths.append(f"{shown}: {RUN_PATHS[name]}")
-        elif name in SWITCHES:
+        elif name in SWITCHES or name in DETECTED_SWITCHES:
             if args:
                 raise UserError(f"{source}: --{name} is a switch and takes no value, not {args[0]!r}.")
             values[name] = (True, shown)
@@ -150,7 +155,7 @@ def convert_kohya(text: str, *, source: str = "command line") -> KohyaConversion
         elif name in ("optimizer_args", "lr_scheduler_args"):
             values[name] = (_literal_args(name, args, source), shown)
         else:
-            why = HINTS.get(name) or "loradrop has no such setting" + did_you_mean(name, _KNOWN)
+            why = NO_KEY_BECAUSE.get(name) or "loradrop has no such setting" + did_you_mean(name, _KNOWN)
             out.unsupported.append(f"{shown}: {why}")
     given = set(values)
     _derive(values, flags)
@@ -221,7 +226,7 @@ def _one(name: str, args: list[str], source: str) -> str:
 
 
 def _typed(key: str, text: str, shown: str, source: str) -> Any:
-    kind = _HINTS[key]
+    kind = _FIELD_TYPES[key]
     if kind is bool:  # only network_args give bools a value
         return _lycoris_bool(text)
     if kind in (int, float):
@@ -294,6 +299,8 @@ def _derive(values: dict[str, tuple[Any, str]], flags: dict[str, list[str]]) -> 
         values.setdefault(key, (lr, f"kohya's default {key} (the learning_rate)"))
     values.setdefault("conv_dim", (values["network_dim"][0], "LyCORIS' default conv_dim (the network_dim)"))
     values.setdefault("conv_alpha", (values["network_alpha"][0], "LyCORIS' default conv_alpha (the network_alpha)"))
+    if values["dora_wd"][0]:  # the recipe's own default is the axis A1111 and ComfyUI load right
+        values.setdefault("wd_on_output", (True, "LyCORIS' default wd_on_output=True"))
     values.setdefault("log_with", ("tensorboard" if "logging_dir" in flags else "none", "kohya's default log_with"))
     scheduler_args, origin = values["lr_scheduler_args"]
     if values["lr_scheduler"][0] == "cosine" and "num_cycles" not in scheduler_args:
@@ -324,6 +331,9 @@ def _note_unset(flags: dict[str, list[str]], given: set[str], out: KohyaConversi
     for name in ("resolution", "network_module"):
         if name not in flags:
             out.notes.append(f"the command sets no --{name}; the recipe keeps {name} = {getattr(seed, name)!r}")
+    for name in DETECTED_SWITCHES:
+        if name not in flags:
+            out.notes.append(f"the command sets no --{name}; the recipe keeps {name} = 'auto', read off the checkpoint")
     defaulted = [
         f"{f.name}={getattr(out.recipe, f.name)!r}"
         for f in dataclasses.fields(Recipe)

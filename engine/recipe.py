@@ -13,11 +13,14 @@ import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePath
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import tomli_w
 
 from loradrop.errors import UserError
+
+# A kohya flag loradrop can also read off the checkpoint: "auto" reads it, true or false overrides.
+Detected = Literal["auto", True, False]
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Recipe:
     cache_latents_to_disk: bool = True
     max_data_loader_n_workers: int = 8  # threads decoding images for the latent cache
 
-    # --- network: LyCORIS LoCon, preset full
+    # --- network: LyCORIS LoCon, preset full (algo loha or lokr, and dora_wd, for the other kinds)
     network_module: str = "lycoris.kohya"
     algo: str = "locon"
     preset: str = "full"
@@ -54,10 +57,18 @@ class Recipe:
     network_dropout: float = 0.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
-    use_tucker: bool = False
+    use_tucker: bool = False  # loha and lokr only: hada_t1/t2, lokr_t2 on the 3×3 convs
     use_scalar: bool = False
-    dora_wd: bool = False
+    dora_wd: bool = False  # DoRA: LyCORIS' weight_decompose, on any algo
+    # DoRA's norm per output row (LyCORIS' default, True) or per input column. A1111 and ComfyUI
+    # load only the per-column one as LyCORIS trains it, so that is loradrop's default (README).
+    wd_on_output: bool = False
     train_norm: bool = False
+    # LoKr (algo lokr), LyCORIS' network_args: the Kronecker split's factor (-1: the most
+    # balanced), also factoring the small half, or both halves stored whole.
+    factor: int = -1
+    decompose_both: bool = False
+    full_matrix: bool = False
     # The seed adapted only the text encoders' MLPs (88 modules); True adds q/k/v/out.
     text_encoder_attention: bool = False
 
@@ -80,6 +91,10 @@ class Recipe:
     no_half_vae: bool = True
     multires_noise_iterations: int = 12
     multires_noise_discount: float = 0.4
+    # What the base model predicts, kohya's flags: "auto" reads it off the checkpoint (ComfyUI's
+    # v_pred and ztsnr keys, a diffusers folder's scheduler config); true or false overrides it.
+    v_parameterization: Detected = "auto"
+    zero_terminal_snr: Detected = "auto"  # the rescaled schedule that ends at pure noise; needs v
 
     # --- saving, sampling, logging
     save_every_n_steps: int = 1
@@ -180,7 +195,7 @@ class Recipe:
             raise bad(f"bucket_reso_steps must be a multiple of 8 (the VAE's scale), not {self.bucket_reso_steps}")
         choices = {
             "network_module": ("lycoris.kohya",),
-            "algo": ("locon",),
+            "algo": ("locon", "loha", "lokr"),
             "preset": ("full",),
             "optimizer_type": ("ClybW", "AdamW"),
             "lr_scheduler": ("cosine", "constant"),
@@ -194,9 +209,16 @@ class Recipe:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise bad(f"{key} {getattr(self, key)!r} is not supported; use one of {', '.join(allowed)}")
-        for key in ("use_tucker", "use_scalar", "dora_wd", "train_norm"):
+        for key in ("use_scalar", "train_norm"):
             if getattr(self, key):
                 raise bad(f"{key}=true is not supported (files with it do not load in diffusers); set it to false")
+        if self.use_tucker and self.algo == "locon":
+            raise bad("use_tucker=true is not supported for algo locon (its lora_mid tensors do not load in diffusers); set it to false, or use algo loha or lokr")
+        lokr_only = [k for k, seed in (("factor", -1), ("decompose_both", False), ("full_matrix", False)) if getattr(self, k) != seed]
+        if lokr_only and self.algo != "lokr":
+            raise bad(f"{lokr_only[0]} applies to algo lokr only, not {self.algo}; leave it out or set algo = \"lokr\"")
+        if self.factor == 0 or self.factor < -1:
+            raise bad(f"factor must be -1 (LyCORIS' most balanced split) or a positive integer, not {self.factor}")
         for key in ("network_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(f"{key} must be in [0, 1)")
@@ -222,6 +244,8 @@ class Recipe:
         for key in ("caption_extension", "log_prefix"):
             if any(c in getattr(self, key) for c in "/\\\0"):
                 raise bad(f"{key} {getattr(self, key)!r} must not contain / or \\")
+        if self.zero_terminal_snr is True and self.v_parameterization is False:
+            raise bad("zero_terminal_snr = true needs v-prediction (epsilon cannot denoise pure noise); set v_parameterization to true or \"auto\"")
         self._validate_optimizer_args(bad)
         unknown = set(self.lr_scheduler_args) - {"num_cycles"}
         if unknown:
@@ -246,10 +270,6 @@ class Recipe:
             if not ok:
                 want = {"flag": "true or false", "betas": "two numbers in [0, 1), like [0.9, 0.999]", "positive": "a positive number"}.get(kind, "a number, 0 or more")
                 raise bad(f"optimizer_args {key} must be {want}, not {value!r}")
-
-    @property
-    def effective_batch(self) -> int:
-        return self.train_batch_size * self.gradient_accumulation_steps
 
 
 _MAX_RANK = 1280  # SDXL's widest layer side: a rank past min(out, in) adds nothing, and is cut to it
@@ -329,8 +349,11 @@ def _coerce(key: str, value: Any, hint, source: str) -> Any:
         ok = isinstance(value, str)
     elif origin is dict:
         ok = isinstance(value, dict)
+    elif origin is Literal:  # True == 1, so a bool choice must be the bool itself
+        ok = any(value is c if isinstance(c, bool) else (isinstance(value, str) and value == c) for c in typing.get_args(hint))
     if not ok:
-        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}[origin]
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
+                Literal: " or ".join(str(c).lower() if isinstance(c, bool) else repr(c) for c in typing.get_args(hint))}[origin]
         raise UserError(f"{source}: {key} must be {kind}, not {value!r}.")
     return value
 

@@ -20,9 +20,7 @@ COMMANDS = [
     "jobs",
     "logs",
     "status",
-    "cancel",
-    "retry",
-    "accept",
+    "job_actions",  # cancel, retry, accept
     "tui",
     "montage",
     # offline tools

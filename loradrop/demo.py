@@ -44,8 +44,8 @@ def concept_scores(paths: dict[str, str | None], count: int = 16) -> dict[str, s
 def main() -> int:
     from loradrop.commands.logs import event_line
     from loradrop.engine.twin.concept import CONCEPT
-    from loradrop.progress import ProgressLine, describe_progress
-    from loradrop.proto.client import state_name
+    from loradrop.progress import ProgressLine, describe_progress, figures_of
+    from loradrop.proto.client import TERMINAL, state_name
 
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="loradrop-demo-", dir="/tmp"))  # short: socket paths are limited
@@ -70,11 +70,10 @@ def main() -> int:
             body = event.WhichOneof("body")
             if body == "progress":
                 p = event.progress
-                payload = {f: getattr(p, f) for f in ("loss", "avg_loss", "lr_unet", "rate", "eta_s") if p.HasField(f)}
-                bar.update("step" if p.stage == "train" else p.stage, p.done, p.total, describe_progress(payload))
+                bar.update("step" if p.stage == "train" else p.stage, p.done, p.total, describe_progress(**figures_of(p)))
             else:
                 bar.message(event_line(event))
-            if body == "state" and state_name(event.state.state) in ("done", "failed", "cancelled"):
+            if body == "state" and event.state.state in TERMINAL:
                 final_state = state_name(event.state.state)
                 break
         bar.close()

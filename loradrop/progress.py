@@ -64,18 +64,26 @@ class ProgressLine:
             self._shown = ""
 
 
-def describe_progress(p: dict) -> str:
-    """The text after the bar for a progress event payload (shared by the CLI and `logs -f`)."""
+FIGURES = ("loss", "avg_loss", "lr_unet", "rate", "eta_s")
+
+
+def figures_of(progress) -> dict[str, float]:
+    """The figures a progress message carries (a `pb.Progress`: its set optional fields)."""
+    return {f: getattr(progress, f) for f in FIGURES if progress.HasField(f)}
+
+
+def describe_progress(*, loss: float | None = None, avg_loss: float | None = None, lr_unet: float | None = None,
+                      rate: float | None = None, eta_s: float | None = None) -> str:
+    """The text after a progress event's count: `train`'s and the demo's bars, `logs`' lines."""
     parts = []
-    if p.get("loss") is not None:
-        parts.append(f"loss {p['loss']:.4f}")
-    if p.get("avg_loss") is not None:
-        parts.append(f"avg {p['avg_loss']:.4f}")
-    if p.get("lr_unet") is not None:
-        parts.append(f"lr {p['lr_unet']:.2e}")
-    if p.get("rate"):
-        rate = p["rate"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if avg_loss is not None:
+        parts.append(f"avg {avg_loss:.4f}")
+    if lr_unet is not None:
+        parts.append(f"lr {lr_unet:.2e}")
+    if rate:
         parts.append(f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it")
-    if p.get("eta_s") is not None:
-        parts.append(f"ETA {format_duration(p['eta_s'])}")
+    if eta_s is not None:
+        parts.append(f"ETA {format_duration(eta_s)}")
     return "  ".join(parts)

@@ -32,8 +32,9 @@ from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
 MAX_MESSAGE = 64 << 20
 CHUNK = 1 << 20
 TIMEOUT = 30.0  # seconds for a plain call
-TOOL_TIMEOUT = 1800.0  # chop, resize, block layout, preview: they may wait for a worker
+LONG_CALL_S = 1800.0  # a client's deadline for chop, resize, block layout, preview, downloads: they may wait for a worker
 STATES = {name.lower(): code for name, code in pb.JobState.items() if code}  # "queued" -> pb.QUEUED, ...
+TERMINAL = frozenset({pb.DONE, pb.FAILED, pb.CANCELLED})  # a job in one of these has ended
 
 
 class ClientError(UserError):
@@ -111,6 +112,18 @@ class Client:
     def job(self, job_id: str) -> pb.Job:
         return self._call(self._stub.GetJob, pb.JobRef(job_id=str(job_id)))
 
+    def wait_job(self, job_id: str, timeout: float, *, states: frozenset[int] = TERMINAL, interval: float = 0.2) -> pb.Job:
+        """The job once it is in one of `states` (by default: once it has ended); ClientError when
+        it is not after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.state in states:
+                return job
+            if time.monotonic() >= deadline:
+                raise ClientError(f"job {job_id} is still {state_name(job.state)} after {timeout:g} s.")
+            time.sleep(interval)
+
     def cancel(self, job_id: str) -> pb.Job:
         return self._call(self._stub.CancelJob, pb.JobRef(job_id=str(job_id)))
 
@@ -168,20 +181,20 @@ class Client:
             dest = dest / Path(path).name
         try:
             with atomic_path(dest) as tmp, open(tmp, "wb") as f:
-                for chunk in self._stub.DownloadArtifact(pb.ArtifactRef(path=str(path)), metadata=self._metadata, timeout=TOOL_TIMEOUT):
+                for chunk in self._stub.DownloadArtifact(pb.ArtifactRef(path=str(path)), metadata=self._metadata, timeout=LONG_CALL_S):
                     f.write(chunk.data)
         except grpc.RpcError as e:
             raise self._error(e) from None
         return dest
 
     def block_layout(self, path: str) -> pb.BlockLayoutReply:
-        return self._call(self._stub.BlockLayout, pb.ArtifactRef(path=str(path)), timeout=TOOL_TIMEOUT)
+        return self._call(self._stub.BlockLayout, pb.ArtifactRef(path=str(path)), timeout=LONG_CALL_S)
 
     def chop(self, path: str, vector: str) -> pb.Artifact:
-        return self._call(self._stub.Chop, pb.ChopRequest(path=str(path), vector=vector), timeout=TOOL_TIMEOUT)
+        return self._call(self._stub.Chop, pb.ChopRequest(path=str(path), vector=vector), timeout=LONG_CALL_S)
 
     def resize(self, path: str, recipe: str = "") -> pb.Artifact:
-        return self._call(self._stub.Resize, pb.ResizeRequest(path=str(path), recipe=recipe), timeout=TOOL_TIMEOUT)
+        return self._call(self._stub.Resize, pb.ResizeRequest(path=str(path), recipe=recipe), timeout=LONG_CALL_S)
 
     def preview(self, path: str, *, vector: str = "", prompts: Iterable[str] = (), seed: int | None = None, max_size: int = 0,
                 steps: int = 0, request_id: str = "", cancel: threading.Event | None = None) -> list[pb.Image]:
@@ -190,8 +203,8 @@ class Client:
         the call, and the daemon stops rendering."""
         request = pb.PreviewRequest(path=str(path), vector=vector, prompts=list(prompts), seed=seed, max_size=max_size, steps=steps, request_id=request_id)
         if cancel is None:
-            return list(self._call(self._stub.Preview, request, timeout=TOOL_TIMEOUT).images)
-        future = self._stub.Preview.future(request, metadata=self._metadata, timeout=TOOL_TIMEOUT)
+            return list(self._call(self._stub.Preview, request, timeout=LONG_CALL_S).images)
+        future = self._stub.Preview.future(request, metadata=self._metadata, timeout=LONG_CALL_S)
         while True:
             try:
                 return list(future.result(timeout=0.2).images)

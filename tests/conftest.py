@@ -53,7 +53,7 @@ def home():
 @pytest.fixture
 def daemons():
     """Start daemons with `daemons(home, *args)`; every one still running is killed at the end."""
-    from support import Daemon
+    from loradrop.testing import Daemon
 
     started = []
 

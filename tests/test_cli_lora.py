@@ -88,7 +88,7 @@ def test_resize_writes_the_file_and_shows_progress(capsys, lora, tiny_path, tmp_
 
 
 def test_train_names_the_run_after_its_folder_unless_told(capsys, tmp_path, tiny_path):
-    from support import make_dataset
+    from loradrop.testing import make_dataset
 
     data = make_dataset(tmp_path / "mychar", images=1)
     common = ["train", data, "--model", tiny_path, "--recipe", data / "loradrop.toml", "--set", "max_train_steps=1", "--cache-dir", tmp_path / "cache"]
@@ -100,7 +100,7 @@ def test_train_names_the_run_after_its_folder_unless_told(capsys, tmp_path, tiny
 
 
 def test_train_reports_a_kohya_folder_per_subfolder(capsys, tmp_path, tiny_path):
-    from support import make_dataset
+    from loradrop.testing import make_dataset
 
     data = tmp_path / "img"
     make_dataset(data / "4_zkw", images=2)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from support import dead_pid, wait_for
+from loradrop.testing import dead_pid, wait_for
 
 from loradrop.fsutil import atomic_path, atomic_write_text, process_running, sweep_partials
 

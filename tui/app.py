@@ -25,7 +25,7 @@ from .facts import Seen
 from .images import Pictures
 from .keys import KeysInOrder
 from .link import EventFeed, Link, Target
-from .messages import EventsArrived, Inbox, JobUpdated, LinkChanged, PreviewProgressed
+from .messages import EventsArrived, EventBatch, JobUpdated, LinkChanged, PreviewProgressed
 from .screens.dialogs import Confirm
 from .screens.queue import QueueScreen
 
@@ -110,8 +110,8 @@ class LoradropApp(KeysInOrder):
 
     def run_feed(self, feed: EventFeed, node: DOMNode) -> None:
         """Run `feed` in this thread, handing its events to `node` as `EventsArrived` batches."""
-        inbox = Inbox(node.post_message)
-        feed.run(inbox.put, lambda up, detail: node.post_message(LinkChanged(up, detail)))
+        batch = EventBatch(node.post_message)
+        feed.run(batch.put, lambda up, detail: node.post_message(LinkChanged(up, detail)))
 
     def _loaded(self, status: pb.StatusReply, jobs: list[pb.Job]) -> None:
         self._set_link(True, "")
@@ -176,7 +176,7 @@ class LoradropApp(KeysInOrder):
     def on_events_arrived(self, message: EventsArrived) -> None:
         changed, refresh = {}, set()
         now, wall = time.monotonic(), time.time()
-        for event in message.inbox.take():
+        for event in message.batch.take():
             job = self.jobs.get(event.job_id)
             if not event.job_id:
                 continue  # the daemon's own events

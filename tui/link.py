@@ -16,12 +16,11 @@ from typing import Callable
 
 import grpc
 
-from loradrop.proto.client import Client, ClientError
+from loradrop.proto.client import TERMINAL, Client, ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
 # A stream that breaks with these is retried; any other error is the request's fault and final.
 RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-TERMINAL_STATES = {pb.DONE, pb.FAILED, pb.CANCELLED}
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class EventFeed:
                     if number <= self.since:
                         continue  # never twice, whatever the server does
                     self.since = number
-                    ended = bool(self.job_id) and event.HasField("state") and event.state.state in TERMINAL_STATES
+                    ended = bool(self.job_id) and event.HasField("state") and event.state.state in TERMINAL
                     deliver(event)
                 if ended or (self.job_id and self._job_ended(client)):
                     return
@@ -153,6 +152,6 @@ class EventFeed:
 
     def _job_ended(self, client: Client) -> bool:
         try:
-            return client.job(self.job_id).state in TERMINAL_STATES
+            return client.job(self.job_id).state in TERMINAL
         except ClientError:
             return False

@@ -12,11 +12,11 @@ from loradrop.proto.v1 import loradrop_pb2 as pb
 
 
 class EventsArrived(Message, bubble=False):
-    """New events of a feed are waiting in its `Inbox`; the handler takes them all at once."""
+    """New events of a feed are waiting in its `EventBatch`; the handler takes them all at once."""
 
-    def __init__(self, inbox: "Inbox"):
+    def __init__(self, batch: "EventBatch"):
         super().__init__()
-        self.inbox = inbox
+        self.batch = batch
 
 
 class LinkChanged(Message, bubble=False):
@@ -43,7 +43,7 @@ class PreviewProgressed(Message, bubble=False):
         self.progress = progress
 
 
-class Inbox:
+class EventBatch:
     """Events handed over from a feed's thread, taken in batches by the UI.
 
     At 1,000 log lines a second a message per event would flood the message queue and delay key

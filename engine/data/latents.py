@@ -37,6 +37,11 @@ CACHE_FORMAT = "loradrop.latent.1"
 Progress = Callable[[int, int], None]
 
 
+def default_cache_dir() -> Path:
+    """Where latents are cached when nothing says otherwise: outside every dataset, per user."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loradrop" / "latents"
+
+
 @dataclass
 class CachedLatent:
     latent: torch.Tensor  # [4, h/8, w/8] float32, unscaled

@@ -118,7 +118,7 @@ def _patch(lf: LoraFile, lay, targets, base: float, per_block: list[float], stre
             module = lf.module(name)
             if module.out_features * math.prod(module.in_shape) != weight.numel() or module.out_features != weight.shape[0]:
                 raise UserError(f"{lf.path} module {name} does not fit the model's weight of shape {list(weight.shape)}; the LoRA was trained on another model family.")
-            delta = module.delta(weight.device) * (ratio * strength)
+            delta = module.delta(weight.device, base=weight) * (ratio * strength)  # a DoRA's change depends on the weight
             applied.originals.append((weight, weight.detach().to(backup_device, copy=True)))
             weight.copy_((weight.float() + delta.reshape(weight.shape)).to(weight.dtype))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.prompts import SamplePrompt
-from ..models.sdxl import SDXL
+from ..models.sdxl import SDXL, Prediction
 from .blocks import Layout, format_weight, layout, suggest
 from .lorafile import LoraFile, read_lora
 
@@ -66,13 +66,14 @@ def block_effects(model: SDXL, lora: str | os.PathLike | LoraFile, prompts: Sequ
     n = len(lay.blocks)
     device = next(model.unet.parameters()).device
     short = [dataclasses.replace(p, steps=min(p.steps, steps)) for p in prompts]
+    prediction = Prediction.trained_with(lf.metadata, model.prediction)  # as the LoRA's run sampled
 
     def latents(weights: list[float]) -> list[torch.Tensor]:
         vector = ",".join(format_weight(w) for w in [1.0, *weights])
         with apply_lora(model, lf, vector):
             out = []
             for i, p in enumerate(short):
-                render = Render(model, p, device=device, dtype=torch.float32, default_seed=seed + i)
+                render = Render(model, p, device=device, dtype=torch.float32, default_seed=seed + i, prediction=prediction)
                 while not render.finished:
                     render.step()
                 out.append(render.latents)

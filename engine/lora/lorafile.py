@@ -1,12 +1,32 @@
-"""kohya LoRA/LoCon files: per-module groups, the ΔW they stand for, and writing them back.
+"""kohya-named LyCORIS files (LoCon, LoHa, LoKr, each optionally DoRA): reading them into
+per-module groups, and writing files back; each module's math is engine/lora/modules.py.
 
 A kohya file names each adapted module `lora_unet_<LDM path>`, `lora_te1_<path>` or
-`lora_te2_<path>` (dots turned into underscores) and stores three tensors per module:
-`.lora_down.weight` (r × in, or r × in × kh × kw for a LoCon conv), `.lora_up.weight` (out × r,
-or out × r × 1 × 1) and `.alpha`. The module adds ΔW = (alpha / r) · up · down to the base weight.
+`lora_te2_<path>` (dots turned into underscores) and stores its tensors as `<module>.<part>`. The
+parts depend on the adapter kind; they are the names LyCORIS saves and ComfyUI
+(comfy/weight_adapter/lora.py, loha.py, lokr.py) and A1111 (extensions-builtin/Lora/network_lora.py,
+network_hada.py, network_lokr.py) read:
 
-Other adapter formats carry other tensors; they are refused by name, in one sentence, because
-every tool here (resize, chop, apply) would silently drop or misread them.
+- LoCon: `lora_down.weight` (r × in, or r × in × kh × kw), `lora_up.weight` (out × r[ × 1 × 1]);
+  ΔW = s · up · down.
+- LoHa: `hada_w1_a` (out × r), `hada_w1_b` (r × in·kh·kw), `hada_w2_a`, `hada_w2_b`;
+  ΔW = s · (w1_a · w1_b) ⊙ (w2_a · w2_b). With Tucker (3×3 convs) `hada_t1`, `hada_t2`
+  (r × r × kh × kw) rebuild each factor from w?_a (r × out) and w?_b (r × in).
+- LoKr: `lokr_w1` (a × c) or `lokr_w1_a` · `lokr_w1_b`, and `lokr_w2` (b × d[ × kh × kw]) or
+  `lokr_w2_a` · `lokr_w2_b` (rebuilt through `lokr_t2` with Tucker); ΔW = s · w1 ⊗ w2, so
+  out = a·b and in = c·d. "Full matrix" LoKr stores both halves whole.
+
+s = alpha / r, with r the rank of the factored parts (LoKr: w2's, else w1's); an unfactored LoKr
+has s = 1 whatever its alpha, and a missing alpha means s = 1 (kohya's alpha = rank), as every
+loader reads them.
+
+A module with `dora_scale` is a DoRA (LyCORIS' weight_decompose): it does not add ΔW, it replaces
+the weight by W' = (W + ΔW) · m / ‖W + ΔW‖, the norm taken per output row when dora_scale is
+(out × 1 …) (LyCORIS' wd_on_output=True) or per input column when it is (1 × in …). Its change
+W' − W depends on the base weight.
+
+Other adapter formats are refused by name, in one sentence, because every tool here (resize,
+chop, apply) would silently drop or misread them.
 
 Files are written with kohya's two additional-network hashes (`sshs_model_hash`,
 `sshs_legacy_hash`), recomputed for the tensors actually written, as sd-scripts does on save.
@@ -27,36 +47,47 @@ import torch
 from loradrop.errors import UserError
 
 from .. import tensorfile
+from .modules import LoraModule
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
 ALPHA = ".alpha"
-PARTS = {DOWN: "down", UP: "up", ALPHA: "alpha"}
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_")
+
+# Each kind's factor tensors (the part of a key after the module name), and the two every kind may have.
+KIND_PARTS = {
+    "locon": ("lora_down.weight", "lora_up.weight"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+SHARED_PARTS = ("alpha", "dora_scale")
+KIND_NAMES = {"locon": "LoRA/LoCon", "loha": "LoHa", "lokr": "LoKr"}
+_PARTS = {part for parts in KIND_PARTS.values() for part in parts} | set(SHARED_PARTS)
 
 # (marker in a key, what the file is, what to do about it)
 _FOREIGN = (
-    ("hada_w", "is a LoHa (LyCORIS hada_* tensors)", "train a LoCon (algo=locon) to use it here"),
-    ("lokr_w", "is a LoKr (LyCORIS lokr_* tensors)", "train a LoCon (algo=locon) to use it here"),
     (".lora_mid.", "is a Tucker-decomposed LoCon (lora_mid tensors)", "retrain it with use_tucker=False"),
-    ("dora_scale", "is a DoRA (dora_scale tensors)", "retrain it with dora_wd=False"),
     (".lora_A.", "is in diffusers/PEFT format (lora_A/lora_B tensors)", "convert it to kohya format first"),
     (".lora_B.", "is in diffusers/PEFT format (lora_A/lora_B tensors)", "convert it to kohya format first"),
 )
-_SUPPORTED = "loradrop handles plain kohya LoRA/LoCon files (lora_down, lora_up, alpha)"
+_SUPPORTED = "loradrop handles kohya LoRA/LoCon, LoHa and LoKr files, with or without DoRA"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(module name, part) for a kohya LoRA tensor name, None for anything else."""
-    for suffix, part in PARTS.items():
-        if key.endswith(suffix):
-            return key[: -len(suffix)], part
-    return None
+    """(module name, part) for a tensor of a kohya-named LyCORIS file, None for anything else."""
+    name, dot, part = key.partition(".")
+    return (name, part) if dot and part in _PARTS else None
+
+
+def kind_of(parts: Iterable[str]) -> str:
+    """The adapter kind of a module from its part names (a checked group, see check_keys)."""
+    parts = set(parts)
+    return next(kind for kind, names in KIND_PARTS.items() if parts.intersection(names))
 
 
 def check_keys(keys: Iterable[str], path: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """Refuse anything but an SDXL kohya LoRA/LoCon (by key names alone); return
-    {module: {part: key}}."""
+    """Refuse anything but an SDXL kohya-named LoCon, LoHa or LoKr file (by key names alone);
+    return {module: {part: key}}."""
     keys = list(keys)
     if not keys:
         raise UserError(f"{path} holds no tensors; expected a LoRA file.")
@@ -75,87 +106,33 @@ def check_keys(keys: Iterable[str], path: str | os.PathLike) -> dict[str, dict[s
         name, part = split
         groups.setdefault(name, {})[part] = k
     for name, parts in groups.items():
-        for need in ("down", "up"):
-            if need not in parts:
-                raise UserError(f"{path} has no lora_{need} tensor for {name}; the file is damaged or incomplete.")
+        _check_module(name, set(parts), path)
     return groups
 
 
-@dataclass
-class LoraModule:
-    """One adapted module: ΔW = (alpha / rank) · up · down."""
-
-    name: str
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def out_features(self) -> int:
-        return self.up.shape[0]
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        """The base weight's shape after its first dimension: (in,) or (in, kh, kw)."""
-        return tuple(self.down.shape[1:])
-
-    def factors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """up (out × r) and down (r × in·kh·kw) as fp32 matrices."""
-        up = self.up.to(device=device, dtype=torch.float32).reshape(self.up.shape[0], -1)
-        down = self.down.to(device=device, dtype=torch.float32).reshape(self.rank, -1)
-        if up.shape[1] != self.rank:
-            raise UserError(f"LoRA module {self.name} has lora_up of shape {list(self.up.shape)} for rank {self.rank}; the file is damaged.")
-        return up, down
-
-    def delta(self, device=None) -> torch.Tensor:
-        """ΔW as an fp32 (out × in·kh·kw) matrix."""
-        up, down = self.factors(device)
-        return (up * self.scale) @ down
-
-    def norm(self) -> float:
-        """‖ΔW‖_F without forming ΔW: ‖B·A‖² = Σ (BᵀB) ∘ (A·Aᵀ), two r × r Gram matrices."""
-        up, down = self.factors()
-        gram = (up.T @ up).double() * (down @ down.T).double()
-        return abs(self.scale) * float(gram.sum().clamp_min(0.0).sqrt())
-
-    def decompose(self, device=None) -> "Decomposition":
-        """ΔW's singular values and left vectors without forming ΔW: QR of up, R of downᵀ, and the
-        SVD of the small product of the two R factors. Right vectors come later, and only for the
-        dimensions asked for (forming downᵀ's Q would be the costliest step of a resize)."""
-        up, down = self.factors(device)
-        qu, ru = torch.linalg.qr(up)
-        rd = torch.linalg.qr(down.T, mode="r").R
-        uc, s, _ = torch.linalg.svd(ru @ rd.T, full_matrices=False)
-        return Decomposition(qu @ uc, s * abs(self.scale), up * self.scale, down)
-
-
-@dataclass
-class Decomposition:
-    """ΔW = U · diag(S) · Vh (S descending, alpha/rank included), Vh on demand."""
-
-    u: torch.Tensor  # out × k
-    s: torch.Tensor  # k
-    up: torch.Tensor  # scale · up, out × r
-    down: torch.Tensor  # r × in·kh·kw
-
-    def vh(self, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of Vh (all, or those selected by a mask or indices): v_iᵀ = u_iᵀ·ΔW / σ_i.
-
-        Rows are renormalised: for a kept dimension this only removes rounding; a dimension
-        with σ ≈ 0 (of a rank-deficient ΔW) gets some unit direction, or zeros when σ = 0.
-        """
-        u = self.u if keep is None else self.u[:, keep]
-        rows = (u.T @ self.up) @ self.down
-        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-        return torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(rows.dtype).tiny), rows)
+def _check_module(name: str, parts: set[str], path) -> None:
+    kinds = [kind for kind, names in KIND_PARTS.items() if parts.intersection(names)]
+    if not kinds:
+        raise UserError(f"{path} has only {', '.join(sorted(parts))} for {name}; the file is damaged or incomplete.")
+    if len(kinds) > 1:
+        raise UserError(f"{path} mixes {' and '.join(KIND_NAMES[k] for k in kinds)} tensors in {name}; the file is damaged.")
+    kind = kinds[0]
+    if kind == "locon":
+        need = ["lora_down.weight", "lora_up.weight"]
+    elif kind == "loha":
+        tucker = "hada_t1" in parts or "hada_t2" in parts
+        need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", *(("hada_t1", "hada_t2") if tucker else ())]
+    else:
+        need = []
+        for whole in ("lokr_w1", "lokr_w2"):
+            if whole not in parts:  # then both halves of its factorisation
+                halves = [f"{whole}_a", f"{whole}_b"]
+                need += halves if parts.intersection(halves) else [whole]
+        if "lokr_t2" in parts:
+            need += ["lokr_w2_a", "lokr_w2_b"]
+    missing = [p for p in need if p not in parts]
+    if missing:
+        raise UserError(f"{path} is a {KIND_NAMES[kind]} with no {missing[0]} tensor for {name}; the file is damaged or incomplete.")
 
 
 # ------------------------------------------------------------------ one alpha for the whole file
@@ -190,6 +167,19 @@ def with_alpha(parts: Mapping[str, torch.Tensor], name: str, alpha: float, facto
     dtype = alpha_t.dtype if alpha_t is not None else up.dtype
     out[name + ALPHA] = alpha_t if alpha_t is not None and own == alpha else torch.tensor(alpha, dtype=dtype)
     return out
+
+
+# The factor of a LoHa or LoKr whose scaling by w scales ΔW by w: ΔW is linear in each factor,
+# so a block weight scales one of them (scaling every tensor, as chop_blocks does, gives w^n).
+_LINEAR_FACTOR = {"loha": ("hada_w1_a",), "lokr": ("lokr_w1", "lokr_w1_a")}
+
+
+def weighed(parts: Mapping[str, torch.Tensor], name: str, kind: str, factor: float) -> dict[str, torch.Tensor]:
+    """The one tensor of a LoHa or LoKr module that, rewritten, makes its ΔW `factor` times as
+    large: only the first Hadamard half's hada_w1_a, or the first Kronecker half (lokr_w1 or
+    lokr_w1_a). `parts` holds the module's tensors by full key."""
+    key = next(f"{name}.{part}" for part in _LINEAR_FACTOR[kind] if f"{name}.{part}" in parts)
+    return {key: (parts[key].float() * factor).to(parts[key].dtype)}
 
 
 def network_dims(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
@@ -236,14 +226,15 @@ class LoraFile:
 
     def module(self, name: str) -> LoraModule:
         parts = self.groups[name]
-        down, up = self.tensors[parts["down"]], self.tensors[parts["up"]]
-        # kohya reads a missing alpha as alpha = rank (scale 1).
-        alpha = float(self.tensors[parts["alpha"]].float().item()) if "alpha" in parts else float(down.shape[0])
-        return LoraModule(name, down, up, alpha)
+        factors = {part: self.tensors[key] for part, key in parts.items() if part not in SHARED_PARTS}
+        alpha = float(self.tensors[parts["alpha"]].float().item()) if "alpha" in parts else None
+        dora = self.tensors[parts["dora_scale"]] if "dora_scale" in parts else None
+        return LoraModule(name, kind_of(factors), factors, alpha, dora)
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
-    """Read a kohya LoRA/LoCon file whole (LoRAs are small), refusing other adapter formats."""
+    """Read a kohya-named LoCon, LoHa or LoKr file whole (LoRAs are small), refusing other
+    adapter formats."""
     path = Path(path).expanduser()
     with tensorfile.TensorFile(path, what="a LoRA (.safetensors)") as tf:
         groups = check_keys(tf.keys(), path)

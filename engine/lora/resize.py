@@ -17,6 +17,11 @@ the mapped file (a helper thread, while two others decompose the modules), so th
 is the LoRA plus a few modules in flight, not the checkpoint. Modules the base lacks are kept
 (the same ΔW) and listed, where resize_lora stops with an error; all-zero modules are dropped, as
 resize_lora does.
+
+LoHa, LoKr and DoRA modules have no two low-rank factors to decompose: each one's change (a
+DoRA's W' − W, against the base weight it adapts) is formed and decomposed whole, scored the same
+way, and written as a LoCon of the kept rank. So a resize always writes a plain LoCon file, which
+loads in diffusers too.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from ..models.sdxl import check_is_sdxl
 from ..tensorfile import TensorFile
 from .basekeys import BaseIndex, frobenius
 from ..train.metadata import derived, derived_name
-from .lorafile import Decomposition, LoraModule, common_alpha, kohya_tensors, network_dims, read_lora, save_lora, with_alpha
+from .lorafile import common_alpha, kohya_tensors, network_dims, read_lora, save_lora, with_alpha
+from .modules import Decomposition, LoraModule
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +300,8 @@ def _size_threshold(layers: list[_Layer], budget: float, elem: int) -> float:
     one, and of equal scores none, so the kept bytes stay below the budget."""
     if not layers:
         return -math.inf
-    scores = torch.cat([l.scores.cpu() for l in layers])
-    sizes = torch.cat([torch.full((l.scores.shape[0],), elem * l.dim_params, dtype=torch.int64) for l in layers])
+    scores = torch.cat([layer.scores.cpu() for layer in layers])
+    sizes = torch.cat([torch.full((layer.scores.shape[0],), elem * layer.dim_params, dtype=torch.int64) for layer in layers])
     scores, order = scores.sort(descending=True)
     total = sizes[order].cumsum(0)
     if budget >= total[-1]:
@@ -330,7 +336,8 @@ def resize(
         tensors: dict[str, torch.Tensor] = {}
         for name in report.unchanged:
             log.warning("%s: the base has no weight for LoRA module %s; it is kept unchanged.", Path(base).name, name)
-            tensors.update(with_alpha(lf.tensors, name, alpha))  # the same ΔW, with the file's alpha
+            # The same ΔW: a LoCon with the file's alpha, a LoHa or LoKr as it was.
+            tensors.update(with_alpha(lf.tensors, name, alpha) if lf.module(name).kind == "locon" else {k: lf.tensors[k] for k in lf.keys_of(name)})
         threshold = recipe.fixed_threshold
         if threshold is None:
             elem = torch.empty(0, dtype=out_dtype).element_size()
@@ -363,6 +370,9 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
         check_is_sdxl(tf, ("unet", "te1", "te2"))
         index = BaseIndex(tf)
         report.unchanged = [n for n in lf.names if n not in index]
+        dora = next((n for n in report.unchanged if lf.module(n).dora_scale is not None), None)
+        if dora is not None:
+            raise UserError(f"{lf.path} module {dora} is a DoRA, whose change depends on the base weight, and {tf.path} has no weight for it; resize against the model it was trained on.")
         present = sorted((n for n in lf.names if n in index), key=lambda n: index[n].offset)
         for name in present:
             _check_shape(lf.module(name), index[name].shape, lf.path, tf.path)
@@ -377,10 +387,10 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
 
             def cut(name: str) -> tuple[LoraModule, _Layer | None]:
                 module = lf.module(name)
-                dec = module.decompose(device)
+                dec = module.decompose(device, _base_weight(index, name, device) if module.dora_scale is not None else None)
                 if dec.s.numel() == 0 or float(dec.s[0]) < _ACTIVE:
                     return module, None
-                layer = _Layer(name, module.rank, module.in_shape, dec)
+                layer = _Layer(name, module.rank, tuple(index[name].shape[1:]), dec)
                 layer.scores = _scores(recipe, layer, ahead.pop(name).result() if streamed else measure(name))
                 if recipe.fixed_threshold is not None:
                     layer.finish(recipe.fixed_threshold, recipe.rescale, out_dtype, alpha)
@@ -400,6 +410,12 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
                 for future in list(ahead.values()):  # an error or a cancel: stop reading the base
                     future.cancel()
     return layers
+
+
+def _base_weight(index: BaseIndex, name: str, device: torch.device) -> torch.Tensor:
+    """The base weight a module adapts, whole, in fp32 on `device` (a DoRA's change needs it)."""
+    with index.mapped(name) as mapped:
+        return mapped.to(device=device, dtype=torch.float32, copy=True)
 
 
 def _check_shape(module, shape: tuple[int, ...], lora_path: Path, base_path: Path) -> None:

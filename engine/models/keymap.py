@@ -30,7 +30,6 @@ IGNORED_SGM_KEYS = frozenset(
         TE1_PREFIX + "text_model.embeddings.position_ids",
     }
 )
-IGNORED_SGM_PREFIXES = ("denoiser.", "model_ema.", "cond_stage_model.")
 
 
 @dataclass(frozen=True)
@@ -153,18 +152,14 @@ def unet_prefix_pairs(config: Mapping) -> list[tuple[str, str]]:
 
 
 class UNetNames:
-    """Module and tensor names of one UNet config, both ways (used for LoRA keys too)."""
+    """Module and tensor names of one UNet config, diffusers to SGM (used for LoRA keys too)."""
 
     def __init__(self, config: Mapping):
         pairs = unet_prefix_pairs(config)
         self.to_ldm = _renamer(pairs)
-        self.from_ldm = _renamer([(b, a) for a, b in pairs])
 
     def module_to_ldm(self, path: str) -> str:
         return self.to_ldm(path + ".")[:-1]
-
-    def module_from_ldm(self, path: str) -> str:
-        return self.from_ldm(path + ".")[:-1]
 
 
 def unet_map(config: Mapping, keys: Iterable[str]) -> ComponentMap:

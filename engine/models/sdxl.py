@@ -1,7 +1,8 @@
 """SDXL as diffusers/transformers modules, built empty from configs and filled from a checkpoint.
 
 `load_sdxl` reads a single-file SGM checkpoint (as SDXL base, Pony Diffusion V6 XL and other
-fine-tunes ship) or a diffusers folder. Single files are streamed: modules are built with their
+fine-tunes ship) or a diffusers folder, and what its UNet predicts (ε, or v for NoobAI-XL v-pred
+and other v-prediction fine-tunes). Single files are streamed: modules are built with their
 parameters on the meta device, then each tensor is read, renamed through the key map, cast, and
 put in place, so the process never holds a second copy of the model.
 """
@@ -12,13 +13,14 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from loradrop.errors import UserError
 
+from ..recipe import Recipe
 from ..tensorfile import TensorFile
 from . import keymap
 from .configs import SDXLConfig, sdxl_config, tokenizers
@@ -29,6 +31,37 @@ COMPONENTS = ("unet", "vae", "te1", "te2")
 CONFIG_METADATA_KEY = "loradrop.sdxl_config"
 _PREFIXES = {"unet": keymap.UNET_PREFIX, "vae": keymap.VAE_PREFIX, "te1": keymap.TE1_PREFIX, "te2": keymap.TE2_PREFIX}
 _NAMES = {"unet": "UNet", "vae": "VAE", "te1": "text encoder 1", "te2": "text encoder 2"}
+
+
+# ComfyUI's marks of a v-prediction checkpoint: empty tensors beside the weights. `ztsnr` counts
+# only with `v_pred` (comfy/supported_models.py SDXL.model_type, which ComfyUI writes and reads).
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the UNet was trained to predict, and on which noise schedule."""
+
+    v: bool = False  # v-prediction; else ε
+    ztsnr: bool = False  # the zero-terminal-SNR schedule (engine/train/noise.py)
+
+    @classmethod
+    def from_keys(cls, keys) -> "Prediction":
+        v = V_PRED_KEY in keys
+        return cls(v=v, ztsnr=v and ZTSNR_KEY in keys)
+
+    @classmethod
+    def trained_with(cls, metadata: Mapping[str, str], base: "Prediction") -> "Prediction":
+        """What a LoRA's run trained its base to predict, from the LoRA's kohya metadata
+        (ss_v_parameterization, ss_zero_terminal_snr); `base`'s when the file does not say."""
+        if "ss_v_parameterization" not in metadata:
+            return base
+        return cls(v=metadata["ss_v_parameterization"] == "True", ztsnr=metadata.get("ss_zero_terminal_snr") == "True")
+
+    def marks(self) -> dict[str, torch.Tensor]:
+        """The keys a checkpoint of this kind carries, as ComfyUI saves them."""
+        names = ([V_PRED_KEY] if self.v else []) + ([ZTSNR_KEY] if self.v and self.ztsnr else [])
+        return {name: torch.tensor([]) for name in names}
 
 
 @dataclass
@@ -42,6 +75,7 @@ class SDXL:
     te1: nn.Module | None = None
     te2: nn.Module | None = None
     vae_id: str = ""  # sha256 of the VAE weights: the latent cache's model key
+    prediction: Prediction = Prediction()  # as the checkpoint says; a recipe may override it (prediction_for)
     unet_names: keymap.UNetNames = field(init=False)
 
     def __post_init__(self):
@@ -53,6 +87,19 @@ class SDXL:
 
     def component(self, name: str) -> nn.Module | None:
         return getattr(self, name)
+
+    def prediction_for(self, recipe: Recipe) -> Prediction:
+        """The checkpoint's prediction, unless the recipe sets kohya's flags (v_parameterization,
+        zero_terminal_snr) to true or false: a v-pred fine-tune without ComfyUI's marks exists."""
+        v = self.prediction.v if recipe.v_parameterization == "auto" else recipe.v_parameterization
+        ztsnr = self.prediction.ztsnr if recipe.zero_terminal_snr == "auto" else recipe.zero_terminal_snr
+        if ztsnr and not v:
+            # At zero SNR x_t is the noise itself: ε is given away and says nothing of x0.
+            raise UserError(
+                f"the recipe trains {self.source} with zero terminal SNR but epsilon prediction, which cannot denoise "
+                "pure noise; set v_parameterization = true, or zero_terminal_snr = false."
+            )
+        return Prediction(v=v, ztsnr=ztsnr)
 
 
 def build_empty(config: SDXLConfig, components: Iterable[str] = COMPONENTS) -> dict[str, nn.Module]:
@@ -101,7 +148,7 @@ def load_sdxl(
     with TensorFile(path, what="an SDXL checkpoint (.safetensors)") as tf:
         check_is_sdxl(tf, components)
         config = _config_for(tf)
-        model = SDXL(config=config, source=path)
+        model = SDXL(config=config, source=path, prediction=Prediction.from_keys(tf.infos))
         modules = build_empty(config, components)
         for name, module in modules.items():
             vae_hash = hashlib.sha256() if name == "vae" else None
@@ -228,7 +275,7 @@ def _load_diffusers_folder(path: Path, dtype, vae_dtype, components) -> SDXL:
         te1=parts["te1"].config.to_dict() if "te1" in parts else sdxl_config().te1,
         te2=parts["te2"].config.to_dict() if "te2" in parts else sdxl_config().te2,
     )
-    model = SDXL(config=config, source=path, **parts)
+    model = SDXL(config=config, source=path, prediction=_folder_prediction(path), **parts)
     if model.vae is not None:
         h = hashlib.sha256()
         for k, v in sorted(model.vae.state_dict().items()):
@@ -236,3 +283,18 @@ def _load_diffusers_folder(path: Path, dtype, vae_dtype, components) -> SDXL:
             h.update(v.detach().to(torch.float16).reshape(-1).view(torch.uint8).numpy().data)
         model.vae_id = h.hexdigest()
     return model
+
+
+def _folder_prediction(path: Path) -> Prediction:
+    """A diffusers folder says it in its scheduler config, where diffusers' pipelines read it."""
+    import json
+
+    config_path = path / "scheduler" / "scheduler_config.json"
+    if not config_path.exists():
+        return Prediction()
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} cannot be read as JSON ({e}); fix it or remove it.") from None
+    v = config.get("prediction_type") == "v_prediction"
+    return Prediction(v=v, ztsnr=v and bool(config.get("rescale_betas_zero_snr")))

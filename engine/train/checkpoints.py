@@ -25,9 +25,6 @@ import torch
 
 from .. import tensorfile
 
-STATE_FILE = "training-state.safetensors"
-
-
 class BackgroundWriter:
     """A single writer thread with an ordered queue and a coalescing slot for state saves."""
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import tomli_w
 
+from ..models.sdxl import Prediction
 from ..recipe import Recipe
 from .network import Preset
 
@@ -36,10 +37,12 @@ def training_metadata(
     model_hashes: tuple[str, str] | None,
     started_at: float,
     dataset_dirs: Mapping[str, tuple[int, int]] | None = None,
+    prediction: Prediction = Prediction(),
 ) -> dict[str, str]:
     """Everything known when training starts; per-save values are added by `at_save`.
     `dataset_dirs`: folder name -> (repeats, images), kohya's ss_dataset_dirs; `captions` is the
-    epoch's list, repeats included."""
+    epoch's list, repeats included. `prediction`: what the run trained the UNet to predict
+    (SDXL.prediction_for), so a UI samples the LoRA's base as it was trained."""
     if dataset_dirs is None:
         dataset_dirs = {dataset_dir.name: (recipe.dataset_repeats, len(captions) // max(1, recipe.dataset_repeats))}
     optimizer = recipe.optimizer_type
@@ -58,7 +61,11 @@ def training_metadata(
         "use_scalar": str(recipe.use_scalar),
         "algo": recipe.algo,
         "dora_wd": str(recipe.dora_wd),
+        "wd_on_output": str(recipe.wd_on_output),
         "train_norm": str(recipe.train_norm),
+        "factor": str(recipe.factor),
+        "decompose_both": str(recipe.decompose_both),
+        "full_matrix": str(recipe.full_matrix),
     }
     bucket_counts = collections.Counter(buckets)
     meta: dict[str, Any] = {
@@ -95,7 +102,8 @@ def training_metadata(
         "ss_multires_noise_iterations": recipe.multires_noise_iterations,
         "ss_multires_noise_discount": recipe.multires_noise_discount,
         "ss_adaptive_noise_scale": None,
-        "ss_zero_terminal_snr": False,
+        "ss_v_parameterization": prediction.v,
+        "ss_zero_terminal_snr": prediction.ztsnr,
         "ss_training_comment": None,
         "ss_sd_scripts_commit_hash": "loradrop",
         "ss_optimizer": optimizer,
@@ -141,11 +149,16 @@ def at_save(meta: dict[str, str], recipe: Recipe, *, step: int, epoch: int, titl
     now = time.time()
     out = dict(meta)
     out.update({"ss_training_finished_at": str(now), "ss_steps": str(step), "ss_epoch": str(epoch)})
-    out.update(modelspec(title, now, resolution=f"{recipe.resolution}x{recipe.resolution}"))
+    out.update(modelspec(title, now, resolution=f"{recipe.resolution}x{recipe.resolution}", prediction_type=_prediction_type(meta)))
     return out
 
 
-def modelspec(title: str, when: float, *, resolution: str = "1024x1024") -> dict[str, str]:
+def _prediction_type(meta: Mapping[str, str]) -> str:
+    """kohya's modelspec.prediction_type: "v" for a v-parameterization run, else "epsilon"."""
+    return "v" if meta.get("ss_v_parameterization") == "True" else "epsilon"
+
+
+def modelspec(title: str, when: float, *, resolution: str = "1024x1024", prediction_type: str = "epsilon") -> dict[str, str]:
     """The SAI model spec card of an SDXL LoRA, as kohya sd-scripts writes it (spec 1.0.1)."""
     return {
         "modelspec.sai_model_spec": "1.0.1",
@@ -154,7 +167,7 @@ def modelspec(title: str, when: float, *, resolution: str = "1024x1024") -> dict
         "modelspec.title": title,
         "modelspec.resolution": resolution,
         "modelspec.date": datetime.datetime.fromtimestamp(int(when)).isoformat(),
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": prediction_type,
     }
 
 
@@ -166,7 +179,8 @@ def derived(meta: Mapping[str, str], name: str) -> dict[str, str]:
     out = dict(meta)
     out["ss_output_name"] = name
     out.setdefault("ss_base_model_version", BASE_MODEL_VERSION)
-    out.update(modelspec(name, time.time(), resolution=meta.get("modelspec.resolution", "1024x1024")))
+    out.update(modelspec(name, time.time(), resolution=meta.get("modelspec.resolution", "1024x1024"),
+                         prediction_type=meta.get("modelspec.prediction_type", _prediction_type(meta))))
     return out
 
 

@@ -1,16 +1,23 @@
-"""The recipe's LyCORIS LoCon on SDXL, built with lycoris-lora and named as kohya names it.
+"""The recipe's LyCORIS network on SDXL (LoCon, LoHa or LoKr, each optionally DoRA), built with
+lycoris-lora and named as kohya names it.
 
 lycoris names its modules after diffusers paths (`lycoris_down_blocks_0_resnets_0_conv1`); files
 that A1111, ComfyUI, diffusers and the resize/chop tools read use kohya's SGM names
 (`lora_unet_input_blocks_1_0_in_layers_2`). Each module is renamed through the key map when the
-network is built, and saved and loaded under that name.
+network is built, and saved and loaded under that name, with the tensor names LyCORIS saves per
+kind (see lorafile).
 
-The modules run in bypass form: y = W·x + scale·up(down(x)). It is the same ΔW as rebuilding
-W + ΔW every step, without forming a full-size weight per layer (cheaper for the 3×3 convs at
-rank 256) and without losing ΔW to bf16 rounding of W + ΔW − W. Without dropout, the layer's
-forward is a lean closure over the lycoris module's weights: lycoris' own forward picks a kernel
-backend on every call, which costs more Python time than the tiny twin's whole layer and, on a
-GPU, ~1,700 such calls per pass would starve the device.
+The modules run in bypass form: y = W·x + op(x, ΔW), a LoCon's as scale·up(down(x)). It is the
+same ΔW as rebuilding W + ΔW every step, without forming a full-size weight per layer where the
+factors allow it (a LoCon's, cheaper for the 3×3 convs at rank 256) and without losing ΔW to bf16
+rounding of W + ΔW − W. Without dropout, the layer's forward is a lean closure over the lycoris
+module's weights: lycoris' own forward picks a kernel backend on every call, which costs more
+Python time than the tiny twin's whole layer and, on a GPU, ~1,700 such calls per pass would
+starve the device. A LoHa's or LoKr's closure forms its ΔW with lorafile's formula (the one the
+file reader uses, checked against lycoris' own in the tests). A DoRA is not a bypass add: it
+follows LyCORIS' weight_decompose, y = W·x + op(x, W' − W) with W' = (W + ΔW)·m/‖W + ΔW‖, the
+difference formed in fp32 (lycoris' bypass mode would drop the decomposition, so its DoRA
+modules are built for its rebuild forward, which runs when dropout is on).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora.modules import decomposed, weight_update
 from ..models import keymap
 from ..models.sdxl import SDXL
 from ..recipe import Recipe
@@ -52,7 +60,8 @@ class Preset:
 
 
 class LoConNetwork(nn.Module):
-    """LoCon adapters on the UNet and both text encoders, keyed by kohya name."""
+    """The recipe's adapters (algo locon, loha or lokr; DoRA with dora_wd) on the UNet and both
+    text encoders, keyed by kohya name."""
 
     def __init__(self, model: SDXL, recipe: Recipe, *, multiplier: float = 1.0):
         super().__init__()
@@ -83,8 +92,7 @@ class LoConNetwork(nn.Module):
             if self.dropout:
                 lora.apply_to()
             else:
-                layer = lora.org_module[0]
-                layer.forward = functools.partial(_bypass_forward, lora, layer)
+                lora.org_module[0].forward = _lean_forward(lora)
 
     def restore(self) -> None:
         """Give the base model back untouched (the daemon keeps it loaded for the next job)."""
@@ -119,7 +127,7 @@ class LoConNetwork(nn.Module):
 
     # ---------------------------------------------------------------- kohya-format state
     #
-    # After `place(device)`, every saved tensor (down, up, alpha) is a view into one flat fp32
+    # After `place(device)`, every saved tensor (factors, alpha, dora_scale) is a view into one flat fp32
     # buffer laid out in the file's order (by name: the safetensors layout for one dtype). A save
     # is then one cast-and-copy of that buffer, which is already the file's payload: one device
     # transfer instead of ~5,000, and no per-tensor work on the training thread.
@@ -145,9 +153,8 @@ class LoConNetwork(nn.Module):
         for name, lora in self.loras.items():
             if isinstance(lora.scalar, nn.Parameter):
                 raise ValueError("use_scalar LoCons are not supported")  # the recipe refuses them
-            out[f"{name}.lora_down.weight"] = lora.lora_down.weight
-            out[f"{name}.lora_up.weight"] = lora.lora_up.weight
-            out[f"{name}.alpha"] = lora.alpha
+            parts = {**_factors(lora), "alpha": lora.alpha, **({"dora_scale": lora.dora_scale} if lora.wd else {})}
+            out.update({f"{name}.{part}": tensor for part, tensor in parts.items()})
         return out
 
     def snapshot(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -155,8 +162,8 @@ class LoConNetwork(nn.Module):
         return self.flat.detach().to(device="cpu", dtype=dtype, copy=True)
 
     def lora_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`, as kohya saves them
-        (CPU copies)."""
+        """`<name>.<part>` for every module (`lora_down.weight`, `lora_up.weight`, `alpha` for a
+        LoCon; see lorafile for the others), as LyCORIS saves them (CPU copies)."""
         return unflatten(self.snapshot(dtype or torch.float32), self.keys, self.shapes)
 
     @torch.no_grad()
@@ -179,29 +186,81 @@ def unflatten(flat: torch.Tensor, keys: list[str], shapes: dict[str, tuple[int, 
     return out
 
 
+def _kind(lora: nn.Module) -> str:
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    return "loha" if isinstance(lora, LohaModule) else "lokr" if isinstance(lora, LokrModule) else "locon"
+
+
+def _factors(lora: nn.Module) -> dict[str, nn.Parameter]:
+    """A module's factor Parameters by the part names its kind is saved under (lorafile)."""
+    kind = _kind(lora)
+    if kind == "locon":
+        return {"lora_down.weight": lora.lora_down.weight, "lora_up.weight": lora.lora_up.weight}
+    if kind == "loha":
+        names = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", *(["hada_t1", "hada_t2"] if lora.tucker else [])]
+    else:
+        names = ["lokr_w1"] if lora.use_w1 else ["lokr_w1_a", "lokr_w1_b"]
+        names += ["lokr_w2"] if lora.use_w2 else ["lokr_w2_a", "lokr_w2_b", *(["lokr_t2"] if lora.tucker else [])]
+    return {name: getattr(lora, name) for name in names}
+
+
+def _lean_forward(lora: nn.Module) -> functools.partial:
+    """The wrapped layer's forward through its adapter, as a closure over the module's weights."""
+    layer = lora.org_module[0]
+    kind = _kind(lora)
+    if lora.wd:
+        return functools.partial(_dora_forward, lora, layer, kind, _factors(lora))
+    if kind == "locon":
+        return functools.partial(_bypass_forward, lora, layer)
+    return functools.partial(_update_forward, lora, layer, kind, _factors(lora))
+
+
+def _layer_op(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's own op (a linear, or a conv with the layer's geometry) with `weight`."""
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight, bias)
+
+
 def _bypass_forward(lora: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A LoCon: y = W·x + scale·up(down(x)), never forming ΔW."""
     down, up = lora.lora_down.weight.to(x.dtype), lora.lora_up.weight.to(x.dtype)
     if isinstance(layer, nn.Conv2d):
         h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
         delta = F.conv2d(h, up)
-        base = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     else:
         delta = F.linear(F.linear(x, down), up)
-        base = F.linear(x, layer.weight, layer.bias)
-    return base + delta * (lora.scale * lora.multiplier)
+    return _layer_op(layer, x, layer.weight, layer.bias) + delta * (lora.scale * lora.multiplier)
+
+
+def _update_forward(lora: nn.Module, layer: nn.Module, kind: str, factors: dict[str, nn.Parameter], x: torch.Tensor) -> torch.Tensor:
+    """A LoHa or LoKr: y = W·x + op(x, ΔW), ΔW formed from the module's factors."""
+    delta = weight_update(kind, factors, lora.scale * lora.multiplier).reshape(layer.weight.shape)
+    return _layer_op(layer, x, layer.weight, layer.bias) + _layer_op(layer, x, delta.to(x.dtype))
+
+
+def _dora_forward(lora: nn.Module, layer: nn.Module, kind: str, factors: dict[str, nn.Parameter], x: torch.Tensor) -> torch.Tensor:
+    """A DoRA, as LyCORIS' rebuild forward: y = W·x + op(x, W' − W), W' the decomposition of
+    W + ΔW (the multiplier blends its magnitude factor), the difference formed in fp32."""
+    weight = layer.weight.float()
+    merged = decomposed(weight + weight_update(kind, factors, lora.scale).reshape(weight.shape), lora.dora_scale, lora.multiplier)
+    return _layer_op(layer, x, layer.weight, layer.bias) + _layer_op(layer, x, (merged - weight).to(x.dtype))
 
 
 def _cap_rank(lora: nn.Module, recipe: Recipe, multiplier: float) -> nn.Module:
-    """Rebuild a module whose rank exceeds what its layer allows, min(out, in·k·k).
+    """Rebuild a LoCon whose rank exceeds what its layer allows, min(out, in·k·k).
 
     At SDXL's widths no layer is capped (the narrowest 3×3 conv has 320·9 inputs); on the tiny
-    twin a rank-256 conv on 16 channels would only add parameters that cannot change ΔW.
+    twin a rank-256 conv on 16 channels would only add parameters that cannot change ΔW. (A
+    LoHa's ΔW has rank up to r², a LoKr's is a Kronecker product: their dims are not capped.)
     """
     from lycoris.modules.locon import LoConModule
 
     weight = lora.org_module[0].weight
     cap = min(weight.shape[0], weight[0].numel())
-    if lora.lora_dim <= cap:
+    if not isinstance(lora, LoConModule) or lora.lora_dim <= cap:
         return lora
     return LoConModule(
         lora.lora_name,
@@ -212,7 +271,9 @@ def _cap_rank(lora: nn.Module, recipe: Recipe, multiplier: float) -> nn.Module:
         recipe.network_dropout,
         recipe.rank_dropout,
         recipe.module_dropout,
-        bypass_mode=True,
+        weight_decompose=recipe.dora_wd,
+        wd_on_out=recipe.wd_on_output,
+        bypass_mode=not recipe.dora_wd,
     )
 
 
@@ -234,6 +295,13 @@ def _create(root: nn.Module, targets: list[str], recipe: Recipe, multiplier: flo
         dropout=recipe.network_dropout,
         rank_dropout=recipe.rank_dropout,
         module_dropout=recipe.module_dropout,
-        bypass_mode=True,
+        use_tucker=recipe.use_tucker,
+        factor=recipe.factor,
+        decompose_both=recipe.decompose_both,
+        full_matrix=recipe.full_matrix,
+        dora_wd=recipe.dora_wd,
+        wd_on_output=recipe.wd_on_output,
+        # lycoris' bypass forward leaves weight_decompose out: a DoRA is built for its rebuild forward.
+        bypass_mode=not recipe.dora_wd,
         warn_on_unmatched=False,
     )

@@ -1,4 +1,9 @@
-"""Sample images during training: euler_a with classifier-free guidance, as kohya's sampler does."""
+"""Sample images during training: euler_a with classifier-free guidance, as kohya's sampler does.
+
+A v-prediction model is sampled as diffusers samples it (prediction_type v_prediction); on the
+zero-terminal-SNR schedule the steps are spaced "trailing", so the first one starts from pure
+noise, and CFG is rescaled (guidance_rescale), both as that schedule's paper prescribes.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,32 @@ import torch
 from PIL import Image
 
 from ..data.prompts import SamplePrompt
-from ..models.sdxl import SDXL
+from ..models.sdxl import SDXL, Prediction
 from .conditioning import encode_text, size_ids, tokenize
+
+# Lin et al. (2023) §3.4: φ = 0.7 keeps CFG from overexposing a zero-SNR model's pictures.
+ZTSNR_GUIDANCE_RESCALE = 0.7
+
+
+def scheduler_config(model: SDXL, prediction: Prediction) -> dict:
+    """The model's euler_a config for `prediction`. diffusers' rescale_betas_zero_snr puts the
+    last ᾱ at 2⁻²⁴ instead of 0, so the first sigma is large (4096) but finite: no step divides by zero."""
+    config = dict(model.config.scheduler)
+    if prediction.v:
+        config["prediction_type"] = "v_prediction"
+    if prediction.ztsnr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
+
+
+def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, rescale: float) -> torch.Tensor:
+    """diffusers' guidance_rescale: move the guided prediction's per-sample std back towards the
+    text-conditioned one's, by the fraction `rescale` (0 is plain CFG)."""
+    if rescale == 0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    matched = guided * (text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * matched + (1 - rescale) * guided
 
 
 @contextlib.contextmanager
@@ -37,11 +66,15 @@ class Render:
     generator, never from the global RNGs."""
 
     @torch.no_grad()
-    def __init__(self, model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: torch.dtype, default_seed: int):
+    def __init__(self, model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: torch.dtype, default_seed: int,
+                 prediction: Prediction | None = None):
+        """`prediction`: what the UNet predicts, when a recipe overrides the checkpoint's (model.prediction)."""
         from diffusers import EulerAncestralDiscreteScheduler
 
         self.model, self.prompt, self.dtype = model, prompt, dtype
-        self.scheduler = EulerAncestralDiscreteScheduler.from_config(model.config.scheduler)
+        prediction = prediction or model.prediction
+        self.guidance_rescale = ZTSNR_GUIDANCE_RESCALE if prediction.ztsnr else 0.0
+        self.scheduler = EulerAncestralDiscreteScheduler.from_config(scheduler_config(model, prediction))
         self.scheduler.set_timesteps(prompt.steps, device=device)
         seed = prompt.seed if prompt.seed is not None else default_seed
         self.generator = torch.Generator(device).manual_seed(seed)
@@ -72,9 +105,9 @@ class Render:
         t = self.timesteps[self.done]
         x = self.scheduler.scale_model_input(torch.cat([self.latents, self.latents]), t)
         with self.autocast():
-            eps = self.model.unet(x.to(self.dtype), t, self.context, added_cond_kwargs=self.cond).sample.float()
-        uncond, text = eps.chunk(2)
-        guided = uncond + self.prompt.cfg * (text - uncond)
+            out = self.model.unet(x.to(self.dtype), t, self.context, added_cond_kwargs=self.cond).sample.float()  # ε or v
+        uncond, text = out.chunk(2)
+        guided = rescale_guidance(uncond + self.prompt.cfg * (text - uncond), text, self.guidance_rescale)
         self.latents = self.scheduler.step(guided, t, self.latents, generator=self.generator).prev_sample
         self.done += 1
 
@@ -83,10 +116,10 @@ class Render:
 
 
 def sample(model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: torch.dtype, default_seed: int,
-           check: Callable[[], None] | None = None) -> Image.Image:
+           check: Callable[[], None] | None = None, prediction: Prediction | None = None) -> Image.Image:
     """Render one prompt. The UNet runs in `dtype` (under autocast on CUDA), the VAE in fp32.
     `check` is called before every denoising step: it raises to stop (a cancel, a stop)."""
-    render = Render(model, prompt, device=device, dtype=dtype, default_seed=default_seed)
+    render = Render(model, prompt, device=device, dtype=dtype, default_seed=default_seed, prediction=prediction)
     while not render.finished:
         if check is not None:
             check()

@@ -325,7 +325,7 @@ def write_twin(out: Path, settings: Settings, state: State, config, te_states, v
     write_checkpoint(out, config, states, {"loradrop.learned_twin": f"version={SCRIPT_VERSION} seed={settings.seed}"})
     figures = evaluate(out, settings)
     log = state.data["log"]
-    last = lambda phase: float(np.mean([l for p, _, l in log if p == phase][-10:]))  # noqa: E731
+    last = lambda phase: float(np.mean([loss for p, _, loss in log if p == phase][-10:]))  # noqa: E731
     manifest = {
         "script_version": SCRIPT_VERSION,
         "script_sha256": script_hash(),

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..lora.chop import chop
     from ..models.sdxl import load_sdxl
     from ..models.tiny import default_model_path
-    from ..pipeline import JobSpec, Session
+    from ..jobspec import JobSpec
+    from ..session import Session
     from ..recipe import Recipe
     from . import score
     from .concept import CONCEPT, LIGHT_RECIPE, write_concept_dataset
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe.from_mapping({**LIGHT_RECIPE, "log_with": "none"})
     print(f"training a '{CONCEPT.trigger}' = {CONCEPT.colour} LoRA on {model_path} ({recipe.max_train_steps} steps) in {root}", flush=True)
     spec = JobSpec(job_id="eval", name="zkq-shapes", dataset=dataset, out_dir=root / "job", recipe=recipe.to_dict(), model=args.model)
-    result = Session().run(spec, emit=lambda kind, payload: None)
+    result = Session().run(spec, emit=lambda event: None)
 
     model = load_sdxl(model_path)
     text = lambda values: ",".join(format_weight(v) for v in values)  # noqa: E731

@@ -88,9 +88,9 @@ def _suggest_by_effect(args) -> int:
     from loradrop.engine.lora.effect import suggest_by_effect
     from loradrop.engine.models.sdxl import load_sdxl
     from loradrop.engine.models.tiny import default_model_path
-    from loradrop.engine.train.loop import RESOLVED_PROMPTS
+    from loradrop.engine.outputs import prompts_beside
 
-    source = Path(args.prompts) if args.prompts else Path(args.lora).parent / RESOLVED_PROMPTS
+    source = Path(args.prompts) if args.prompts else prompts_beside(args.lora)
     if not source.is_file():
         raise UserError(f"{source} does not exist; give the prompts to measure with: --prompts FILE (kohya's sample-prompt lines).")
     prompts = parse_prompt_file(source)

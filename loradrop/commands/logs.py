@@ -41,7 +41,7 @@ def print_events(daemon, job_id: str, *, since: int = 0, follow: bool) -> int:
 def event_line(event) -> str:
     import time
 
-    from loradrop.progress import format_duration
+    from loradrop.progress import describe_progress, figures_of
     from loradrop.proto.client import state_name
 
     stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
@@ -52,12 +52,7 @@ def event_line(event) -> str:
         text = f"== {event.stage.stage}"
     elif body == "progress":
         p = event.progress
-        text = f"{p.stage} {p.done}/{p.total}"
-        for field, label in (("loss", "loss"), ("avg_loss", "avg"), ("lr_unet", "lr")):
-            if p.HasField(field):
-                text += f"  {label} {getattr(p, field):.4g}"
-        if p.HasField("eta_s"):
-            text += f"  ETA {format_duration(p.eta_s)}"
+        text = f"{p.stage} {p.done}/{p.total}  {describe_progress(**figures_of(p))}".rstrip()
     elif body == "sample":
         text = f"sample (step {event.sample.step}, prompt {event.sample.prompt_index}): {event.sample.path}"
     elif body == "artifact":

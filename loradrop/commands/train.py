@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -60,40 +59,43 @@ def run(args) -> int:
     from loradrop.engine.models.sdxl import load_sdxl
     from loradrop.engine.models.tiny import default_model_path
     from loradrop.engine.train.distributed import init_from_env, pick_device
-    from loradrop.engine.train.loop import Precision, train
+    from loradrop.engine.data.latents import default_cache_dir
+    from loradrop.engine.events import Artifact, Log, Progress, Sample
+    from loradrop.engine.train.loop import train
+    from loradrop.engine.train.precision import Precision
 
     world = init_from_env()
     device = pick_device(args.device, world)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but this machine has no usable CUDA GPU.")
-    precision = Precision.for_run(recipe, device)
+    precision = Precision.for_run_settings(recipe.mixed_precision, device)
     model_path = args.model or str(default_model_path())
     bar = ProgressLine() if world.is_main else None
 
-    def emit(kind: str, payload: dict) -> None:
+    def emit(event) -> None:
         if bar is None:
             return
-        if kind == "progress":
-            label = "step" if payload["stage"] == "train" else payload["stage"]
-            bar.update(label, payload["done"], payload["total"], describe_progress(payload))
-        elif kind == "log":
-            bar.message(("warning: " if payload["level"] == "warning" else "") + payload["text"])
-        elif kind == "sample":
-            bar.message(f"sample  {payload['path']}")
-        elif kind == "artifact" and payload["kind"] == "final":
-            bar.message(f"saved   {payload['path']}")
+        if isinstance(event, Progress):
+            figures = describe_progress(loss=event.loss, avg_loss=event.avg_loss, lr_unet=event.lr_unet, rate=event.rate, eta_s=event.eta_s)
+            bar.update("step" if event.stage == "train" else event.stage, event.done, event.total, figures)
+        elif isinstance(event, Log):
+            bar.message(("warning: " if event.level == "warning" else "") + event.text)
+        elif isinstance(event, Sample):
+            bar.message(f"sample  {event.path}")
+        elif isinstance(event, Artifact) and event.kind == "final":
+            bar.message(f"saved   {event.path}")
 
     for line in dataset.scan_report():  # per N_name/ subfolder: images, repeats, skipped (as in a job's log)
-        emit("log", {"level": "info", "text": line})
+        emit(Log(line))
     for warning in (dataset.subfolder_warning(), dataset.orphan_warning()):
         if warning:
-            emit("log", {"level": "warning", "text": warning})
+            emit(Log(warning, "warning"))
     if bar:
         bar.message(f"loading {model_path}")
     model = load_sdxl(model_path, dtype=precision.weights, vae_dtype=torch.float32 if recipe.no_half_vae else precision.weights)
     for part in ("unet", "te1", "te2", "vae"):
         model.component(part).to(device)
-    cache_dir = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loradrop" / "latents"
+    cache_dir = args.cache_dir or default_cache_dir()
     result = train(
         model,
         dataset,

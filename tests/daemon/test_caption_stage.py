@@ -12,7 +12,7 @@ import grpc
 import pytest
 from loradrop.proto.client import ClientError, state_name
 from loradrop.proto.v1 import loradrop_pb2 as pb
-from support import Daemon, make_dataset, wait_for
+from loradrop.testing import Daemon, make_dataset, wait_for
 
 pytest.importorskip("onnxruntime")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -70,7 +70,7 @@ def _drop(d: Daemon, folder: Path) -> tuple[Path, pb.Job]:
 
 def _state(d: Daemon, job_id: str, states: tuple[int, ...], timeout: float = 180) -> pb.Job:
     with d.client() as c:
-        return wait_for(lambda: (j := c.job(job_id)).state in states and j, timeout=timeout, interval=0.2, what=f"job {job_id} to be {states}")
+        return c.wait_job(job_id, timeout, states=frozenset(states))
 
 
 def _events(d: Daemon, job_id: str) -> list[pb.Event]:

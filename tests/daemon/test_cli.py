@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from support import make_dataset
+from loradrop.testing import make_dataset
 
 pytestmark = pytest.mark.timeout(120)
 

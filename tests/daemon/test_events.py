@@ -8,10 +8,12 @@ import time
 
 import grpc
 import pytest
-from support import make_dataset, wait_for
+from loradrop.testing import make_dataset, wait_for
 
 from loradrop.daemon.events import EventLog
-from loradrop.daemon.store import DONE, QUEUED, RUNNING, Store
+from loradrop.engine.events import Log, Progress, StateChange
+from loradrop.daemon.records import DONE, QUEUED, RUNNING
+from loradrop.daemon.store import Store
 from loradrop.proto.client import ClientError
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,12 +31,12 @@ def test_streams_read_in_order_from_memory_and_from_sqlite(tmp_path):
     events = _log(tmp_path, window=16)
     jobs = [_job(events, n) for n in ("a", "b", "c")]
     for i in range(120):
-        events.emit(jobs[i % 3], "log", {"level": "info", "text": str(i)})
+        events.emit(jobs[i % 3], Log(str(i)))
     everything = list(events.follow(None, 0, follow=False, stopped=lambda: False))
     assert [e.gseq for e in everything] == list(range(1, 124))
     b = list(events.follow(jobs[1], 0, follow=False, stopped=lambda: False))
     assert [e.seq for e in b] == list(range(1, 42))  # its state event, then 40 lines
-    assert [e.payload["text"] for e in b[1:]] == [str(i) for i in range(1, 120, 3)]
+    assert [e.body.text for e in b[1:]] == [str(i) for i in range(1, 120, 3)]
     later = list(events.follow(jobs[1], 30, follow=False, stopped=lambda: False))
     assert [e.seq for e in later] == list(range(31, 42))
     recent = list(events.follow(None, 118, follow=False, stopped=lambda: False))  # inside the window
@@ -53,13 +55,13 @@ def test_a_followed_job_stream_ends_with_the_jobs_last_state(tmp_path):
     reader.start()
     assert events.claim_next().id == job
     for i in range(20):
-        events.emit(job, "progress", {"stage": "train", "done": i, "total": 20})
+        events.emit(job, Progress("train", i, 20))
     events.transition(job, DONE, expect=(RUNNING,))
     reader.join(10)
     assert not reader.is_alive()
     assert [e.seq for e in seen] == list(range(1, 24))
-    assert seen[-1].kind == "state" and seen[-1].payload["state"] == DONE
-    assert events.store.get(job).progress["done"] == 19
+    assert seen[-1].kind == "state" and seen[-1].body.state == DONE
+    assert events.store.get(job).progress.done == 19
 
 
 def test_twenty_concurrent_followers_each_see_every_event_once_in_order(tmp_path):
@@ -81,7 +83,7 @@ def test_twenty_concurrent_followers_each_see_every_event_once_in_order(tmp_path
     for r in readers:
         r.start()
     for i in range(2000):
-        events.emit(job, "log", {"level": "info", "text": str(i)})
+        events.emit(job, Log(str(i)))
     for r in readers:
         r.join(60)
     stop.set()
@@ -96,7 +98,7 @@ def test_a_state_change_and_its_event_are_one(tmp_path):
     assert [e.kind for e in events.follow(job, 0, follow=False, stopped=lambda: False)] == ["state"]
     assert events.transition(job, "cancelled", expect=(QUEUED,)).state == "cancelled"
     last = list(events.follow(job, 0, follow=False, stopped=lambda: False))[-1]
-    assert last.payload == {"state": "cancelled", "error": ""}
+    assert last.body == StateChange("cancelled", "")
 
 
 # ---------------------------------------------------------------------------- over a real daemon

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import tomllib
-from support import make_dataset, wait_for
+from loradrop.testing import make_dataset, wait_for
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 

@@ -16,7 +16,7 @@ from loradrop.proto.client import ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
 
-from support import free_port, make_dataset, wait_for
+from loradrop.testing import free_port, make_dataset, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from loradrop.daemon.store import CANCELLED, FAILED, QUEUED, RUNNING, Store
+from loradrop.daemon.records import CANCELLED, FAILED, QUEUED, RUNNING
+from loradrop.daemon.store import Store
 
 
 def _add(store: Store, name: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import Daemon, make_dataset, pid_alive, wait_for
+from loradrop.testing import Daemon, make_dataset, pid_alive, wait_for
 from PIL import Image
 
 from loradrop.proto.client import ClientError, state_name
@@ -29,7 +29,7 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def _finished(client, job_id: str, timeout: float = 180) -> pb.Job:
-    return wait_for(lambda: (j := client.job(job_id)).state in (pb.DONE, pb.FAILED, pb.CANCELLED) and j, timeout=timeout, interval=0.2, what=f"job {job_id} to end")
+    return client.wait_job(job_id, timeout)
 
 
 def _progress_at_least(client, job_id: str, step: int, timeout: float = 120) -> None:

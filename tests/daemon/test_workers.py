@@ -7,9 +7,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import dead_pid, make_dataset, pid_alive, wait_for
+from loradrop.testing import dead_pid, make_dataset, pid_alive, wait_for
 
-from loradrop.daemon.supervisor import describe_exit, visible_devices
+from loradrop.daemon.supervisor import visible_devices
+from loradrop.daemon.worker_slot import describe_exit
+from loradrop.engine.events import Progress
 from loradrop.proto.client import ClientError
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,10 +79,10 @@ def test_progress_is_coalesced_but_never_its_first_or_last():
     from loradrop.daemon.worker import ProgressCoalescer
 
     c = ProgressCoalescer(interval=0.05)
-    kept = [p["done"] for i, p in enumerate({"stage": "resize", "done": d, "total": 100} for d in range(1, 101)) if c.keep(p, 1000 + i * 0.001)]
+    kept = [p.done for i, p in enumerate(Progress("resize", d, 100) for d in range(1, 101)) if c.keep(p, 1000 + i * 0.001)]
     assert kept[0] == 1 and kept[-1] == 100 and len(kept) == 3  # t=0, t=0.05, and the last
-    assert c.keep({"stage": "train", "done": 1, "total": 80}, 1000.101)  # a new stage always passes
-    assert c.keep({"stage": "train", "done": 2, "total": 80}, 1000.2)  # slow steps all pass
+    assert c.keep(Progress("train", 1, 80), 1000.101)  # a new stage always passes
+    assert c.keep(Progress("train", 2, 80), 1000.2)  # slow steps all pass
 
 
 def test_half_written_files_of_dead_workers_are_swept_at_start(home, daemons):

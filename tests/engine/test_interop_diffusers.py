@@ -24,7 +24,7 @@ from loradrop.engine.lora.resize import SCORES, resize
 from loradrop.engine.models.sdxl import load_sdxl
 from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.loop import train
-from support import BUCKET_SIZES, TINY_RECIPE, conditioning_dims, make_dataset
+from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, conditioning_dims, make_dataset
 
 CPU = torch.device("cpu")
 # The seed's LoCon ranks (the twin's widths cap the 3x3 convs), one update.
@@ -39,7 +39,7 @@ def files(tiny_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interop")
     recipe = Recipe.from_mapping({**RECIPE, "output_name": "trained"})
     data = make_dataset(tmp / "data", images=2, sizes=BUCKET_SIZES)
-    trained = train(load_sdxl(tiny_path), scan(data, recipe), tmp / "out", recipe, device=CPU, cache_dir=tmp / "cache", emit=lambda *_: None).final
+    trained = train(load_sdxl(tiny_path), scan(data, recipe), tmp / "out", recipe, device=CPU, cache_dir=tmp / "cache", emit=lambda _event: None).final
     # 90% of the file's bytes: every score cuts hundreds of modules to a dozen different ranks.
     # (Not fewer: peft matches each module against every rank_pattern key with re.match, and
     # past re's 512-pattern cache each match recompiles: a load then takes a minute, not seconds.)

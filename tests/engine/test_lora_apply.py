@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from loradrop.engine.lora.apply import apply_lora, lora_targets, unapply
 from loradrop.engine.models.sdxl import load_sdxl
 from loradrop.errors import UserError
-from support import conditioning_dims
+from loradrop.testing import conditioning_dims
 
 # module → (diffusers component, module path); blocks in this file: input_blocks.4, output_blocks.1
 MODULES = {

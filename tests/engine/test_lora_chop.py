@@ -15,7 +15,7 @@ from loradrop.engine.lora.blocks import VectorLengthError, layout
 from loradrop.engine.lora.chop import chop
 from loradrop.engine.lora.resize import resize
 from loradrop.errors import UserError
-from support import conditioning_dims
+from loradrop.testing import conditioning_dims
 
 # One module in each of the 20 blocks of an SDXL LoCon, plus pass-through modules.
 ONE_PER_BLOCK = re.compile(r"lora_unet_((input|output)_blocks_\d+_0_(in_layers_2|op)|middle_block_[02]_in_layers_2|middle_block_1_proj_in)")

@@ -27,7 +27,7 @@ from loradrop.engine.lora.chop import chop
 from loradrop.engine.lora.resize import resize
 from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.network import Preset
-from support import make_dataset
+from loradrop.testing import make_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # the benches' LoCon builder, bench/resize_bench.py

@@ -13,7 +13,7 @@ from loradrop.engine.models import keymap
 from loradrop.engine.models.configs import sdxl_config, tiny_config
 from loradrop.engine.models.sdxl import COMPONENTS, build_empty, component_map, load_sdxl
 from loradrop.errors import UserError
-from support import make_dataset
+from loradrop.testing import make_dataset
 
 SEED_LAYOUT = [9, 9, 3, 78, 75, 3, 318, 315, 9, 306, 9, 318, 318, 321, 78, 78, 81, 12, 12, 12]
 

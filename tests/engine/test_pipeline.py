@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from support import BUCKET_SIZES, TINY_RECIPE, make_dataset
+from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, make_dataset
 from loradrop.engine import tensorfile
-from loradrop.engine.pipeline import JobSpec, Session
+from loradrop.engine.jobspec import JobSpec
+from loradrop.engine.session import Session
+from loradrop.engine.events import encode
 
 
 def _spec(tmp_path, data, job_id, **extra):
@@ -29,7 +32,7 @@ def test_a_job_trains_resizes_analyses_and_chops(session, tmp_path):
     data = make_dataset(tmp_path / "data", images=3, sizes=BUCKET_SIZES)
     events = []
     vector = "1,0,0,0,0,0,0,0,0,0,0,0,0,1,0,0,0,0,0,0,0"  # the guide's example: OUT01 only
-    result = session.run(_spec(tmp_path, data, "job1", block_vector=vector), lambda k, p: events.append((k, p)))
+    result = session.run(_spec(tmp_path, data, "job1", block_vector=vector), lambda e: events.append(encode(e)))
     stages = [p["stage"] for k, p in events if k == "stage"]
     assert stages == ["scan", "cache", "train", "resize", "analyze", "chop", "done"]
     kinds = [p["kind"] for k, p in events if k == "artifact"]
@@ -58,8 +61,10 @@ class PreviewEachStep:
     def __init__(self, session, lora, out_dir):
         self.session, self.lora, self.out_dir, self.paths = session, lora, out_dir, []
 
-    def poll(self):
-        self.paths += self.session.preview(self.lora, "1," + ",".join(["0"] * 12 + ["1"] * 8), ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir)
+    def poll(self, lend=None):
+        render = self.session.start_preview(self.lora, "1," + ",".join(["0"] * 12 + ["1"] * 8), ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir)
+        render.advance(math.inf, lambda: None, lend)  # the job's adapters, lent by the loop, set aside meanwhile
+        self.paths += render.paths
         return set()
 
     def check(self):
@@ -74,11 +79,11 @@ class PreviewInSlices(PreviewEachStep):
         super().__init__(session, lora, out_dir)
         self.render, self.slices = None, 0
 
-    def poll(self):
+    def poll(self, lend=None):
         if self.render is None:
             self.render = self.session.start_preview(self.lora, None, ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir, steps=2)
         if not self.render.finished:
-            self.render.advance(0.0, lambda: None)
+            self.render.advance(0.0, lambda: None, lend)
             self.slices += 1
         return set()
 
@@ -115,7 +120,7 @@ def test_a_written_lora_with_inf_or_nan_is_refused_and_never_listed(tmp_path):
     """finite_output: a resize or chop whose result is not finite leaves no file in the folder."""
     from safetensors.torch import save_file
 
-    from loradrop.engine.pipeline import finite_output
+    from loradrop.engine.lora.finite import finite_output
     from loradrop.errors import UserError
 
     def write(bad: float):
@@ -138,7 +143,7 @@ def test_the_analysis_suggests_blocks_by_their_effect_on_the_sample_prompts(sess
     spec = _spec(tmp_path, data, "job-effect")
     spec.recipe = {**spec.recipe, "suggest_by": "effect", "resize_recipe": ""}
     events = []
-    session.run(spec, lambda k, p: events.append((k, p)))
+    session.run(spec, lambda e: events.append(encode(e)))
     analysis = json.loads((tmp_path / "job-effect" / "blocks.json").read_text())
     assert analysis["suggested_by"] == "effect" and len(analysis["effect_shares"]) == 20
     assert abs(sum(analysis["effect_shares"]) - 1) < 1e-6

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import BUCKET_SIZES as SIZES, TINY_RECIPE, conditioning_dims, free_port, make_dataset
+from loradrop.testing import BUCKET_SIZES as SIZES, TINY_RECIPE, conditioning_dims, free_port, make_dataset
 from loradrop.engine import tensorfile
 from loradrop.engine.data.dataset import scan
 from loradrop.engine.models.sdxl import load_sdxl
-from loradrop.engine.pipeline import Cancelled
 from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.loop import train
 from loradrop.errors import UserError
+from loradrop.engine.events import Cancelled, encode
 
 CPU = torch.device("cpu")
 PROMPTS = ["a circle, plain background --w 64 --h 64 --s 3 --d 5"]
@@ -31,7 +31,7 @@ RECIPE = {**TINY_RECIPE, "train_batch_size": 2, "min_bucket_reso": 32, "conv_dim
 def _train(model, data: Path, out, cache, events=None, *, control=None, resume=False, **overrides):
     recipe = Recipe.from_mapping({**RECIPE, **overrides})
     log = events if events is not None else []
-    return train(model, scan(data, recipe), out, recipe, device=CPU, cache_dir=cache, emit=lambda k, p: log.append((k, p)), control=control, resume=resume)
+    return train(model, scan(data, recipe), out, recipe, device=CPU, cache_dir=cache, emit=lambda e: log.append(encode(e)), control=control, resume=resume)
 
 
 
@@ -203,7 +203,7 @@ class CancelAfter:
     def __init__(self, steps: int):
         self.left = steps
 
-    def poll(self):
+    def poll(self, lend=None):
         self.left -= 1
         if self.left <= 0:
             raise Cancelled()
@@ -245,7 +245,7 @@ class CancelWhileSampling:
     def __init__(self, at: int):
         self.at, self.checks = at, 0
 
-    def poll(self):
+    def poll(self, lend=None):
         return set()
 
     def check(self):
@@ -277,7 +277,7 @@ def test_a_diverging_run_stops_with_a_reason_and_writes_no_non_finite_file(tiny_
     events = []
     with pytest.raises(UserError) as e:
         train(load_sdxl(tiny_path), scan(data, recipe), tmp_path / "out", recipe, device=CPU, cache_dir=tmp_path / "cache",
-              emit=lambda k, p: events.append((k, p)))
+              emit=lambda e: events.append(encode(e)))
     assert str(e.value).startswith("training diverged: ") and "NaN detected" in str(e.value) and "lower the learning rate" in str(e.value), str(e.value)
     listed = [p["path"] for k, p in events if k == "artifact"]
     for path in [*listed, *(tmp_path / "out").glob("*.safetensors")]:
@@ -409,9 +409,9 @@ def test_gradient_checkpointing_path_gives_the_same_gradients(tiny_path):
 def test_bf16_mixed_precision_path_trains(tiny_path, tmp_path, monkeypatch):
     """The GPU's precision setup (bf16 frozen weights, bf16 autocast, fp32 adapters), forced on
     the CPU, which supports bf16 autocast too: every dtype meets where it should."""
-    from loradrop.engine.train import loop
+    from loradrop.engine.train.precision import Precision
 
-    monkeypatch.setattr(loop.Precision, "for_run_settings", classmethod(lambda cls, mp, device: cls(torch.bfloat16, torch.bfloat16)))
+    monkeypatch.setattr(Precision, "for_run_settings", classmethod(lambda cls, mp, device: cls(torch.bfloat16, torch.bfloat16)))
     model = load_sdxl(tiny_path, dtype=torch.bfloat16)
     data = make_dataset(tmp_path / "data", images=2, sizes=SIZES, prompts=PROMPTS)
     events = []

@@ -17,7 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import Daemon, make_dataset
+from loradrop.testing import Daemon, make_dataset
 
 from loradrop.engine.tensorfile import write as write_tensors
 from loradrop.proto.v1 import loradrop_pb2 as pb
@@ -184,7 +184,7 @@ def test_previews_with_hostile_prompts_are_refused_or_rendered(home, daemons):
     make_dataset(home / "inbox" / "cats", settings={"max_train_steps": 1, "resize_recipe": ""})
     stub = rpc.LoradropStub(grpc.insecure_channel(d.connect))
     job = stub.SubmitJob(pb.SubmitJobRequest(dataset="cats"), timeout=DEADLINE)
-    from support import wait_for
+    from loradrop.testing import wait_for
 
     final = wait_for(lambda: (j := stub.GetJob(pb.JobRef(job_id=job.id), timeout=DEADLINE)).state == pb.DONE and j.final, timeout=120, what="the job")
     too_large = ["x --w 100000 --h 100000", "x --w 64 --h 99999999", "x --w 4096 --h 4096"]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import free_port, make_dataset, pid_alive, wait_for
+from loradrop.testing import free_port, make_dataset, pid_alive, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 

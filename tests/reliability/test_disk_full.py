@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import make_dataset, wait_for
+from loradrop.testing import make_dataset, wait_for
 
 from loradrop.engine.tensorfile import TensorFile
 from loradrop.proto.client import ClientError

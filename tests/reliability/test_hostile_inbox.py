@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from hostile import KINDS, write_kind
-from support import make_dataset, wait_for
+from loradrop.testing import make_dataset, wait_for
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import Daemon, make_dataset, wait_for
+from loradrop.testing import Daemon, make_dataset, wait_for
 
 from loradrop.proto.client import ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import make_dataset, wait_for
+from loradrop.testing import make_dataset, wait_for
 
 from loradrop.proto.client import ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import Daemon, make_dataset, pid_alive, wait_for
+from loradrop.testing import Daemon, make_dataset, pid_alive, wait_for
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
@@ -39,7 +39,7 @@ def trainer():
 
 
 def _ended(c, job_id: str, timeout: float) -> pb.Job:
-    return wait_for(lambda: (j := c.job(job_id)).state in (pb.DONE, pb.FAILED, pb.CANCELLED) and j, timeout=timeout, interval=0.1, what=f"{job_id} to end")
+    return c.wait_job(job_id, timeout, interval=0.1)
 
 
 def _training(c, job_id: str, step: int, timeout: float = 180) -> None:

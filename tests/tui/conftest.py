@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from support import Daemon, make_dataset, wait_for  # noqa: E402
+from loradrop.testing import Daemon, make_dataset, wait_for  # noqa: E402
 
 from loradrop.proto.v1 import loradrop_pb2 as pb  # noqa: E402
 
@@ -91,7 +91,7 @@ def trained():
         make_dataset(daemon.home / "inbox" / "zkw", settings=SAMPLED, prompts=PROMPTS)
         with daemon.client() as c:
             job = wait_for(lambda: c.jobs(), what="the dropped folder to become a job")[0]
-            job = wait_for(lambda: _ended(c.job(job.id)), timeout=600, interval=0.5, what=f"job {job.id} to end:\n{daemon.log()}")
+            job = c.wait_job(job.id, 600, interval=0.5)
             assert job.state == pb.DONE, f"{job.error}\n{daemon.log()}"
             samples = [e.sample for e in c.events(job.id, follow=False) if e.HasField("sample")]
         for s in samples:
@@ -103,10 +103,6 @@ def trained():
     finally:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _ended(job: pb.Job) -> pb.Job | None:
-    return job if job.state in (pb.DONE, pb.FAILED, pb.CANCELLED) else None
 
 
 def synthetic_lora(path: Path) -> Path:

@@ -11,7 +11,7 @@ from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.tui.screens.captions import CaptionScreen, retag
 from loradrop.tui.screens.dialogs import Ask
 from loradrop.tui.widgets.jobs_table import JobsTable
-from support import wait_for
+from loradrop.testing import wait_for
 from textual.widgets import Input
 
 pytest.importorskip("onnxruntime")

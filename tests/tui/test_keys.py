@@ -4,7 +4,7 @@ acts on the state the key before it left, on the queue, across screens and on th
 from __future__ import annotations
 
 import pytest
-from support import wait_for
+from loradrop.testing import wait_for
 from textual.widgets import TabbedContent
 
 from loradrop.tui.screens.blocks import BlocksScreen

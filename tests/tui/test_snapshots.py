@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support import wait_for
+from loradrop.testing import wait_for
 from PIL import Image
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.tui.images import Picture
-from loradrop.tui.messages import Inbox
+from loradrop.tui.messages import EventBatch
 from loradrop.tui.screens.blocks import BlocksScreen
 from loradrop.tui.widgets.jobs_table import JobsTable
 
@@ -107,9 +107,9 @@ def test_job_samples_and_blocks(start_daemon, dataset, tui, lora, tmp_path):
         screen = app.screen
         log = screen.query_one("#job-log")
         await tui.until(pilot, lambda: len(log.lines) == 1, what="the job's log")
-        inbox = Inbox(screen.post_message)
+        batch = EventBatch(screen.post_message)
         for event in events:
-            inbox.put(event)
+            batch.put(event)
         await pilot.press("g")
         picture = screen.query_one("#sample-picture", Picture)
         await tui.until(pilot, lambda: picture.image is not None, what="the newest sample")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import wait_for
+from loradrop.testing import wait_for
 from PIL import Image, ImageGrab
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Daemon, wait_for
+from loradrop.testing import Daemon, wait_for
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
@@ -44,7 +44,7 @@ def concept_run(tmp_path_factory):
         os.rename(staged, home / "inbox" / staged.name)  # one atomic drop, as a user's mv
         with daemon.client() as client:
             job = wait_for(lambda: next(iter(client.jobs()), None), timeout=30, what="the drop to become a job")
-            job = wait_for(lambda: (j := client.job(job.id)).state in (pb.DONE, pb.FAILED, pb.CANCELLED) and j, timeout=600, interval=0.5, what="the concept job to end")
+            job = client.wait_job(job.id, 600, interval=0.5)
             assert job.state == pb.DONE, f"{job.error}\n{daemon.log()}"
             artifacts = {a.kind: a.path for a in client.artifacts(job.id)}
         yield ConceptRun(daemon, job, artifacts)

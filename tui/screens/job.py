@@ -16,7 +16,9 @@ from loradrop.proto.v1 import loradrop_pb2 as pb
 
 from ..facts import title_parts
 from ..formatting import size_text
-from ..link import TERMINAL_STATES, EventFeed
+from loradrop.proto.client import TERMINAL
+
+from ..link import EventFeed
 from ..messages import EventsArrived, JobUpdated
 from ..samples import SampleIndex
 from ..widgets.artifacts import ArtifactsTable
@@ -94,7 +96,7 @@ class JobScreen(Screen):
         plot = self.query_one(LossPlot)
         seen = self.app.seen_of(self.job_id)
         now, wall = time.monotonic(), time.time()
-        for event in message.inbox.take():
+        for event in message.batch.take():
             self.last_seq = event.seq  # the feed hands each event once, in order
             seen.learn(event, now, wall)
             body = event.WhichOneof("body")
@@ -131,7 +133,7 @@ class JobScreen(Screen):
             return
         self._show_job()
         # A retried job streams again: its feed ended with the job, so open a new one.
-        if message.job.state not in TERMINAL_STATES and self._feed_worker is not None and self._feed_worker.is_finished:
+        if message.job.state not in TERMINAL and self._feed_worker is not None and self._feed_worker.is_finished:
             self._start_feed()
 
     def _show_job(self) -> None:

@@ -1,4 +1,5 @@
-"""Test helpers shared by every room's tests: tiny real datasets, real daemon processes, waiting."""
+"""The harness the tests and the benchmarks share: tiny real datasets, real daemon processes on a
+temporary home, waiting. Not used by the program itself; it imports the client (grpc) and Pillow."""
 
 from __future__ import annotations
 
