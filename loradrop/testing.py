@@ -166,3 +166,14 @@ def conditioning_dims(model) -> tuple[int, int]:
     """(context width, pooled width) a loaded SDXL's UNet expects: te1 + te2 hidden, te2 projection."""
     unet = model.config.unet
     return unet["cross_attention_dim"], unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+
+
+def diffusers_pipeline(model, scheduler: str = "EulerDiscreteScheduler"):
+    """A diffusers SDXL pipeline over a loaded model's own modules (no copies, no tokenizers):
+    what `load_lora_weights` needs to load a LoRA the way diffusers users do."""
+    import diffusers
+
+    return diffusers.StableDiffusionXLPipeline(
+        vae=model.vae, text_encoder=model.te1, text_encoder_2=model.te2, tokenizer=None, tokenizer_2=None, unet=model.unet,
+        scheduler=getattr(diffusers, scheduler).from_config(model.config.scheduler),
+    )

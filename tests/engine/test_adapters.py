@@ -34,7 +34,7 @@ from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.loop import train
 from loradrop.engine.train.network import LoConNetwork
 from loradrop.errors import UserError
-from loradrop.testing import TINY_RECIPE, make_dataset
+from loradrop.testing import TINY_RECIPE, make_dataset, diffusers_pipeline
 
 CPU = torch.device("cpu")
 KINDS = {
@@ -325,13 +325,9 @@ def test_a_dora_chops_only_to_whole_blocks(runs, tmp_path):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_path):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     m = load_sdxl(tiny_path)
-    pipeline = StableDiffusionXLPipeline(
-        vae=m.vae, text_encoder=m.te1, text_encoder_2=m.te2, tokenizer=None, tokenizer_2=None, unet=m.unet,
-        scheduler=EulerDiscreteScheduler.from_config(m.config.scheduler),
-    )
+    pipeline = diffusers_pipeline(m)
     return pipeline, lora_targets(m)
 
 

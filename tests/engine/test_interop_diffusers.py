@@ -24,7 +24,7 @@ from loradrop.engine.lora.resize import SCORES, resize
 from loradrop.engine.models.sdxl import load_sdxl
 from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.loop import train
-from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, conditioning_dims, make_dataset
+from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, conditioning_dims, make_dataset, diffusers_pipeline
 
 CPU = torch.device("cpu")
 # The seed's LoCon ranks (the twin's widths cap the 3x3 convs), one update.
@@ -58,13 +58,9 @@ def files(tiny_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_path):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     m = load_sdxl(tiny_path)
-    pipeline = StableDiffusionXLPipeline(
-        vae=m.vae, text_encoder=m.te1, text_encoder_2=m.te2, tokenizer=None, tokenizer_2=None, unet=m.unet,
-        scheduler=EulerDiscreteScheduler.from_config(m.config.scheduler),
-    )
+    pipeline = diffusers_pipeline(m)
     return pipeline, m
 
 

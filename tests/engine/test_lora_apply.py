@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from loradrop.engine.lora.apply import apply_lora, lora_targets, unapply
 from loradrop.engine.models.sdxl import load_sdxl
 from loradrop.errors import UserError
-from loradrop.testing import conditioning_dims
+from loradrop.testing import conditioning_dims, diffusers_pipeline
 
 # module → (diffusers component, module path); blocks in this file: input_blocks.4, output_blocks.1
 MODULES = {
@@ -128,15 +128,11 @@ def test_every_linear_and_conv_has_its_kohya_name(model):
 
 
 def test_the_same_result_as_diffusers_load_lora_weights(model, tiny_path, tmp_path):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     names = [n for n in MODULES if "self_attn" not in n] + list(TE2_MLP)
     path = write(tmp_path / "blocks.safetensors", model, names)
     other = load_sdxl(tiny_path)
-    pipe = StableDiffusionXLPipeline(
-        vae=other.vae, text_encoder=other.te1, text_encoder_2=other.te2, tokenizer=None, tokenizer_2=None, unet=other.unet,
-        scheduler=EulerDiscreteScheduler.from_config(other.config.scheduler),
-    )
+    pipe = diffusers_pipeline(other)
     pipe.load_lora_weights(str(path))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49407, (1, 77), generator=g)

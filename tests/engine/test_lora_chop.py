@@ -15,7 +15,7 @@ from loradrop.engine.lora.blocks import VectorLengthError, layout
 from loradrop.engine.lora.chop import chop
 from loradrop.engine.lora.resize import resize
 from loradrop.errors import UserError
-from loradrop.testing import conditioning_dims
+from loradrop.testing import conditioning_dims, diffusers_pipeline
 
 # One module in each of the 20 blocks of an SDXL LoCon, plus pass-through modules.
 ONE_PER_BLOCK = re.compile(r"lora_unet_((input|output)_blocks_\d+_0_(in_layers_2|op)|middle_block_[02]_in_layers_2|middle_block_1_proj_in)")
@@ -150,7 +150,6 @@ def test_malformed_vectors_name_the_problem(lora, text, says):
 
 
 def test_resize_then_chop_loads_in_diffusers(lora, tmp_path, tiny_path):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from loradrop.engine.models.sdxl import load_sdxl
@@ -162,10 +161,7 @@ def test_resize_then_chop_loads_in_diffusers(lora, tmp_path, tiny_path):
     assert any(m.startswith("lora_unet_output") for m in modules) and any(m.startswith("lora_te1") for m in modules)
 
     m = load_sdxl(tiny_path)
-    pipe = StableDiffusionXLPipeline(
-        vae=m.vae, text_encoder=m.te1, text_encoder_2=m.te2, tokenizer=None, tokenizer_2=None, unet=m.unet,
-        scheduler=EulerDiscreteScheduler.from_config(m.config.scheduler),
-    )
+    pipe = diffusers_pipeline(m)
     x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     width, pooled_width = conditioning_dims(m)
     ctx = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(1))

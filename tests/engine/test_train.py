@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loradrop.testing import BUCKET_SIZES as SIZES, TINY_RECIPE, conditioning_dims, free_port, make_dataset
+from loradrop.testing import BUCKET_SIZES as SIZES, TINY_RECIPE, conditioning_dims, free_port, make_dataset, diffusers_pipeline
 from loradrop.engine import tensorfile
 from loradrop.engine.data.dataset import scan
 from loradrop.engine.models.sdxl import load_sdxl
@@ -169,14 +169,10 @@ def test_samples_and_tensorboard(trained):
 
 def test_diffusers_loads_the_file_and_matches_the_network(trained, tiny_path):
     """load_lora_weights on a tiny pipeline gives the trained network's UNet output (fp16 file)."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
     result, _, _, ours = trained
     theirs = load_sdxl(tiny_path)
-    pipe = StableDiffusionXLPipeline(
-        vae=theirs.vae, text_encoder=theirs.te1, text_encoder_2=theirs.te2, tokenizer=None, tokenizer_2=None,
-        unet=theirs.unet, scheduler=EulerAncestralDiscreteScheduler.from_config(theirs.config.scheduler),
-    )
+    pipe = diffusers_pipeline(theirs, "EulerAncestralDiscreteScheduler")
     pipe.load_lora_weights(str(result.final))
 
     torch.manual_seed(0)
