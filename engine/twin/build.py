@@ -14,6 +14,7 @@ every step draws its randomness from a generator seeded by the step number, not 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
 import hashlib
@@ -312,9 +313,11 @@ def evaluate(path: Path, settings: Settings) -> dict:
 
 
 def script_hash() -> str:
+    """The scripts' code as Python reads it: the hash of their syntax trees, so a reformat or a
+    comment does not ask for a retrain, and any change to what runs does."""
     h = hashlib.sha256()
     for name in SCRIPT_FILES:
-        h.update((Path(__file__).parent / name).read_bytes())
+        h.update(ast.dump(ast.parse((Path(__file__).parent / name).read_text())).encode())
     return h.hexdigest()
 
 
@@ -325,10 +328,10 @@ def write_twin(out: Path, settings: Settings, state: State, config, te_states, v
     write_checkpoint(out, config, states, {"loradrop.learned_twin": f"version={SCRIPT_VERSION} seed={settings.seed}"})
     figures = evaluate(out, settings)
     log = state.data["log"]
-    last = lambda phase: float(np.mean([loss for p, _, loss in log if p == phase][-10:]))  # noqa: E731
+    last = lambda phase: float(np.mean([l for p, _, l in log if p == phase][-10:]))  # noqa: E731, E741
     manifest = {
         "script_version": SCRIPT_VERSION,
-        "script_sha256": script_hash(),
+        "script_tree_sha256": script_hash(),
         "settings": dataclasses.asdict(settings),
         "file_sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
         "torch": torch.__version__,
