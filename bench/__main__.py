@@ -26,7 +26,10 @@ SET = [
     ("daemon_bench.py", []),
     ("tui_bench.py", []),
     ("caption_bench.py", []),
-    ("fullsize_bench.py", []),  # the full-size chain on this CPU: train one update, resize, chop, load in diffusers
+    (
+        "fullsize_bench.py",
+        [],
+    ),  # the full-size chain on this CPU: train one update, resize, chop, load in diffusers
 ]
 
 

@@ -41,7 +41,9 @@ def write_images(folder: Path, count: int, width: int, height: int) -> list[Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", default="1024x768", help="WIDTHxHEIGHT of the images (default 1024x768)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -54,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         folder = root / "images"
         folder.mkdir()
         paths = write_images(folder, args.images, width, height)
-        spec = TaggerSpec(make_tiny_tagger(root / "tagger", size=448), batch_size=args.batch_size, device="cpu")
+        spec = TaggerSpec(
+            make_tiny_tagger(root / "tagger", size=448), batch_size=args.batch_size, device="cpu"
+        )
         caption_s, decode_s = [], []
         for _ in range(args.runs):
-            result = caption_folder(folder, spec, existing=Existing.OVERWRITE)  # its clock starts after loading the model
+            result = caption_folder(
+                folder, spec, existing=Existing.OVERWRITE
+            )  # its clock starts after loading the model
             assert len(result.failed) == 0, result.failed[:1]
             caption_s.append(result.seconds)
             start = time.perf_counter()

@@ -40,10 +40,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from loradrop.testing import BUCKET_SIZES, Daemon, make_dataset, pid_alive, wait_for  # noqa: E402
-
 from loradrop.proto.client import Client, ClientError  # noqa: E402
 from loradrop.proto.v1 import loradrop_pb2 as pb  # noqa: E402
+from loradrop.testing import BUCKET_SIZES, Daemon, make_dataset, pid_alive, wait_for  # noqa: E402
 
 VECTOR = "1,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0"
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny steps gain nothing from two threads on a shared 2-core machine
@@ -96,25 +95,43 @@ class _Follower:
             pass
 
 
-def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, max_retries: int = 3, log=print) -> Report:
+def run_chaos(
+    root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, max_retries: int = 3, log=print
+) -> Report:
     started = time.monotonic()
     rng = random.Random(seed)
     report = Report(seed=seed, jobs=jobs, steps=steps)
     home = root / "home"
-    d = Daemon(home, "--quiet-seconds", "3600", "--workers", "1", "--max-retries", str(max_retries),
-               "--heartbeat-seconds", str(HEARTBEAT), env=ENV).start()
+    d = Daemon(
+        home,
+        "--quiet-seconds",
+        "3600",
+        "--workers",
+        "1",
+        "--max-retries",
+        str(max_retries),
+        "--heartbeat-seconds",
+        str(HEARTBEAT),
+        env=ENV,
+    ).start()
     workers_seen: set[int] = set()
     try:
         with d.client() as c:
             for v, variant in enumerate(VARIANTS):
-                make_dataset(home / "inbox" / f"v{v}", images=variant["images"], sizes=variant["sizes"],
-                             settings={"max_train_steps": steps, "block_vector": VECTOR, **variant["settings"]})
+                make_dataset(
+                    home / "inbox" / f"v{v}",
+                    images=variant["images"],
+                    sizes=variant["sizes"],
+                    settings={"max_train_steps": steps, "block_vector": VECTOR, **variant["settings"]},
+                )
             # Uninterrupted runs first: what every chaos job of the same variant must end with.
             refs = [c.submit(f"v{v}", name=f"ref{v}") for v in range(len(VARIANTS))]
             refs = [_wait_end(c, r.id, 300) for r in refs]
             for r in refs:
                 if r.state != pb.DONE:
-                    raise RuntimeError(f"the reference job {r.id} ended {pb.JobState.Name(r.state)}: {r.error}")
+                    raise RuntimeError(
+                        f"the reference job {r.id} ended {pb.JobState.Name(r.state)}: {r.error}"
+                    )
             since = c.status().last_event_seq
             chaos_jobs = [c.submit(f"v{i % len(VARIANTS)}", name=f"chaos{i}").id for i in range(jobs)]
         log(f"chaos: references done; {jobs} jobs queued, {kills} kills to come (seed {seed})")
@@ -147,9 +164,15 @@ def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, m
                 report.worker_freezes += 1
                 with d.client() as c:
                     try:
-                        wait_for(lambda: all(w.pid != pids[0] for w in c.status().workers), timeout=HEARTBEAT + 30, what="the frozen worker to be replaced")
+                        wait_for(
+                            lambda: all(w.pid != pids[0] for w in c.status().workers),
+                            timeout=HEARTBEAT + 30,
+                            what="the frozen worker to be replaced",
+                        )
                     except AssertionError:
-                        report.violations.append(f"the frozen worker {pids[0]} was not replaced (kill {k + 1})")
+                        report.violations.append(
+                            f"the frozen worker {pids[0]} was not replaced (kill {k + 1})"
+                        )
                         os.kill(pids[0], signal.SIGKILL)
                 what = f"worker {pids[0]} frozen (SIGSTOP)"
             elif victim < 0.85:
@@ -158,15 +181,23 @@ def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, m
                 d.kill()
                 report.daemon_kills += 1
                 try:
-                    wait_for(lambda: not any(pid_alive(p) for p in children), timeout=10, what="the killed daemon's workers to exit")
+                    wait_for(
+                        lambda: not any(pid_alive(p) for p in children),
+                        timeout=10,
+                        what="the killed daemon's workers to exit",
+                    )
                 except AssertionError:
-                    report.violations.append(f"workers {[p for p in children if pid_alive(p)]} outlived their daemon (kill {k + 1})")
+                    report.violations.append(
+                        f"workers {[p for p in children if pid_alive(p)]} outlived their daemon (kill {k + 1})"
+                    )
                 d.start()
                 what = "daemon"
             else:  # a clean stop: the job saves its state at the next step and resumes from there
                 workers_seen.update(_children(d.pid))
                 if d.stop(timeout=60) != 0:
-                    report.violations.append(f"the daemon exited with {d.process.returncode} on SIGTERM (stop {k + 1})")
+                    report.violations.append(
+                        f"the daemon exited with {d.process.returncode} on SIGTERM (stop {k + 1})"
+                    )
                 report.daemon_stops += 1
                 d.start()
                 what = "daemon stopped with SIGTERM"
@@ -180,7 +211,11 @@ def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, m
             top = c.status().last_event_seq
             workers_seen.update(w.pid for w in c.status().workers if w.pid)
         try:
-            wait_for(lambda: follower.seen and follower.seen[-1] >= top, timeout=30, what="the follower to catch up")
+            wait_for(
+                lambda: follower.seen and follower.seen[-1] >= top,
+                timeout=30,
+                what="the follower to catch up",
+            )
         except AssertionError:
             pass  # judged below, against the database
         followed = [g for g in follower.seen if g <= top]
@@ -191,15 +226,21 @@ def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, m
         if d.stop(timeout=60) != 0:
             report.violations.append(f"the daemon exited with {d.process.returncode} on SIGTERM")
         try:
-            wait_for(lambda: not any(pid_alive(p) for p in workers_seen), timeout=10, what="every worker to exit")
+            wait_for(
+                lambda: not any(pid_alive(p) for p in workers_seen), timeout=10, what="every worker to exit"
+            )
         except AssertionError:
-            report.violations.append(f"processes {[p for p in workers_seen if pid_alive(p)]} outlived the daemon")
+            report.violations.append(
+                f"processes {[p for p in workers_seen if pid_alive(p)]} outlived the daemon"
+            )
         report.workers_seen = len(workers_seen)
 
         for job in ended:
             if job.state == pb.DONE:
                 report.done += 1
-                report.compared_files += _compare(job, refs[int(job.name.removeprefix("chaos")) % len(VARIANTS)], report.violations)
+                report.compared_files += _compare(
+                    job, refs[int(job.name.removeprefix("chaos")) % len(VARIANTS)], report.violations
+                )
             elif job.state == pb.FAILED:
                 report.failed += 1
                 report.failures.append(f"{job.id}: {job.error}")
@@ -213,8 +254,10 @@ def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, m
         report.events_followed = len(followed)
         if followed != expected:
             missing, extra = sorted(set(expected) - set(followed)), len(followed) - len(set(followed))
-            report.violations.append(f"the follower saw {len(followed)} events, the store holds {len(expected)} "
-                                     f"(missing {missing[:10]}, repeated {extra}, in order: {followed == sorted(followed)})")
+            report.violations.append(
+                f"the follower saw {len(followed)} events, the store holds {len(expected)} "
+                f"(missing {missing[:10]}, repeated {extra}, in order: {followed == sorted(followed)})"
+            )
         report.leftover_partials = sum(1 for p in (home / "outputs").rglob("*.partial"))
     finally:
         if d.process and d.process.poll() is None:
@@ -224,7 +267,12 @@ def run_chaos(root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, m
 
 
 def _wait_end(c: Client, job_id: str, timeout: float) -> pb.Job:
-    return wait_for(lambda: (j := c.job(job_id)).state in TERMINAL and j, timeout=timeout, interval=0.2, what=f"job {job_id} to end")
+    return wait_for(
+        lambda: (j := c.job(job_id)).state in TERMINAL and j,
+        timeout=timeout,
+        interval=0.2,
+        what=f"job {job_id} to end",
+    )
 
 
 def _wait_running(c: Client, job_ids: list[str], timeout: float = 120) -> str | None:
@@ -293,9 +341,15 @@ def _compare(job: pb.Job, ref: pb.Job, violations: list[str]) -> int:
             violations.append(f"{job.id}: {mine or 'a file'} has no counterpart {theirs or ''} in {ref.id}")
             continue
         a, b = _tensors(mine), _tensors(theirs)
-        differ = [k for k in a.keys() | b.keys() if k not in a or k not in b or a[k].dtype != b[k].dtype or not bool((a[k] == b[k]).all())]
+        differ = [
+            k
+            for k in a.keys() | b.keys()
+            if k not in a or k not in b or a[k].dtype != b[k].dtype or not bool((a[k] == b[k]).all())
+        ]
         if differ:
-            violations.append(f"{job.id}: {Path(mine).name} differs from {Path(theirs).name} in {len(differ)} tensors, e.g. {differ[:2]}")
+            violations.append(
+                f"{job.id}: {Path(mine).name} differs from {Path(theirs).name} in {len(differ)} tensors, e.g. {differ[:2]}"
+            )
     return len(pairs)
 
 
@@ -310,14 +364,21 @@ def _check_database(path: Path, violations: list[str]) -> list[int]:
         for job_id, state, last_seq in db.execute("SELECT id, state, last_seq FROM jobs"):
             if state not in ("done", "failed", "cancelled"):
                 violations.append(f"{job_id} is {state} in the database after the run")
-            seqs = [s for (s,) in db.execute("SELECT seq FROM events WHERE job_id = ? ORDER BY gseq", (job_id,))]
+            seqs = [
+                s for (s,) in db.execute("SELECT seq FROM events WHERE job_id = ? ORDER BY gseq", (job_id,))
+            ]
             if seqs != list(range(1, last_seq + 1)):
                 violations.append(f"{job_id}: event numbers {seqs[:5]}... are not 1..{last_seq} in order")
-            last = db.execute("SELECT payload FROM events WHERE job_id = ? AND kind = 'state' ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+            last = db.execute(
+                "SELECT payload FROM events WHERE job_id = ? AND kind = 'state' ORDER BY seq DESC LIMIT 1",
+                (job_id,),
+            ).fetchone()
             if last is None or json.loads(last[0])["state"] != state:
                 violations.append(f"{job_id}: its last state event {last} does not say {state}")
         gseqs = [g for (g,) in db.execute("SELECT gseq FROM events ORDER BY gseq")]
-        daemon_seqs = db.execute("SELECT COUNT(*) FROM events WHERE job_id = '' AND seq != gseq").fetchone()[0]
+        daemon_seqs = db.execute("SELECT COUNT(*) FROM events WHERE job_id = '' AND seq != gseq").fetchone()[
+            0
+        ]
         if daemon_seqs:
             violations.append(f"{daemon_seqs} daemon events have seq != gseq")
         return gseqs
@@ -328,14 +389,23 @@ def _check_database(path: Path, violations: list[str]) -> list[int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=12)
-    p.add_argument("--kills", type=int, default=40, help="interruptions: worker SIGKILL or SIGSTOP, daemon SIGKILL, or daemon SIGTERM")
+    p.add_argument(
+        "--kills",
+        type=int,
+        default=40,
+        help="interruptions: worker SIGKILL or SIGSTOP, daemon SIGKILL, or daemon SIGTERM",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="training steps per job")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--keep", action="store_true", help="keep the daemon's home for a look")
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="ldc-", dir="/tmp"))  # short: the socket path must stay under ~100 characters
-    os.environ.setdefault("XDG_CACHE_HOME", str(root / "cache"))  # the tiny twin and hashes, removed with the run
+    root = Path(
+        tempfile.mkdtemp(prefix="ldc-", dir="/tmp")
+    )  # short: the socket path must stay under ~100 characters
+    os.environ.setdefault(
+        "XDG_CACHE_HOME", str(root / "cache")
+    )  # the tiny twin and hashes, removed with the run
     report = run_chaos(root, jobs=args.jobs, kills=args.kills, seed=args.seed, steps=args.steps)
     text = json.dumps(asdict(report), indent=1)
     print(text)

@@ -112,13 +112,27 @@ def run_job(client: Client, inbox: Path, source: Path, name: str) -> dict:
             break
     job = client.job(job_id)
     if job.state != pb.DONE or chopped is None:
-        raise SystemExit(f"job {job_id} ended {job.state} ({'a chopped LoRA' if chopped else 'no chopped LoRA'}): {job.error}")
-    return {"first_step": first_step, "chopped": chopped, "stages": last - stage_start, "latencies": latencies}
+        raise SystemExit(
+            f"job {job_id} ended {job.state} ({'a chopped LoRA' if chopped else 'no chopped LoRA'}): {job.error}"
+        )
+    return {
+        "first_step": first_step,
+        "chopped": chopped,
+        "stages": last - stage_start,
+        "latencies": latencies,
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="training steps of the measured job (more steps, more latency samples)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="training steps of the measured job (more steps, more latency samples)",
+    )
     parser.add_argument("--quiet", type=float, default=1.0, help="the daemon's --quiet-seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
     parser.add_argument("--json", type=Path, help="also write the result rows as JSON here")
@@ -128,8 +142,20 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="ld-bench-", dir="/tmp"))
     home = root / "home"
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "loradrop", "daemon", "--home", str(home), "--workers", "1", "--quiet-seconds", str(args.quiet)],
-        stdout=open(root / "daemon.out", "wb"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "loradrop",
+            "daemon",
+            "--home",
+            str(home),
+            "--workers",
+            "1",
+            "--quiet-seconds",
+            str(args.quiet),
+        ],
+        stdout=open(root / "daemon.out", "wb"),
+        stderr=subprocess.STDOUT,
     )
     try:
         client = Client(f"unix:{home / 'daemon.sock'}")
@@ -151,19 +177,55 @@ def main() -> int:
         latencies_ms = sorted(1000 * x for x, _ in latencies)
         p99 = latencies_ms[min(len(latencies_ms) - 1, int(0.99 * len(latencies_ms)))]
         slowest = max(latencies)[1]
-        print(f"idle RSS, server process     {idle_cold:7.1f} MB before any job, {idle_warm:7.1f} MB after two   (target < 100 MB; torch loaded: {torch_in_server})")
+        print(
+            f"idle RSS, server process     {idle_cold:7.1f} MB before any job, {idle_warm:7.1f} MB after two   (target < 100 MB; torch loaded: {torch_in_server})"
+        )
         print(f"idle RSS, worker (for scale) {worker_rss:7.1f} MB")
-        print(f"event latency worker→client  p50 {statistics.median(latencies_ms):.2f} ms, p99 {p99:.2f} ms, max {latencies_ms[-1]:.2f} ms (a {slowest} event) over {len(latencies_ms)} events (target p99 < 50 ms)")
-        print(f"drop → first training step   {first_step:.2f} s with quiet {args.quiet:g} s: quiet + {first_step - args.quiet:.2f} s (target quiet + 2 s)")
-        print(f"drop → chopped LoRA          {measured['chopped']:.2f} s ({args.steps} steps, resize, blocks, chop); "
-              f"the worker's stages {measured['stages']:.2f} s of it, quiet {args.quiet:g} s")
-        write_rows([
-            row("daemon idle RSS, server (after two jobs)", idle_warm, "MB", "< 100 MB", worker_rss, "the worker, for scale"),
-            row("event latency worker → client, p99", p99, "ms", "< 50 ms", statistics.median(latencies_ms), "p50"),
-            row("drop → first training step, beyond quiet", first_step - args.quiet, "s", "≤ 2 s (warm model)"),
-            row(f"drop → chopped LoRA ({args.steps} tiny steps), beyond quiet", measured["chopped"] - args.quiet, "s", "-",
-                measured["stages"], "the worker's stages"),
-        ], args.json)
+        print(
+            f"event latency worker→client  p50 {statistics.median(latencies_ms):.2f} ms, p99 {p99:.2f} ms, max {latencies_ms[-1]:.2f} ms (a {slowest} event) over {len(latencies_ms)} events (target p99 < 50 ms)"
+        )
+        print(
+            f"drop → first training step   {first_step:.2f} s with quiet {args.quiet:g} s: quiet + {first_step - args.quiet:.2f} s (target quiet + 2 s)"
+        )
+        print(
+            f"drop → chopped LoRA          {measured['chopped']:.2f} s ({args.steps} steps, resize, blocks, chop); "
+            f"the worker's stages {measured['stages']:.2f} s of it, quiet {args.quiet:g} s"
+        )
+        write_rows(
+            [
+                row(
+                    "daemon idle RSS, server (after two jobs)",
+                    idle_warm,
+                    "MB",
+                    "< 100 MB",
+                    worker_rss,
+                    "the worker, for scale",
+                ),
+                row(
+                    "event latency worker → client, p99",
+                    p99,
+                    "ms",
+                    "< 50 ms",
+                    statistics.median(latencies_ms),
+                    "p50",
+                ),
+                row(
+                    "drop → first training step, beyond quiet",
+                    first_step - args.quiet,
+                    "s",
+                    "≤ 2 s (warm model)",
+                ),
+                row(
+                    f"drop → chopped LoRA ({args.steps} tiny steps), beyond quiet",
+                    measured["chopped"] - args.quiet,
+                    "s",
+                    "-",
+                    measured["stages"],
+                    "the worker's stages",
+                ),
+            ],
+            args.json,
+        )
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)

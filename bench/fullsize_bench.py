@@ -39,8 +39,15 @@ sys.path.insert(0, str(REPO))
 from bench.rows import row, table, write_rows  # noqa: E402
 
 GUIDE_VECTOR = "1,0,0,0,0,0,0,0,0,0,0,0,0,1,0,0,0,0,0,0,0"
-TRAIN_SETTINGS = ["resolution=256", "train_batch_size=1", "gradient_accumulation_steps=1", "max_train_steps=1",
-                  "sample_every_n_steps=0", "log_with=none", "max_data_loader_n_workers=0"]
+TRAIN_SETTINGS = [
+    "resolution=256",
+    "train_batch_size=1",
+    "gradient_accumulation_steps=1",
+    "max_train_steps=1",
+    "sample_every_n_steps=0",
+    "log_with=none",
+    "max_data_loader_n_workers=0",
+]
 
 _BUILD = """
 import sys
@@ -96,12 +103,23 @@ def run(argv: list[str], what: str) -> dict:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{what} failed (exit code {os.waitstatus_to_exitcode(status)})")
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "cpu_s": usage.ru_utime + usage.ru_stime, "out": output}
+    return {
+        "wall_s": wall,
+        "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "out": output,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, help="keep the files here and reuse the checkpoint (default: a temporary folder, removed)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the files here and reuse the checkpoint (default: a temporary folder, removed)",
+    )
     parser.add_argument("--json", type=Path, help="also write the result rows as JSON here")
     args = parser.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loradrop-fullsize-bench-"))
@@ -111,17 +129,47 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not base.exists():
             built = run([py, "-c", _BUILD, str(base), str(data)], "writing the checkpoint")
-            print(f"checkpoint: {base.stat().st_size / 1e9:.2f} GB written in {built['wall_s']:.0f} s", flush=True)
+            print(
+                f"checkpoint: {base.stat().st_size / 1e9:.2f} GB written in {built['wall_s']:.0f} s",
+                flush=True,
+            )
         shutil.rmtree(out, ignore_errors=True)
         sets = [a for s in TRAIN_SETTINGS for a in ("--set", s)]
-        trained = run([py, "-m", "loradrop", "train", str(data), "-o", str(out), "--model", str(base), "--device", "cpu",
-                       "--cache-dir", str(work / "cache"), *sets], "loradrop train")
+        trained = run(
+            [
+                py,
+                "-m",
+                "loradrop",
+                "train",
+                str(data),
+                "-o",
+                str(out),
+                "--model",
+                str(base),
+                "--device",
+                "cpu",
+                "--cache-dir",
+                str(work / "cache"),
+                *sets,
+            ],
+            "loradrop train",
+        )
         lora = out / f"{data.name}.safetensors"
-        print(f"train: {trained['wall_s']:.0f} s wall, {trained['cpu_s']:.0f} s CPU, peak RSS {trained['peak_rss_gb']:.1f} GB; "
-              f"{lora.stat().st_size / 1e6:.0f} MB LoRA", flush=True)
-        resized = run([py, "-m", "loradrop", "resize", str(base), str(lora), "-o", str(out), "--device", "cpu"], "loradrop resize")
+        print(
+            f"train: {trained['wall_s']:.0f} s wall, {trained['cpu_s']:.0f} s CPU, peak RSS {trained['peak_rss_gb']:.1f} GB; "
+            f"{lora.stat().st_size / 1e6:.0f} MB LoRA",
+            flush=True,
+        )
+        resized = run(
+            [py, "-m", "loradrop", "resize", str(base), str(lora), "-o", str(out), "--device", "cpu"],
+            "loradrop resize",
+        )
         resized_path = Path(resized["out"].strip().splitlines()[-1].removeprefix("wrote "))
-        print(f"resize: {resized['wall_s']:.1f} s, peak RSS {resized['peak_rss_gb']:.2f} GB; " + "; ".join(resized["out"].splitlines()[:2]), flush=True)
+        print(
+            f"resize: {resized['wall_s']:.1f} s, peak RSS {resized['peak_rss_gb']:.2f} GB; "
+            + "; ".join(resized["out"].splitlines()[:2]),
+            flush=True,
+        )
         chopped = run([py, "-m", "loradrop", "chop", str(lora), GUIDE_VECTOR], "loradrop chop")
         chopped_path = Path(chopped["out"].strip().splitlines()[-1].removeprefix("wrote "))
         print(f"chop: {chopped['wall_s']:.1f} s, peak RSS {chopped['peak_rss_gb']:.2f} GB", flush=True)
@@ -132,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         for path, r in report.items():
             ok = r["adapted"] == r["modules"] and not r["stray"]
             bad += not ok
-            print(f"diffusers (full-size, meta weights): {Path(path).name}: {r['adapted']} of {r['modules']} modules adapted"
-                  + ("" if ok else f"  FAILED {r['stray'][:2]}"), flush=True)
+            print(
+                f"diffusers (full-size, meta weights): {Path(path).name}: {r['adapted']} of {r['modules']} modules adapted"
+                + ("" if ok else f"  FAILED {r['stray'][:2]}"),
+                flush=True,
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -142,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         row("full-size train, CPU: peak RSS", trained["peak_rss_gb"], "GB", "fits this machine"),
         row("full-size resize of the trained file: wall", resized["wall_s"], "s", "runs (smoke)"),
         row("full-size chop of the trained file: wall", chopped["wall_s"], "s", "runs (smoke)"),
-        row("full-size files whose every module diffusers adapts", len(files) - bad, "files", f"all {len(files)}"),
+        row(
+            "full-size files whose every module diffusers adapts",
+            len(files) - bad,
+            "files",
+            f"all {len(files)}",
+        ),
     ]
     print(table(rows))
     write_rows(rows, args.json)

@@ -38,16 +38,27 @@ from bench.rows import row, table  # noqa: E402
 from loradrop.engine.data.dataset import scan  # noqa: E402
 from loradrop.engine.data.latents import LatentCache  # noqa: E402
 from loradrop.engine.data.prompts import SamplePrompt  # noqa: E402
+from loradrop.engine.events import Progress  # noqa: E402
 from loradrop.engine.models.sdxl import load_sdxl  # noqa: E402
 from loradrop.engine.recipe import Recipe  # noqa: E402
-from loradrop.engine.events import Progress  # noqa: E402
 from loradrop.engine.train.loop import train  # noqa: E402
 from loradrop.engine.train.sampling import sample  # noqa: E402
 
 UNET_TFLOP_PER_IMAGE = 6.76  # forward, 1024x1024 (FlopCounterMode, checked-here.md)
 # Dense bf16 tensor-core peaks (TFLOP/s), by a substring of the device name.
-BF16_PEAK = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
-             "L40S": 362.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "A10": 125.0, "L4": 121.0}
+BF16_PEAK = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "A10": 125.0,
+    "L4": 121.0,
+}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -85,9 +96,15 @@ def step_times(model, dataset, out: Path, cache: Path, recipe: Recipe, device) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="the tiny twin on whatever device there is (a CPU is fine)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer updates per timed run (default 8; tiny 3)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny twin on whatever device there is (a CPU is fine)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer updates per timed run (default 8; tiny 3)"
+    )
     parser.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet's blocks")
     parser.add_argument("--out", type=Path, help="JSON result path (default bench/results/<card>.json)")
@@ -102,9 +119,20 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = root / "sdxl.safetensors"
         build_checkpoint(ckpt, args.tiny)
         seed = Recipe()
-        overrides = {"max_train_steps": steps, "sample_every_n_steps": 0, "save_every_n_steps": 0, "log_with": "none"}
+        overrides = {
+            "max_train_steps": steps,
+            "sample_every_n_steps": 0,
+            "save_every_n_steps": 0,
+            "log_with": "none",
+        }
         if args.tiny:
-            overrides.update(resolution=64, min_bucket_reso=32, max_bucket_reso=128, train_batch_size=2, gradient_accumulation_steps=1)
+            overrides.update(
+                resolution=64,
+                min_bucket_reso=32,
+                max_bucket_reso=128,
+                train_batch_size=2,
+                gradient_accumulation_steps=1,
+            )
         recipe = seed.updated(overrides)
         weights = torch.bfloat16 if device.type == "cuda" else torch.float32
         t = time.perf_counter()
@@ -128,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         cache_rate = len(dataset.items) / (time.perf_counter() - t)
 
         plain, peak_gib = step_times(model, dataset, root / "plain", cache, recipe, device)
-        saving, _ = step_times(model, dataset, root / "saving", cache, recipe.updated({"save_every_n_steps": 1}), device)
+        saving, _ = step_times(
+            model, dataset, root / "saving", cache, recipe.updated({"save_every_n_steps": 1}), device
+        )
         step = statistics.median(plain[1:] or plain)
         step_saving = statistics.median(saving[1:] or saving)
         samples_per_s = per_update / step
@@ -146,23 +176,54 @@ def main(argv: list[str] | None = None) -> int:
 
     share = tflops / peak if peak else None
     result = {
-        "card": card, "tiny": args.tiny, "torch": torch.__version__, "channels_last": args.channels_last, "compile": args.compile,
-        "resolution": size, "batch": recipe.train_batch_size, "accumulation": recipe.gradient_accumulation_steps, "steps_timed": steps,
-        "load_s": load_s, "latent_cache_images_per_s": cache_rate, "step_s": step, "step_s_saving_every_step": step_saving,
-        "saving_overhead": step_saving / step - 1, "samples_per_s": samples_per_s, "achieved_tflops": tflops,
-        "bf16_peak_tflops": peak, "share_of_peak": share, "peak_vram_gib": peak_gib, "sample_image_s": sample_s,
+        "card": card,
+        "tiny": args.tiny,
+        "torch": torch.__version__,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "resolution": size,
+        "batch": recipe.train_batch_size,
+        "accumulation": recipe.gradient_accumulation_steps,
+        "steps_timed": steps,
+        "load_s": load_s,
+        "latent_cache_images_per_s": cache_rate,
+        "step_s": step,
+        "step_s_saving_every_step": step_saving,
+        "saving_overhead": step_saving / step - 1,
+        "samples_per_s": samples_per_s,
+        "achieved_tflops": tflops,
+        "bf16_peak_tflops": peak,
+        "share_of_peak": share,
+        "peak_vram_gib": peak_gib,
+        "sample_image_s": sample_s,
         "wall_s": time.perf_counter() - started,
     }
     rows = [
         row("samples/s (seed recipe)", samples_per_s, "/s", "≥ 25 on one H100"),
-        row("achieved TFLOP/s (fwd+bwd)", tflops, "TFLOP/s", f"≥ 45% of peak (is {100 * share:.0f}%)" if share else "-", peak, "card's bf16 peak"),
+        row(
+            "achieved TFLOP/s (fwd+bwd)",
+            tflops,
+            "TFLOP/s",
+            f"≥ 45% of peak (is {100 * share:.0f}%)" if share else "-",
+            peak,
+            "card's bf16 peak",
+        ),
         row("peak VRAM", peak_gib, "GiB", "≤ 20 GiB"),
-        row("step time, saving every step", step_saving, "s", f"≤ 1.05× (is {step_saving / step:.3f}×)", step, "no saving"),
+        row(
+            "step time, saving every step",
+            step_saving,
+            "s",
+            f"≤ 1.05× (is {step_saving / step:.3f}×)",
+            step,
+            "no saving",
+        ),
         row("latent caching", cache_rate, "img/s", "-"),
         row("one sample image (30 steps, CFG)", sample_s, "s", "-"),
     ]
     print(table(rows))
-    out = args.out or RESULTS / f"{card.replace(' ', '-').replace('/', '-')}{'-tiny' if args.tiny else ''}.json"
+    out = (
+        args.out or RESULTS / f"{card.replace(' ', '-').replace('/', '-')}{'-tiny' if args.tiny else ''}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out} ({result['wall_s']:.0f} s)")

@@ -47,7 +47,7 @@ def build_checkpoint(path: Path, tiny: bool = False) -> None:
         make_tiny(path)
         return
     from loradrop.engine.models.configs import sdxl_config
-    from loradrop.engine.models.sdxl import CONFIG_METADATA_KEY, build_empty, component_map
+    from loradrop.engine.models.sdxl import build_empty, component_map
 
     config = sdxl_config()
     shapes: dict[str, tuple[int, ...]] = {}
@@ -71,15 +71,21 @@ def build_checkpoint(path: Path, tiny: bool = False) -> None:
 def measure(code: str, path: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS bytes) of one child process."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code + PEAK_RSS_SNIPPET, str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code + PEAK_RSS_SNIPPET, str(path)], capture_output=True, text=True
+    )
     if out.returncode != 0:
         raise SystemExit(f"a measuring child failed: {out.stderr}")
     return time.perf_counter() - start, float(out.stdout.split()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="the tiny twin instead (seconds; keeps the bench from rotting)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny twin instead (seconds; keeps the bench from rotting)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--runs", type=int, default=2, help="loads of each kind, alternating (default 2)")
     args = parser.parse_args(argv)
@@ -96,12 +102,25 @@ def main(argv: list[str] | None = None) -> int:
             runs["base"].append(measure(_BASELINE, path))
         ours_s, ours_rss = min(s for s, _ in runs["ours"]), max(r for _, r in runs["ours"])
         base_s, base_rss = min(s for s, _ in runs["base"]), max(r for _, r in runs["base"])
-        print("wall times: ours " + ", ".join(f"{s:.1f}" for s, _ in runs["ours"]) + " s; load_file " + ", ".join(f"{s:.1f}" for s, _ in runs["base"]) + " s")
+        print(
+            "wall times: ours "
+            + ", ".join(f"{s:.1f}" for s, _ in runs["ours"])
+            + " s; load_file "
+            + ", ".join(f"{s:.1f}" for s, _ in runs["base"])
+            + " s"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     what = "tiny twin" if args.tiny else "full SDXL"
     rows = [
-        row(f"load {what} ({size / 1e9:.2f} GB): peak RSS", ours_rss / 1e9, "GB", f"≤ 1.3× file (is {ours_rss / size:.2f}×)", base_rss / 1e9, "load_file + copies"),
+        row(
+            f"load {what} ({size / 1e9:.2f} GB): peak RSS",
+            ours_rss / 1e9,
+            "GB",
+            f"≤ 1.3× file (is {ours_rss / size:.2f}×)",
+            base_rss / 1e9,
+            "load_file + copies",
+        ),
         row(f"load {what}: wall time", ours_s, "s", "-", base_s, "load_file + copies"),
     ]
     print(table(rows))

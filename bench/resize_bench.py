@@ -70,10 +70,18 @@ def build_base(path: Path, tiny: bool) -> None:
             shapes[entry.sgm] = shape
     g = torch.Generator().manual_seed(0)
     specs = {k: (torch.float16, s) for k, s in shapes.items()}
-    write_streaming(path, specs, lambda key: _random(shapes[key], g) if len(shapes[key]) > 1 else torch.zeros(shapes[key], dtype=torch.float16))
+    write_streaming(
+        path,
+        specs,
+        lambda key: (
+            _random(shapes[key], g) if len(shapes[key]) > 1 else torch.zeros(shapes[key], dtype=torch.float16)
+        ),
+    )
 
 
-def seed_modules(tiny: bool, preset=None, recipe=None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], float]]:
+def seed_modules(
+    tiny: bool, preset=None, recipe=None
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], float]]:
     """kohya name → (down shape, up shape, alpha) of a LoCon built by lycoris-lora on SDXL (or the
     twin): the recipe's module set and ranks by default (the seed's), or those of `preset`."""
     import logging
@@ -94,17 +102,30 @@ def seed_modules(tiny: bool, preset=None, recipe=None) -> dict[str, tuple[tuple[
     names = keymap.UNetNames(config.unet)
     out = {}
     te = (preset.text_encoder_target_module, preset.text_encoder_target_name)
-    for component, (modules, targets) in (("unet", (preset.unet_target_module, preset.unet_target_name)), ("te1", te), ("te2", te)):
+    for component, (modules, targets) in (
+        ("unet", (preset.unet_target_module, preset.unet_target_name)),
+        ("te1", te),
+        ("te2", te),
+    ):
         root = models[component]
         LycorisNetwork.apply_preset({"target_module": list(modules), "target_name": list(targets)})
         conv = {"conv_dim": recipe.conv_dim, "conv_alpha": recipe.conv_alpha} if preset.enable_conv else {}
-        net = create_lycoris(root, 1.0, linear_dim=recipe.network_dim, linear_alpha=recipe.network_alpha, algo=recipe.algo, **conv)
+        net = create_lycoris(
+            root,
+            1.0,
+            linear_dim=recipe.network_dim,
+            linear_alpha=recipe.network_alpha,
+            algo=recipe.algo,
+            **conv,
+        )
         paths = {id(m): p for p, m in root.named_modules()}
         for lora in net.loras:
             path = paths[id(lora.org_module[0])]
             name = keymap.lora_name(component, path, names if component == "unet" else None)
             down, up = tuple(lora.lora_down.weight.shape), tuple(lora.lora_up.weight.shape)
-            rank = min(down[0], up[0], math.prod(down[1:]))  # capped at what the layer allows, as the trainer does
+            rank = min(
+                down[0], up[0], math.prod(down[1:])
+            )  # capped at what the layer allows, as the trainer does
             out[name] = ((rank, *down[1:]), (up[0], rank, *up[2:]), float(lora.alpha))
     return out
 
@@ -118,8 +139,15 @@ def lora_metadata(name: str, base: Path) -> dict[str, str]:
 
     recipe = Recipe(output_name=name)
     meta = metadata.training_metadata(
-        recipe, captions=[], buckets=[], dataset_dir=Path(name), num_batches_per_epoch=0, world_size=1,
-        model_path=str(base), model_hashes=model_hashes(base), started_at=time.time(),
+        recipe,
+        captions=[],
+        buckets=[],
+        dataset_dir=Path(name),
+        num_batches_per_epoch=0,
+        world_size=1,
+        model_path=str(base),
+        model_hashes=model_hashes(base),
+        started_at=time.time(),
     )
     return metadata.at_save(meta, recipe, step=0, epoch=0, title=name)
 
@@ -134,7 +162,9 @@ def build_lora(path: Path, tiny: bool, base: Path) -> int:
         # Columns of up spread over two decades, so singular values straddle the threshold.
         spread = torch.logspace(-1, 1, rank)[torch.randperm(rank, generator=g)]
         tensors[name + ".lora_down.weight"] = _random(down, g)
-        tensors[name + ".lora_up.weight"] = (torch.randn(up, generator=g) * 3e-3 * spread.reshape(1, rank, *([1] * (len(up) - 2)))).half()
+        tensors[name + ".lora_up.weight"] = (
+            torch.randn(up, generator=g) * 3e-3 * spread.reshape(1, rank, *([1] * (len(up) - 2)))
+        ).half()
         tensors[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float16)
     save_lora(path, tensors, lora_metadata(path.stem, base))
     return sum(t.numel() for t in tensors.values())
@@ -177,7 +207,9 @@ print(json.dumps({"import_s": 0.0, "resize_s": time.perf_counter() - t0, "peak":
 VECTOR = "1,0,0,0,0,0,0,0,1,0.5,0,0,0,1,1,1,0,0,0,0,0"  # IN07, IN08 at half, MID, OUT00, OUT01
 
 
-def measure(base: Path, lora: Path, out: Path, code: str = _CHILD, args: tuple[str, ...] | None = None) -> dict:
+def measure(
+    base: Path, lora: Path, out: Path, code: str = _CHILD, args: tuple[str, ...] | None = None
+) -> dict:
     """Run one resize (or `code` with `args`) in a child; its wall time (start to exit) and its
     own peak RSS (VmHWM, read by the child: wait4's ru_maxrss would include this process's
     high-water mark)."""
@@ -196,11 +228,19 @@ def measure(base: Path, lora: Path, out: Path, code: str = _CHILD, args: tuple[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="run on the tiny twin (seconds)")
-    parser.add_argument("--runs", type=int, default=2, help="resize runs (the first may read the base from disk)")
+    parser.add_argument(
+        "--runs", type=int, default=2, help="resize runs (the first may read the base from disk)"
+    )
     parser.add_argument("--json", type=Path, help="also write the result rows as JSON here")
-    parser.add_argument("--workdir", type=Path, help="keep the built files here and reuse them (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the built files here and reuse them (default: a temporary folder, removed)",
+    )
     args = parser.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loradrop-resize-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -211,37 +251,83 @@ def main(argv: list[str] | None = None) -> int:
             build_base(base, args.tiny)
         if not lora.exists():
             build_lora(lora, args.tiny, base)
-        print(f"files: base {base.stat().st_size / 1e9:.2f} GB, LoCon {lora.stat().st_size / 1e6:.1f} MB "
-              f"(built or found in {time.perf_counter() - t:.0f}s) in {work}")
+        print(
+            f"files: base {base.stat().st_size / 1e9:.2f} GB, LoCon {lora.stat().st_size / 1e6:.1f} MB "
+            f"(built or found in {time.perf_counter() - t:.0f}s) in {work}"
+        )
         print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         runs = []
         for i in range(args.runs):
             r = measure(base, lora, work / "out")
             runs.append(r)
-            print(f"run {i + 1}: wall {r['wall_s']:.2f}s (imports {r['import_s']:.2f}s, resize() {r['resize_s']:.2f}s), "
-                  f"CPU {r['cpu_s']:.2f}s, peak RSS {r['peak_rss_gb']:.2f} GB; kept {r['kept_dims']} dims, {r['params_out']:,} params; "
-                  f"load {os.getloadavg()[0]:.2f}")
+            print(
+                f"run {i + 1}: wall {r['wall_s']:.2f}s (imports {r['import_s']:.2f}s, resize() {r['resize_s']:.2f}s), "
+                f"CPU {r['cpu_s']:.2f}s, peak RSS {r['peak_rss_gb']:.2f} GB; kept {r['kept_dims']} dims, {r['params_out']:,} params; "
+                f"load {os.getloadavg()[0]:.2f}"
+            )
         best = min(runs, key=lambda r: r["wall_s"])
-        chops = [measure(base, lora, work, _CHOP, (str(lora), VECTOR, str(work / "chopped.safetensors"))) for _ in range(args.runs)]
-        plain = [measure(base, lora, work, _CHOP_BASELINE, (str(lora), VECTOR, str(work / "plain.safetensors"))) for _ in range(args.runs)]
+        chops = [
+            measure(base, lora, work, _CHOP, (str(lora), VECTOR, str(work / "chopped.safetensors")))
+            for _ in range(args.runs)
+        ]
+        plain = [
+            measure(base, lora, work, _CHOP_BASELINE, (str(lora), VECTOR, str(work / "plain.safetensors")))
+            for _ in range(args.runs)
+        ]
         chop_best, plain_best = min(c["wall_s"] for c in chops), min(c["wall_s"] for c in plain)
         chop_peak, plain_peak = max(c["peak_rss_gb"] for c in chops), max(c["peak_rss_gb"] for c in plain)
-        print(f"chop: wall {chop_best:.2f}s, peak RSS {chop_peak:.2f} GB; load_file + save_file of the kept keys: "
-              f"wall {plain_best:.2f}s, peak RSS {plain_peak:.2f} GB")
-        print(f"best: wall {best['wall_s']:.2f}s, peak RSS {max(r['peak_rss_gb'] for r in runs):.2f} GB (highest of the runs)")
+        print(
+            f"chop: wall {chop_best:.2f}s, peak RSS {chop_peak:.2f} GB; load_file + save_file of the kept keys: "
+            f"wall {plain_best:.2f}s, peak RSS {plain_peak:.2f} GB"
+        )
+        print(
+            f"best: wall {best['wall_s']:.2f}s, peak RSS {max(r['peak_rss_gb'] for r in runs):.2f} GB (highest of the runs)"
+        )
         if not args.tiny:
-            print(f"resize_lora on the same kind of files: wall {REFERENCE['wall_s']}s, peak RSS {REFERENCE['peak_rss_gb']} GB "
-                  f"(target: no slower, peak under {REFERENCE['peak_rss_gb'] / 3:.2f} GB)")
+            print(
+                f"resize_lora on the same kind of files: wall {REFERENCE['wall_s']}s, peak RSS {REFERENCE['peak_rss_gb']} GB "
+                f"(target: no slower, peak under {REFERENCE['peak_rss_gb'] / 3:.2f} GB)"
+            )
         # resize_lora cannot be fetched here: its figures are the ones measured on this kind of
         # machine (checked-here.md), not from this run.
         ref = "resize_lora (checked-here)" if not args.tiny else ""
-        write_rows([
-            row(f"resize {'tiny' if args.tiny else 'full-size'} LoCon: wall", best["wall_s"], "s", "≤ resize_lora", None if args.tiny else REFERENCE["wall_s"], ref),
-            row(f"resize {'tiny' if args.tiny else 'full-size'} LoCon: peak RSS", max(r["peak_rss_gb"] for r in runs), "GB",
-                f"< {REFERENCE['peak_rss_gb'] / 3:.2f} GB", None if args.tiny else REFERENCE["peak_rss_gb"], ref),
-            row(f"chop {'tiny' if args.tiny else 'full-size'} LoCon: wall", chop_best, "s", "-", plain_best, "load_file + save_file"),
-            row(f"chop {'tiny' if args.tiny else 'full-size'} LoCon: peak RSS", chop_peak, "GB", "-", plain_peak, "load_file + save_file"),
-        ], args.json)
+        write_rows(
+            [
+                row(
+                    f"resize {'tiny' if args.tiny else 'full-size'} LoCon: wall",
+                    best["wall_s"],
+                    "s",
+                    "≤ resize_lora",
+                    None if args.tiny else REFERENCE["wall_s"],
+                    ref,
+                ),
+                row(
+                    f"resize {'tiny' if args.tiny else 'full-size'} LoCon: peak RSS",
+                    max(r["peak_rss_gb"] for r in runs),
+                    "GB",
+                    f"< {REFERENCE['peak_rss_gb'] / 3:.2f} GB",
+                    None if args.tiny else REFERENCE["peak_rss_gb"],
+                    ref,
+                ),
+                row(
+                    f"chop {'tiny' if args.tiny else 'full-size'} LoCon: wall",
+                    chop_best,
+                    "s",
+                    "-",
+                    plain_best,
+                    "load_file + save_file",
+                ),
+                row(
+                    f"chop {'tiny' if args.tiny else 'full-size'} LoCon: peak RSS",
+                    chop_peak,
+                    "GB",
+                    "-",
+                    plain_peak,
+                    "load_file + save_file",
+                ),
+            ],
+            args.json,
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -11,8 +11,17 @@ import json
 from pathlib import Path
 
 
-def row(what: str, value: float, unit: str, target: str, baseline: float | None = None, baseline_is: str = "") -> dict:
-    return {"what": what, "value": value, "unit": unit, "target": target, "baseline": baseline, "baseline_is": baseline_is}
+def row(
+    what: str, value: float, unit: str, target: str, baseline: float | None = None, baseline_is: str = ""
+) -> dict:
+    return {
+        "what": what,
+        "value": value,
+        "unit": unit,
+        "target": target,
+        "baseline": baseline,
+        "baseline_is": baseline_is,
+    }
 
 
 def write_rows(rows: list[dict], path: Path | None) -> None:

@@ -34,17 +34,36 @@ def answers(method):
 
     def fail(e: Exception, context) -> None:
         if isinstance(e, CallFailed):
-            code = grpc.StatusCode.INVALID_ARGUMENT if e.user else grpc.StatusCode.RESOURCE_EXHAUSTED if e.space else grpc.StatusCode.INTERNAL
+            code = (
+                grpc.StatusCode.INVALID_ARGUMENT
+                if e.user
+                else grpc.StatusCode.RESOURCE_EXHAUSTED
+                if e.space
+                else grpc.StatusCode.INTERNAL
+            )
             context.abort(code, printable(str(e)))
         if isinstance(e, FutureTimeout):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method.__name__} took too long; the worker is still busy with it.")
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{method.__name__} took too long; the worker is still busy with it.",
+            )
         for kind, code in _ERROR_CODES:
             if isinstance(e, kind):
                 context.abort(code, printable(str(e)))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, printable(f"disk full: no space left on the disk under {e.filename or 'the home'}; free some and ask again."))
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                printable(
+                    f"disk full: no space left on the disk under {e.filename or 'the home'}; free some and ask again."
+                ),
+            )
         log.exception("%s failed", method.__name__)
-        context.abort(grpc.StatusCode.INTERNAL, printable(f"{method.__name__} failed inside the daemon ({type(e).__name__}: {e}); see daemon.log."))
+        context.abort(
+            grpc.StatusCode.INTERNAL,
+            printable(
+                f"{method.__name__} failed inside the daemon ({type(e).__name__}: {e}); see daemon.log."
+            ),
+        )
 
     if inspect.isgeneratorfunction(method):
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+
 from loradrop.engine.events import Emit, Log, Progress, Stage
 
 from .captions import missing, refuse_uncaptioned
@@ -23,27 +24,43 @@ class CaptionStage:
         self._key: tuple[str, str] | None = None
         self._captioner = None
 
-    def run(self, folder: Path, settings: CaptionSettings, extension: str, emit: Emit, check: Callable[[], None]) -> bool:
+    def run(
+        self, folder: Path, settings: CaptionSettings, extension: str, emit: Emit, check: Callable[[], None]
+    ) -> bool:
         """Caption what lacks a caption; True when the job is now to wait for review."""
         if settings.accepted:
             return False  # accepted once: images still without a caption failed to caption, and are skipped by the scan
         images, lacking = missing(folder, extension)
         if not lacking:
             return False
-        refuse_uncaptioned(folder, extension, settings)  # the folder changed since intake, and no captioner is set
+        refuse_uncaptioned(
+            folder, extension, settings
+        )  # the folder changed since intake, and no captioner is set
         from loradrop.engine.caption import Existing, Outcome, caption_folder
 
         emit(Stage("caption"))
-        emit(Log(f"{len(lacking)} of {len(images)} images have no caption; captioning them with {settings.model}"))
+        emit(
+            Log(
+                f"{len(lacking)} of {len(images)} images have no caption; captioning them with {settings.model}"
+            )
+        )
         captioner = self._load(settings.model, settings.kind)
 
         def progress(done: int, total: int) -> None:
             emit(Progress("caption", done, total))
-            if done < total:  # not after the last batch: a stop then would requeue a job that skips its review
+            if (
+                done < total
+            ):  # not after the last batch: a stop then would requeue a job that skips its review
                 check()
 
-        result = caption_folder(folder, captioner, trigger=settings.trigger or None, existing=Existing.KEEP,
-                                caption_extension=extension, progress=progress)
+        result = caption_folder(
+            folder,
+            captioner,
+            trigger=settings.trigger or None,
+            existing=Existing.KEEP,
+            caption_extension=extension,
+            progress=progress,
+        )
         for failed in result.failed:
             emit(Log(f"caption: {failed.reason}", "warning"))
         emit(Log(result.summary()))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from loradrop.engine.caption.run import caption_path, list_images
-
 from loradrop.errors import UserError
 
 from .records import CaptionSettings
@@ -25,7 +24,9 @@ _NAMED = 3  # images named in the "no caption" sentence
 _TRIGGER_LIMIT = 100
 
 
-def resolve(values: dict[str, Any], source: Path, *, captioner: str | None, captioner_kind: str | None, model_path) -> CaptionSettings:
+def resolve(
+    values: dict[str, Any], source: Path, *, captioner: str | None, captioner_kind: str | None, model_path
+) -> CaptionSettings:
     """The frozen settings from the folder file's caption keys (popped from `values`).
     `model_path(text)` resolves a caption_model the way a base model is (inside models/)."""
     given = {k: values.pop(k) for k in CAPTION_KEYS if k in values}
@@ -36,10 +37,12 @@ def resolve(values: dict[str, Any], source: Path, *, captioner: str | None, capt
         raise UserError(f"{source}: review must be true or false, not {given['review']!r}.")
     trigger = given.get("trigger", "").strip()
     if any(c in trigger for c in ",\n\r") or len(trigger) > _TRIGGER_LIMIT:
-        raise UserError(f"{source}: trigger {trigger[:40]!r} must be one word or phrase without commas or line breaks, at most {_TRIGGER_LIMIT} characters.")
+        raise UserError(
+            f"{source}: trigger {trigger[:40]!r} must be one word or phrase without commas or line breaks, at most {_TRIGGER_LIMIT} characters."
+        )
     kind = given.get("caption_kind", "")
     if kind and kind not in KINDS:
-        raise UserError(f"{source}: caption_kind must be \"tagger\" or \"vlm\", not {kind!r}.")
+        raise UserError(f'{source}: caption_kind must be "tagger" or "vlm", not {kind!r}.')
     model = None
     if given.get("caption_model"):
         model = str(model_path(given["caption_model"]))
@@ -54,8 +57,12 @@ def check_model(path: Path, kind: str, what: str) -> None:
     tagger = path.suffix == ".onnx" or (path / "model.onnx").is_file()
     vlm = (path / "config.json").is_file()
     if (kind == "tagger" and not tagger) or (kind == "vlm" and not vlm) or not (tagger or vlm):
-        want = {"tagger": "model.onnx and selected_tags.csv", "vlm": "config.json"}.get(kind, "model.onnx (a WD14 tagger) or config.json (a transformers VLM)")
-        raise UserError(f"{what} {path} holds no {want}; give a folder in that layout (see docs/captions.md).")
+        want = {"tagger": "model.onnx and selected_tags.csv", "vlm": "config.json"}.get(
+            kind, "model.onnx (a WD14 tagger) or config.json (a transformers VLM)"
+        )
+        raise UserError(
+            f"{what} {path} holds no {want}; give a folder in that layout (see docs/captions.md)."
+        )
 
 
 def missing(folder: Path, extension: str) -> tuple[list[Path], list[Path]]:
@@ -64,7 +71,9 @@ def missing(folder: Path, extension: str) -> tuple[list[Path], list[Path]]:
     return images, [p for p in images if not caption_path(p, extension).exists()]
 
 
-def refuse_uncaptioned(folder: Path, extension: str, settings: CaptionSettings, shown: str | None = None) -> None:
+def refuse_uncaptioned(
+    folder: Path, extension: str, settings: CaptionSettings, shown: str | None = None
+) -> None:
     """Without a captioner, images lacking captions fail the job now, naming them and the fix."""
     if settings.model:
         return
@@ -72,7 +81,9 @@ def refuse_uncaptioned(folder: Path, extension: str, settings: CaptionSettings, 
     if not lacking:
         return
     where = shown or str(folder)
-    names = ", ".join(p.name for p in lacking[:_NAMED]) + (f" and {len(lacking) - _NAMED} more" if len(lacking) > _NAMED else "")
+    names = ", ".join(p.name for p in lacking[:_NAMED]) + (
+        f" and {len(lacking) - _NAMED} more" if len(lacking) > _NAMED else ""
+    )
     raise UserError(
         f"{len(lacking)} of {len(images)} images in {where} have no {extension} caption ({names}); caption them with "
         f"`loradrop caption {where} --model PATH --missing-only`, or give the daemon a captioner (`loradrop daemon --captioner PATH`, "
@@ -123,10 +134,14 @@ def write(folder: Path, extension: str, image: str, text: str) -> CaptionEntry:
     from .security import printable
 
     if "\n" in text or "\r" in text or len(text) > MAX_CAPTION_CHARS:
-        raise RequestError(f"a caption is one line of at most {MAX_CAPTION_CHARS:,} characters; join the lines with commas.")
+        raise RequestError(
+            f"a caption is one line of at most {MAX_CAPTION_CHARS:,} characters; join the lines with commas."
+        )
     given = Path(image)
     images = {printable(p.name): p for p in list_images(folder)}
-    found = images.get(given.name) if image in (given.name, str(folder / given.name)) else None  # a bare name, or a path in the folder
+    found = (
+        images.get(given.name) if image in (given.name, str(folder / given.name)) else None
+    )  # a bare name, or a path in the folder
     if found is None:
         raise NotFound(f"{image!r} is not an image of {folder}; ListCaptions names them.")
     target = caption_path(found, extension)

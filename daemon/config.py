@@ -29,7 +29,9 @@ class Listen:
         host, sep, port = text.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UserError(f"--listen {text!r} is neither unix:PATH nor HOST:PORT (for example 127.0.0.1:50051).")
+            raise UserError(
+                f"--listen {text!r} is neither unix:PATH nor HOST:PORT (for example 127.0.0.1:50051)."
+            )
         return cls(host=host, port=int(port))
 
     @property
@@ -65,7 +67,9 @@ class DaemonConfig:
     heartbeat_seconds: float = 60.0  # a worker silent this long is frozen, and is killed
     idle_seconds: float = 60.0  # an upload sending nothing (a download read by no one) this long is ended
     hook_seconds: float = 300.0  # the most an --on-job-end command may run
-    captioner: str | None = None  # captions images that lack one, for jobs whose loradrop.toml names no caption_model
+    captioner: str | None = (
+        None  # captions images that lack one, for jobs whose loradrop.toml names no caption_model
+    )
     captioner_kind: str | None = None  # "tagger" or "vlm"; None: told by the folder's files
 
     def check(self) -> None:
@@ -75,14 +79,20 @@ class DaemonConfig:
         if self.quiet_seconds < 0 or self.max_retries < 0 or (self.workers is not None and self.workers < 0):
             raise UserError("--quiet-seconds, --max-retries and --workers must be 0 or more.")
         if min(self.heartbeat_seconds, self.idle_seconds, self.hook_seconds) <= 0:
-            raise UserError("--heartbeat-seconds, --idle-seconds and --on-job-end-seconds must be more than 0.")
+            raise UserError(
+                "--heartbeat-seconds, --idle-seconds and --on-job-end-seconds must be more than 0."
+            )
         if self.listen.unix:
             if len(str(self.listen.unix)) > 100:
-                raise UserError(f"the socket path {self.listen.unix} is too long for a unix socket (over 100 characters); use a shorter --home or --listen.")
+                raise UserError(
+                    f"the socket path {self.listen.unix} is too long for a unix socket (over 100 characters); use a shorter --home or --listen."
+                )
             return
         if self.insecure_loopback:
             if not self.listen.is_loopback:
-                raise UserError(f"--insecure-loopback only allows a loopback address, not {self.listen.host}; use TLS and a token (--tls-cert, --tls-key, --token-file).")
+                raise UserError(
+                    f"--insecure-loopback only allows a loopback address, not {self.listen.host}; use TLS and a token (--tls-cert, --tls-key, --token-file)."
+                )
             return
         if not (self.tls_cert and self.token_file):
             raise UserError(

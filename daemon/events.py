@@ -44,10 +44,14 @@ class EventLog:
             claimed = self.store.claim_next()
             return self._publish_change(claimed)
 
-    def transition(self, job_id: str, state: str, *, error: str = "", expect: Iterable[str], attempts: int | None = None) -> Job | None:
+    def transition(
+        self, job_id: str, state: str, *, error: str = "", expect: Iterable[str], attempts: int | None = None
+    ) -> Job | None:
         """Change a job's state (if it is in `expect`) and announce it; None if it was not."""
         with self._changed:
-            job = self._publish_change(self.store.transition(job_id, state, error=error, expect=expect, attempts=attempts))
+            job = self._publish_change(
+                self.store.transition(job_id, state, error=error, expect=expect, attempts=attempts)
+            )
         return self._announce_end(job)
 
     def accept_captions(self, job_id: str) -> Job | None:
@@ -78,12 +82,16 @@ class EventLog:
     def top(self) -> int:
         return self._top
 
-    def follow(self, job_id: str | None, since: int, *, follow: bool, stopped: Callable[[], bool]) -> Iterator[Event]:
+    def follow(
+        self, job_id: str | None, since: int, *, follow: bool, stopped: Callable[[], bool]
+    ) -> Iterator[Event]:
         """Events after `since` (the job's seq, or the global one without a job), in order, each
         once; with `follow`, new ones as they come, until `stopped()` or the job has ended."""
         cursor, seen = since, (0 if job_id else since)  # seen: every global number up to it was looked at
         while not stopped():
-            ended = bool(job_id) and self._ended(job_id)  # read before the batch: its last event is then in it
+            ended = bool(job_id) and self._ended(
+                job_id
+            )  # read before the batch: its last event is then in it
             batch, seen = self._after(job_id, cursor, seen)
             for event in batch:
                 yield event
@@ -99,7 +107,11 @@ class EventLog:
         with self._changed:
             recent = self._recent
             if recent and recent[0].gseq <= seen + 1:
-                batch = [e for e in recent if e.gseq > seen and _key(e, job_id) > cursor and (not job_id or e.job_id == job_id)]
+                batch = [
+                    e
+                    for e in recent
+                    if e.gseq > seen and _key(e, job_id) > cursor and (not job_id or e.job_id == job_id)
+                ]
                 return batch, recent[-1].gseq
         batch, top = self.store.events_after(job_id, cursor, PAGE)
         return batch, (batch[-1].gseq if len(batch) == PAGE else top)

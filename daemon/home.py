@@ -1,14 +1,14 @@
 """The daemon's home: one private folder holding everything a daemon owns.
 
-    <home>/                 mode 0700
-        inbox/              datasets are dropped here
-        outputs/<job-id>/   everything a job writes
-        models/             base checkpoints a request may name
-        cache/              latent cache (kept outside the datasets)
-        state.sqlite        jobs and events
-        daemon.sock         the default socket, mode 0600
-        daemon.log          the daemon's log
-        daemon.lock         held while a daemon runs, so two never share a home
+<home>/                 mode 0700
+    inbox/              datasets are dropped here
+    outputs/<job-id>/   everything a job writes
+    models/             base checkpoints a request may name
+    cache/              latent cache (kept outside the datasets)
+    state.sqlite        jobs and events
+    daemon.sock         the default socket, mode 0600
+    daemon.log          the daemon's log
+    daemon.lock         held while a daemon runs, so two never share a home
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class HomeLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._fd)
-            raise UserError(f"another daemon is already running on {home.root} (it holds {self.path}); stop it or use another --home.") from None
+            raise UserError(
+                f"another daemon is already running on {home.root} (it holds {self.path}); stop it or use another --home."
+            ) from None
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())
 

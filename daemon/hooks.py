@@ -59,12 +59,21 @@ class JobEndCommand:
                 return
             try:
                 with open(self.log_path, "ab") as out:
-                    process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                    process = subprocess.Popen(
+                        argv,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=out,
+                        start_new_session=True,
+                    )
             except OSError as e:
                 log.error("--on-job-end could not run for job %s: %s", job.id, e)
                 return
             self._running[process.pid] = process
-        threading.Thread(target=self._reap, args=(job, process), name=f"on-job-end-{job.id}", daemon=True).start()
+        threading.Thread(
+            target=self._reap, args=(job, process), name=f"on-job-end-{job.id}", daemon=True
+        ).start()
 
     def _reap(self, job: Job, process: subprocess.Popen) -> None:
         try:

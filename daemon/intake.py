@@ -27,18 +27,17 @@ from pathlib import Path
 from typing import Iterator
 
 from loradrop.engine.data.prompts import parse_prompt_file
+from loradrop.engine.events import Log
 from loradrop.engine.recipe import Recipe, check_block_vector, load_toml
 from loradrop.errors import UserError
-
-from loradrop.engine.events import Log
 
 from . import captions
 from .config import DaemonConfig
 from .errors import Conflict, DiskFull, Refused, RequestError
 from .events import EventLog
 from .home import Home
-from .security import printable, refuse_links_out, resolve_inside, safe_name
 from .records import CANCELLED, FAILED, QUEUED, REVIEW, RUNNING, WAITING, CaptionSettings, Job
+from .security import printable, refuse_links_out, resolve_inside, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +81,23 @@ class Intake:
         """A folder already inside the inbox, named by a client."""
         folder = resolve_inside(dataset, [self.home.inbox], what="dataset")
         if folder.parent != self.home.inbox:
-            raise Refused(f"dataset {dataset!r} must be a folder directly inside the inbox ({self.home.inbox}).")
+            raise Refused(
+                f"dataset {dataset!r} must be a folder directly inside the inbox ({self.home.inbox})."
+            )
         self._check_folder(folder)
         settings = self.resolve(folder, request, default_name=folder.name)
         key = folder_key(folder)
         for job in self.events.store.inbox_jobs(key):
-            if job.state in (QUEUED, RUNNING, REVIEW) and (job.name, job.model, job.block_vector, job.recipe) == (
-                    settings.name, settings.model, settings.block_vector, settings.recipe):
-                raise Conflict(f"{folder.name} is {job.state} already as job {job.id}, with the same settings; wait for it, "
-                               f"cancel it (`loradrop cancel {job.id}`), or give another --name to train it twice.")
+            if job.state in (QUEUED, RUNNING, REVIEW) and (
+                job.name,
+                job.model,
+                job.block_vector,
+                job.recipe,
+            ) == (settings.name, settings.model, settings.block_vector, settings.recipe):
+                raise Conflict(
+                    f"{folder.name} is {job.state} already as job {job.id}, with the same settings; wait for it, "
+                    f"cancel it (`loradrop cancel {job.id}`), or give another --name to train it twice."
+                )
         return self._queue(settings, source="submit", dataset=folder, key=key)
 
     def upload(self, first: Request, folder_name: str, data: Iterator[bytes]) -> Job:
@@ -111,7 +118,9 @@ class Intake:
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise DiskFull(f"disk full: no space left in the inbox ({self.home.inbox}) for the upload; free some space and send it again.") from None
+            raise DiskFull(
+                f"disk full: no space left in the inbox ({self.home.inbox}) for the upload; free some space and send it again."
+            ) from None
         finally:
             if staging is not None and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -126,7 +135,9 @@ class Intake:
             folder = Path(job.dataset)
             self._check_folder(folder)
             settings = self.resolve(folder, Request(name=job.name), default_name=job.name)
-            self.events.store.set_settings(job.id, settings.model, settings.block_vector, settings.recipe, settings.captions)
+            self.events.store.set_settings(
+                job.id, settings.model, settings.block_vector, settings.recipe, settings.captions
+            )
         retried = self.events.transition(job.id, QUEUED, expect=(FAILED, CANCELLED), attempts=0)
         if retried is None:
             raise Conflict(f"job {job.id} changed state meanwhile; look at it again.")
@@ -145,9 +156,20 @@ class Intake:
             settings = self.resolve(folder, Request(), default_name=folder.name)
         except UserError as e:
             error = printable(str(e))
-            job = self.events.add_job(name=safe_name(folder.name), source="inbox", dataset=printable(str(folder)), inbox_key=key,
-                                      model=None, block_vector=None, recipe=None, state=FAILED, error=error)
-            self.events.emit("", Log(f"inbox: {printable(folder.name)} refused as job {job.id}: {error}", "warning"))
+            job = self.events.add_job(
+                name=safe_name(folder.name),
+                source="inbox",
+                dataset=printable(str(folder)),
+                inbox_key=key,
+                model=None,
+                block_vector=None,
+                recipe=None,
+                state=FAILED,
+                error=error,
+            )
+            self.events.emit(
+                "", Log(f"inbox: {printable(folder.name)} refused as job {job.id}: {error}", "warning")
+            )
             log.warning("inbox folder %s refused: %s", printable(str(folder)), error)
             return
         self._queue(settings, source="inbox", dataset=folder, key=key)
@@ -161,7 +183,9 @@ class Intake:
         (a new folder may get the same inode)."""
         for job in self.events.store.inbox_jobs(key):
             if job.state in WAITING:
-                self.events.transition(job.id, CANCELLED, error="its folder was removed from the inbox", expect=WAITING)
+                self.events.transition(
+                    job.id, CANCELLED, error="its folder was removed from the inbox", expect=WAITING
+                )
             self.events.store.set_inbox(job.id, job.dataset, None)
 
     def forget_missing(self, present: set[str]) -> None:
@@ -172,32 +196,50 @@ class Intake:
 
     # ------------------------------------------------------------------ resolution
 
-    def resolve(self, folder: Path, request: Request, *, default_name: str, shown: str | None = None) -> Settings:
+    def resolve(
+        self, folder: Path, request: Request, *, default_name: str, shown: str | None = None
+    ) -> Settings:
         """The job's frozen settings: recipe defaults < the folder's loradrop.toml < the request.
         `shown`: the folder's name in sentences, for an upload still in its hidden staging folder."""
         values: dict = {}
         source = folder / FOLDER_FILE
         if _regular_file(source, "a TOML file of recipe settings"):
             values = load_toml(source)
-        caption = captions.resolve(values, source, captioner=self.config.captioner, captioner_kind=self.config.captioner_kind,
-                                   model_path=self.caption_model_path)
+        caption = captions.resolve(
+            values,
+            source,
+            captioner=self.config.captioner,
+            captioner_kind=self.config.captioner_kind,
+            model_path=self.caption_model_path,
+        )
         extra = {k: values.pop(k) for k in FOLDER_KEYS if k in values}
         for key, value in extra.items():
             if not isinstance(value, str):
                 raise UserError(f"{source}: {key} must be a string, not {value!r}.")
-        recipe = Recipe.from_mapping(values, source=str(source)).with_overrides(list(request.overrides), source="request")
+        recipe = Recipe.from_mapping(values, source=str(source)).with_overrides(
+            list(request.overrides), source="request"
+        )
         name = safe_name(request.name or extra.get("name") or values.get("output_name") or default_name)
         recipe = recipe.updated({"output_name": name}, source="request")
         vector = request.block_vector or extra.get("block_vector") or None
         if vector:  # refused now, not after the whole job has trained
-            check_block_vector(vector, "the request's block_vector" if request.block_vector else f"{source}: block_vector")
+            check_block_vector(
+                vector, "the request's block_vector" if request.block_vector else f"{source}: block_vector"
+            )
         prompts = folder / recipe.sample_prompts
         if recipe.sample_every_n_steps and _regular_file(prompts, "a text file of sample prompts"):
-            parse_prompt_file(prompts, lambda _warning: None)  # a sample past the size or step limits is refused
+            parse_prompt_file(
+                prompts, lambda _warning: None
+            )  # a sample past the size or step limits is refused
         # Before any worker: a folder with uncaptioned images and nothing to caption them fails now.
         captions.refuse_uncaptioned(folder, recipe.caption_extension, caption, shown)
-        return Settings(name=name, model=self.model_path(request.model or extra.get("model", "")), block_vector=vector,
-                        recipe=recipe.to_dict(), captions=caption)
+        return Settings(
+            name=name,
+            model=self.model_path(request.model or extra.get("model", "")),
+            block_vector=vector,
+            recipe=recipe.to_dict(),
+            captions=caption,
+        )
 
     def caption_model_path(self, text: str) -> Path:
         """A loradrop.toml's caption_model: a tagger or VLM folder (or .onnx file) in models/, or
@@ -206,7 +248,9 @@ class Intake:
             return Path(text)
         path = resolve_inside(text, [self.home.models], what="caption model", base=self.home.models)
         if not path.exists():
-            raise RequestError(f"caption model {text!r} is not in {self.home.models}; copy the tagger or VLM folder there first.")
+            raise RequestError(
+                f"caption model {text!r} is not in {self.home.models}; copy the tagger or VLM folder there first."
+            )
         return path
 
     def model_path(self, text: str) -> str | None:
@@ -216,9 +260,13 @@ class Intake:
             return self.config.model
         if self.config.model and text == self.config.model:
             return text
-        path = resolve_inside(text, [self.home.models, self.home.outputs], what="model", base=self.home.models)
+        path = resolve_inside(
+            text, [self.home.models, self.home.outputs], what="model", base=self.home.models
+        )
         if not path.is_file():
-            raise RequestError(f"model {text!r} is not a file in {self.home.models}; copy the checkpoint there first.")
+            raise RequestError(
+                f"model {text!r} is not a file in {self.home.models}; copy the checkpoint there first."
+            )
         return str(path)
 
     def _check_folder(self, folder: Path) -> None:
@@ -226,11 +274,23 @@ class Intake:
             raise RequestError(f"the name of {printable(str(folder))} is not valid UTF-8; rename the folder.")
         refuse_links_out(folder, self.home.inbox)
         if not folder.is_dir():
-            raise RequestError(f"dataset {folder} is not a folder (any more); give a folder of images inside the inbox.")
+            raise RequestError(
+                f"dataset {folder} is not a folder (any more); give a folder of images inside the inbox."
+            )
 
-    def _queue(self, settings: Settings, *, source: str, dataset: Path, key: str | None, wake: bool = True) -> Job:
-        job = self.events.add_job(name=settings.name, source=source, dataset=str(dataset), inbox_key=key, model=settings.model,
-                                  block_vector=settings.block_vector, recipe=settings.recipe, captions=settings.captions)
+    def _queue(
+        self, settings: Settings, *, source: str, dataset: Path, key: str | None, wake: bool = True
+    ) -> Job:
+        job = self.events.add_job(
+            name=settings.name,
+            source=source,
+            dataset=str(dataset),
+            inbox_key=key,
+            model=settings.model,
+            block_vector=settings.block_vector,
+            recipe=settings.recipe,
+            captions=settings.captions,
+        )
         if wake:
             self._wake()
         return job
@@ -276,7 +336,9 @@ class _Stream(io.RawIOBase):
                 return 0
             self._total += len(chunk)
             if self._total > self._limit:
-                raise RequestError(f"the upload is larger than {self._limit >> 30} GiB; copy the folder into the inbox instead.")
+                raise RequestError(
+                    f"the upload is larger than {self._limit >> 30} GiB; copy the folder into the inbox instead."
+                )
             self._buffer = chunk
         n = min(len(b), len(self._buffer))
         b[:n] = self._buffer[:n]

@@ -41,7 +41,13 @@ class JobPolicy:
         half-wrote is swept."""
         for job in self.events.store.jobs([RUNNING]):
             self.events.transition(job.id, QUEUED, expect=(RUNNING,))
-            self.events.emit(job.id, Log("the daemon stopped while this job ran; it resumes from its last full checkpoint", "warning"))
+            self.events.emit(
+                job.id,
+                Log(
+                    "the daemon stopped while this job ran; it resumes from its last full checkpoint",
+                    "warning",
+                ),
+            )
         self.sweep(self.home.outputs, self.home.cache)
 
     # ------------------------------------------------------------------ what a slot calls
@@ -52,9 +58,17 @@ class JobPolicy:
         return None if job is None else self.run_message(job)
 
     def run_message(self, job: Job) -> Run:
-        spec = JobSpec(job_id=job.id, name=job.name, dataset=Path(job.dataset), out_dir=self.home.job_dir(job.id), recipe=job.recipe or {},
-                       model=job.model, block_vector=job.block_vector, cache_dir=self.home.cache,
-                       resume=True)  # a job's out_dir is its own: a checkpoint there is from an earlier try
+        spec = JobSpec(
+            job_id=job.id,
+            name=job.name,
+            dataset=Path(job.dataset),
+            out_dir=self.home.job_dir(job.id),
+            recipe=job.recipe or {},
+            model=job.model,
+            block_vector=job.block_vector,
+            cache_dir=self.home.cache,
+            resume=True,
+        )  # a job's out_dir is its own: a checkpoint there is from an earlier try
         return Run(spec, str(self.home.inbox), job.captions or CaptionSettings())
 
     def event(self, job_id: str, body: Event, at: float) -> None:
@@ -67,35 +81,77 @@ class JobPolicy:
         job_id = done.job_id
         self.cancelling.discard(job_id)
         if done.outcome == STOPPED:
-            self._requeue(job_id, "the daemon is stopping; this job resumes from its last full checkpoint on the next start")
+            self._requeue(
+                job_id,
+                "the daemon is stopping; this job resumes from its last full checkpoint on the next start",
+            )
             return
-        if done.outcome == REVIEW:  # captioned, held for a person: the worker is free for the next job meanwhile
-            self._quietly(lambda: self.events.emit(job_id, Log(f"captions written; the job waits for review: look them over, then `loradrop accept {job_id}`")))
-            self._lasting(lambda: self.events.transition(job_id, REVIEW, expect=(RUNNING,)), f"that job {job_id} waits for review")
+        if (
+            done.outcome == REVIEW
+        ):  # captioned, held for a person: the worker is free for the next job meanwhile
+            self._quietly(
+                lambda: self.events.emit(
+                    job_id,
+                    Log(
+                        f"captions written; the job waits for review: look them over, then `loradrop accept {job_id}`"
+                    ),
+                )
+            )
+            self._lasting(
+                lambda: self.events.transition(job_id, REVIEW, expect=(RUNNING,)),
+                f"that job {job_id} waits for review",
+            )
             return
         if done.outcome == DONE:
-            self._lasting(lambda: self.events.store.set_result(job_id, done.result), f"the result of job {job_id}")
+            self._lasting(
+                lambda: self.events.store.set_result(job_id, done.result), f"the result of job {job_id}"
+            )
         state = {DONE: DONE, CANCELLED: CANCELLED}.get(done.outcome, FAILED)
-        self._lasting(lambda: self.events.transition(job_id, state, error=done.error, expect=(RUNNING,)), f"that job {job_id} ended ({state})")
+        self._lasting(
+            lambda: self.events.transition(job_id, state, error=done.error, expect=(RUNNING,)),
+            f"that job {job_id} ended ({state})",
+        )
 
     def crashed(self, job_id: str, reason: str) -> None:
         """The worker running `job_id` died (`reason`: the end of a sentence, "the worker …")."""
         self.sweep(self.home.job_dir(job_id), self.home.cache)
         if self.stopping:
-            self._requeue(job_id, f"the worker {reason}; this job resumes from its last full checkpoint on the next start")
+            self._requeue(
+                job_id,
+                f"the worker {reason}; this job resumes from its last full checkpoint on the next start",
+            )
             return
         if job_id in self.cancelling:
             self.cancelling.discard(job_id)
-            self._lasting(lambda: self.events.transition(job_id, CANCELLED, error=f"the worker {reason} while cancelling", expect=(RUNNING,)), f"that job {job_id} was cancelled")
+            self._lasting(
+                lambda: self.events.transition(
+                    job_id, CANCELLED, error=f"the worker {reason} while cancelling", expect=(RUNNING,)
+                ),
+                f"that job {job_id} was cancelled",
+            )
             return
         job = self.events.store.get(job_id)
         if job is not None and job.attempts < self.config.max_retries:
             tries = job.attempts + 1
-            self._quietly(lambda: self.events.emit(job_id, Log(f"the worker {reason}; resuming from the last full checkpoint (retry {tries} of {self.config.max_retries})", "warning")))
-            self._lasting(lambda: self.events.transition(job_id, QUEUED, expect=(RUNNING,), attempts=tries), f"that job {job_id} goes back to the queue")
+            self._quietly(
+                lambda: self.events.emit(
+                    job_id,
+                    Log(
+                        f"the worker {reason}; resuming from the last full checkpoint (retry {tries} of {self.config.max_retries})",
+                        "warning",
+                    ),
+                )
+            )
+            self._lasting(
+                lambda: self.events.transition(job_id, QUEUED, expect=(RUNNING,), attempts=tries),
+                f"that job {job_id} goes back to the queue",
+            )
             self._wake()
             return
-        self._lasting(lambda: self.events.transition(job_id, FAILED, error=f"the worker {reason}", expect=(RUNNING,)), f"that job {job_id} failed")
+        self._lasting(
+            lambda: self.events.transition(job_id, FAILED, error=f"the worker {reason}", expect=(RUNNING,)),
+            f"that job {job_id} failed",
+        )
 
     # ------------------------------------------------------------------ pieces
 
@@ -109,7 +165,10 @@ class JobPolicy:
 
     def _requeue(self, job_id: str, why: str) -> None:
         self._quietly(lambda: self.events.emit(job_id, Log(why, "warning")))
-        self._lasting(lambda: self.events.transition(job_id, QUEUED, expect=(RUNNING,)), f"that job {job_id} goes back to the queue")
+        self._lasting(
+            lambda: self.events.transition(job_id, QUEUED, expect=(RUNNING,)),
+            f"that job {job_id} goes back to the queue",
+        )
 
     def _lasting(self, write: Callable[[], Any], what: str) -> None:
         """A state change must not be lost to a full disk: tried again until the store takes it

@@ -104,7 +104,11 @@ class IdleWatch:
             time.sleep(min(1.0, self.seconds / 4))
             now = time.monotonic()
             with self._lock:
-                late = [(k, c) for k, (t, c) in self._last.items() if now - t > self.seconds and k not in self._timed_out]
+                late = [
+                    (k, c)
+                    for k, (t, c) in self._last.items()
+                    if now - t > self.seconds and k not in self._timed_out
+                ]
                 self._timed_out.update(k for k, _ in late)
             for _, context in late:
                 context.cancel()  # wakes the thread blocked on the stream; it sees the time-out
@@ -135,4 +139,6 @@ class _Watched:
         return self._watch._expired(self._key)
 
     def error(self) -> Busy:
-        return Busy(f"the stream made no progress for {self._watch.seconds:g} s and was ended; send it again.")
+        return Busy(
+            f"the stream made no progress for {self._watch.seconds:g} s and was ended; send it again."
+        )

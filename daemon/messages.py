@@ -41,7 +41,9 @@ def job_message(job: Job, out_dir: Path) -> pb.Job:
 
 
 def event_message(event: Event) -> pb.Event:
-    message = pb.Event(seq=event.seq, global_seq=event.gseq, job_id=event.job_id, time=event.time, kind=event.kind)
+    message = pb.Event(
+        seq=event.seq, global_seq=event.gseq, job_id=event.job_id, time=event.time, kind=event.kind
+    )
     match event.body:
         case ev.Log(text, level):
             message.log.CopyFrom(pb.LogLine(level=level, text=text))
@@ -50,18 +52,26 @@ def event_message(event: Event) -> pb.Event:
         case ev.Progress() as progress:
             message.progress.CopyFrom(progress_message(progress))
         case ev.Sample(path, step, prompt_index, prompt):
-            message.sample.CopyFrom(pb.SampleReady(path=path, step=step, prompt_index=prompt_index, prompt=prompt))
+            message.sample.CopyFrom(
+                pb.SampleReady(path=path, step=step, prompt_index=prompt_index, prompt=prompt)
+            )
         case ev.Artifact(path, kind, size, step):
             message.artifact.CopyFrom(pb.ArtifactReady(path=path, kind=kind, bytes=size, step=step))
         case ev.StateChange(state, error):
             message.state.CopyFrom(pb.StateChange(state=pb.JobState.Value(state.upper()), error=error))
         case ev.PreviewProgress(image, images, step, steps, request_id):
-            message.preview.CopyFrom(pb.PreviewProgress(request_id=request_id, image=image, images=images, step=step, steps=steps))
+            message.preview.CopyFrom(
+                pb.PreviewProgress(request_id=request_id, image=image, images=images, step=step, steps=steps)
+            )
         case other:
             raise TypeError(f"no API message for {other!r}")
     return message
 
 
 def progress_message(p: ev.Progress) -> pb.Progress:
-    optional = {k: float(getattr(p, k)) for k in ("loss", "avg_loss", "lr_unet", "lr_te", "rate", "eta_s") if getattr(p, k) is not None}
+    optional = {
+        k: float(getattr(p, k))
+        for k in ("loss", "avg_loss", "lr_unet", "lr_te", "rate", "eta_s")
+        if getattr(p, k) is not None
+    }
     return pb.Progress(stage=p.stage, done=p.done, total=p.total, **optional)

@@ -25,7 +25,9 @@ from .records import CaptionSettings, JobFiles
 class Run:
     spec: JobSpec
     inbox: str  # the worker checks the folder's links again before reading it
-    captions: CaptionSettings = field(default_factory=CaptionSettings)  # the caption stage, run before the engine's scan
+    captions: CaptionSettings = field(
+        default_factory=CaptionSettings
+    )  # the caption stage, run before the engine's scan
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,9 @@ def _clean(value):
     if isinstance(value, str):
         return printable(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _clean(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init})
+        return dataclasses.replace(
+            value, **{f.name: _clean(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        )
     if isinstance(value, (list, tuple)):
         return type(value)(_clean(v) for v in value)
     if isinstance(value, dict):

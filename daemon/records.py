@@ -15,7 +15,14 @@ from typing import Any
 from loradrop.engine.events import Event as Body
 from loradrop.engine.events import Progress, decode
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED, REVIEW = "queued", "running", "done", "failed", "cancelled", "review"
+QUEUED, RUNNING, DONE, FAILED, CANCELLED, REVIEW = (
+    "queued",
+    "running",
+    "done",
+    "failed",
+    "cancelled",
+    "review",
+)
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED, REVIEW)
 WAITING = (QUEUED, REVIEW)  # not ended, not running: a cancel ends them at once
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
@@ -53,7 +60,9 @@ class Job:
     inbox_key: str | None
     model: str | None
     block_vector: str | None
-    recipe: dict[str, Any] | None  # the frozen Recipe as a dict; None: refused before a recipe could be resolved
+    recipe: (
+        dict[str, Any] | None
+    )  # the frozen Recipe as a dict; None: refused before a recipe could be resolved
     created: float
     started: float | None
     ended: float | None
@@ -62,7 +71,9 @@ class Job:
     progress: Progress | None
     result: JobFiles = field(default_factory=JobFiles)
     last_seq: int = 0
-    captions: CaptionSettings | None = None  # None for a job refused at intake (or from before the caption stage)
+    captions: CaptionSettings | None = (
+        None  # None for a job refused at intake (or from before the caption stage)
+    )
 
 
 @dataclass(frozen=True)
@@ -103,9 +114,13 @@ def job_from_row(row: sqlite3.Row) -> Job:
 
 
 def event_from_row(row: sqlite3.Row) -> Event:
-    return Event(row["gseq"], row["job_id"], row["seq"], row["time"], decode(row["kind"], json.loads(row["payload"])))
+    return Event(
+        row["gseq"], row["job_id"], row["seq"], row["time"], decode(row["kind"], json.loads(row["payload"]))
+    )
 
 
 def _files(stored: dict[str, Any]) -> JobFiles:
     # Older rows hold the engine's whole result (its samples too); the record keeps what it names.
-    return JobFiles(**{f.name: stored[f.name] or f.default for f in dataclasses.fields(JobFiles) if f.name in stored})
+    return JobFiles(
+        **{f.name: stored[f.name] or f.default for f in dataclasses.fields(JobFiles) if f.name in stored}
+    )

@@ -52,7 +52,9 @@ def resolve_inside(text: str, roots: list[Path], *, what: str, base: Path | None
         resolved = path.resolve()
         resolved.exists()  # a name too long for the file system raises here, not in the caller
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python before 3.13)
-        raise RequestError(f"{what} {text!r} cannot be resolved ({getattr(e, 'strerror', None) or e}).") from None
+        raise RequestError(
+            f"{what} {text!r} cannot be resolved ({getattr(e, 'strerror', None) or e})."
+        ) from None
     if not any(inside(resolved, root) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise Refused(f"{what} {text!r} is outside the daemon's folders ({allowed}); put it inside them.")
@@ -65,12 +67,18 @@ def refuse_links_out(folder: Path, root: Path) -> None:
     Hard links count too (as uploads refuse them): a file with a name outside the folder."""
     if folder.is_symlink() and not _resolves_inside(folder, root):
         # Never walked: an entry linking to / would have the whole tree read, and named.
-        raise Refused(f"{printable(folder.name)} is a symlink pointing outside the inbox, or nowhere; move or copy the folder itself in instead.")
+        raise Refused(
+            f"{printable(folder.name)} is a symlink pointing outside the inbox, or nowhere; move or copy the folder itself in instead."
+        )
     symlinks, hardlinks = links_out_of(folder, root)
     if symlinks:
-        raise Refused(f"{folder} has symlinks pointing outside the inbox, or nowhere ({printable(', '.join(symlinks))}); copy the files in instead.")
+        raise Refused(
+            f"{folder} has symlinks pointing outside the inbox, or nowhere ({printable(', '.join(symlinks))}); copy the files in instead."
+        )
     if hardlinks:
-        raise Refused(f"{folder} has hard links to files outside it ({printable(', '.join(hardlinks))}); copy the files in instead.")
+        raise Refused(
+            f"{folder} has hard links to files outside it ({printable(', '.join(hardlinks))}); copy the files in instead."
+        )
 
 
 def links_out_of(folder: Path, root: Path, most: int = 3) -> tuple[list[str], list[str]]:
@@ -78,7 +86,9 @@ def links_out_of(folder: Path, root: Path, most: int = 3) -> tuple[list[str], li
     up to `most` files with hard links outside `folder`: (symlinks, hard links), as paths
     relative to `folder`. The walk stops at the `most`-th link out."""
     symlinks: list[str] = []
-    shared: dict[tuple[int, int], list] = {}  # files with several names: [names seen here, links in all, a name]
+    shared: dict[
+        tuple[int, int], list
+    ] = {}  # files with several names: [names seen here, links in all, a name]
     for entry in tree(folder):
         try:
             if entry.is_symlink():
@@ -91,7 +101,9 @@ def links_out_of(folder: Path, root: Path, most: int = 3) -> tuple[list[str], li
         except OSError:  # removed meanwhile
             continue
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            seen = shared.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, os.path.relpath(entry.path, folder)])
+            seen = shared.setdefault(
+                (st.st_dev, st.st_ino), [0, st.st_nlink, os.path.relpath(entry.path, folder)]
+            )
             seen[0] += 1
     hardlinks = [name for count, links, name in shared.values() if count < links]
     return symlinks, sorted(hardlinks)[:most]
@@ -134,11 +146,17 @@ def read_token(path: str | os.PathLike, warn=None) -> str:
             mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             token = f.read(4096).strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the token file {path} ({getattr(e, 'strerror', None) or e}); give a readable file with one token.") from None
+        raise UserError(
+            f"cannot read the token file {path} ({getattr(e, 'strerror', None) or e}); give a readable file with one token."
+        ) from None
     if len(token) < 16:
-        raise UserError(f"the token in {path} is shorter than 16 characters; use a long random one (for example: openssl rand -hex 32).")
+        raise UserError(
+            f"the token in {path} is shorter than 16 characters; use a long random one (for example: openssl rand -hex 32)."
+        )
     if mode & 0o077 and warn is not None:
-        warn(f"the token file {path} can be read by other users (mode {mode:04o}); make it private: chmod 600 {path}")
+        warn(
+            f"the token file {path} can be read by other users (mode {mode:04o}); make it private: chmod 600 {path}"
+        )
     return token
 
 
@@ -150,18 +168,32 @@ def check_tls(cert: Path, key: Path) -> tuple[bytes, bytes]:
         try:
             texts[what] = path.read_bytes()
         except OSError as e:
-            raise UserError(f"{what} {path} cannot be read ({e.strerror}); give the PEM file's path.") from None
+            raise UserError(
+                f"{what} {path} cannot be read ({e.strerror}); give the PEM file's path."
+            ) from None
     if b"PRIVATE KEY-----" in texts["--tls-cert"] and b"CERTIFICATE-----" in texts["--tls-key"]:
-        raise UserError(f"--tls-cert {cert} holds a private key and --tls-key {key} a certificate; swap them.")
+        raise UserError(
+            f"--tls-cert {cert} holds a private key and --tls-key {key} a certificate; swap them."
+        )
     if b"-----BEGIN CERTIFICATE-----" not in texts["--tls-cert"]:
-        raise UserError(f"--tls-cert {cert} is not a PEM certificate (no BEGIN CERTIFICATE line); give the certificate file.")
+        raise UserError(
+            f"--tls-cert {cert} is not a PEM certificate (no BEGIN CERTIFICATE line); give the certificate file."
+        )
     if b"PRIVATE KEY-----" not in texts["--tls-key"]:
-        raise UserError(f"--tls-key {key} is not a PEM private key (no BEGIN ... PRIVATE KEY line); give the key file.")
+        raise UserError(
+            f"--tls-key {key} is not a PEM private key (no BEGIN ... PRIVATE KEY line); give the key file."
+        )
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
     except ssl.SSLError as e:
-        why = "the key does not belong to the certificate" if "MISMATCH" in str(e).upper() else f"OpenSSL cannot load them: {e.reason or e}"
-        raise UserError(f"--tls-cert {cert} and --tls-key {key} do not make a working pair ({why}); give a certificate and its own key.") from None
+        why = (
+            "the key does not belong to the certificate"
+            if "MISMATCH" in str(e).upper()
+            else f"OpenSSL cannot load them: {e.reason or e}"
+        )
+        raise UserError(
+            f"--tls-cert {cert} and --tls-key {key} do not make a working pair ({why}); give a certificate and its own key."
+        ) from None
     return texts["--tls-key"], texts["--tls-cert"]
 
 
@@ -203,7 +235,10 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only says UNAUTHENTICATED."""
 
     def refuse(_request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token; pass the daemon's token (authorization: Bearer TOKEN).")
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong token; pass the daemon's token (authorization: Bearer TOKEN).",
+        )
 
     return _like(handler, refuse, handler.request_deserializer)
 
@@ -234,7 +269,10 @@ class MalformedRequests(grpc.ServerInterceptor):
 
             def checked(request, context):
                 if request is _MALFORMED:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request to {method} is not a valid message; use the daemon's .proto.")
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request to {method} is not a valid message; use the daemon's .proto.",
+                    )
                 return behavior(request, context)
 
         return _like(handler, checked, deserialize)
@@ -246,7 +284,9 @@ _MALFORMED = object()
 def _parsed(requests, method: str):
     for request in requests:
         if request is _MALFORMED:
-            raise RequestError(f"a message streamed to {method} is not a valid message; use the daemon's .proto.")
+            raise RequestError(
+                f"a message streamed to {method} is not a valid message; use the daemon's .proto."
+            )
         yield request
 
 
@@ -258,4 +298,6 @@ def _like(handler: grpc.RpcMethodHandler, behavior, deserializer) -> grpc.RpcMet
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return factory(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+    return factory(
+        behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer
+    )

@@ -52,12 +52,18 @@ class Daemon:
         self.lock = HomeLock(self.home)
         self._log_to_file()
         self.store = Store(self.home.database)
-        self.hooks = JobEndCommand(self.config.on_job_end, self.store, self.home.log, self.config.hook_seconds) if self.config.on_job_end else None
+        self.hooks = (
+            JobEndCommand(self.config.on_job_end, self.store, self.home.log, self.config.hook_seconds)
+            if self.config.on_job_end
+            else None
+        )
         self.events = EventLog(self.store, on_end=self.hooks)
         self.supervisor = Supervisor(self.home, self.config, self.events)
         self.intake = Intake(self.home, self.config, self.events, wake=self.supervisor.wake)
         self.watcher = InboxWatcher(self.home.inbox, self.config.quiet_seconds, self.intake)
-        self.service = Service(self.home, self.config, self.events, self.intake, self.supervisor, self.watcher)
+        self.service = Service(
+            self.home, self.config, self.events, self.intake, self.supervisor, self.watcher
+        )
         self.server = self._grpc_server()  # binds now: a taken port fails before any worker starts
         try:
             self.supervisor.start()
@@ -68,7 +74,12 @@ class Daemon:
         except BaseException:
             self.supervisor.stop(grace=0)  # no worker outlives a daemon that failed to start
             raise
-        log.info("daemon %d listening on %s; drop dataset folders into %s", os.getpid(), self.config.listen.grpc_address, self.home.inbox)
+        log.info(
+            "daemon %d listening on %s; drop dataset folders into %s",
+            os.getpid(),
+            self.config.listen.grpc_address,
+            self.home.inbox,
+        )
 
     def _grpc_server(self) -> grpc.Server:
         interceptors = []
@@ -79,14 +90,20 @@ class Daemon:
         server = grpc.server(
             ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
             interceptors=interceptors,
-            options=[("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ],
         )
         rpc.add_LoradropServicer_to_server(self.service, server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
 
         listen = self.config.listen
         if listen.unix:
@@ -100,7 +117,9 @@ class Daemon:
             else:
                 server.add_insecure_port(listen.grpc_address)
         except RuntimeError:
-            raise UserError(f"cannot listen on {listen.grpc_address} (in use, or not allowed); choose another --listen.") from None
+            raise UserError(
+                f"cannot listen on {listen.grpc_address} (in use, or not allowed); choose another --listen."
+            ) from None
         return server
 
     def _log_to_file(self) -> None:
@@ -112,7 +131,9 @@ class Daemon:
 
     def request_stop(self, *_args) -> None:
         supervisor = getattr(self, "supervisor", None)
-        if self._stop.is_set() and supervisor is not None:  # a second signal while stopping: do not wait for the workers
+        if (
+            self._stop.is_set() and supervisor is not None
+        ):  # a second signal while stopping: do not wait for the workers
             log.warning("asked to stop again: workers still busy are killed now")
             supervisor.hurry()
         self._stop.set()

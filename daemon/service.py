@@ -15,10 +15,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-
 from loradrop import __version__
-from loradrop.engine.events import Artifact, Log, PreviewProgress
 from loradrop.engine.data.prompts import MAX_SAMPLE_STEPS, check_limits, parse_prompt_line
+from loradrop.engine.events import Artifact, Log, PreviewProgress
 from loradrop.engine.recipe import check_block_vector
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
@@ -32,20 +31,42 @@ from .home import Home
 from .intake import Intake, Request
 from .limits import MAX_DOWNLOADS, MAX_STREAMS, MAX_TOOL_CALLS, MAX_UPLOADS, Gate, IdleWatch
 from .messages import event_message, job_message
-from .thumbnails import image_message
 from .records import CANCELLED, REVIEW, RUNNING, STATES, TERMINAL, WAITING, Job
 from .security import refuse_links_out, resolve_inside
 from .supervisor import Supervisor
+from .thumbnails import image_message
 from .watcher import InboxWatcher
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-WORKER_CALL_S = {"blocks": 300.0, "chop": 300.0, "resize": 1800.0, "preview": 1800.0}  # how long each call into a worker may take
+WORKER_CALL_S = {
+    "blocks": 300.0,
+    "chop": 300.0,
+    "resize": 1800.0,
+    "preview": 1800.0,
+}  # how long each call into a worker may take
 _KIND = re.compile(r"[a-z_]{1,32}")
+
+
 class Service(rpc.LoradropServicer):
-    def __init__(self, home: Home, config: DaemonConfig, events: EventLog, intake: Intake, supervisor: Supervisor, watcher: InboxWatcher):
-        self.home, self.config, self.events, self.intake, self.supervisor, self.watcher = home, config, events, intake, supervisor, watcher
+    def __init__(
+        self,
+        home: Home,
+        config: DaemonConfig,
+        events: EventLog,
+        intake: Intake,
+        supervisor: Supervisor,
+        watcher: InboxWatcher,
+    ):
+        self.home, self.config, self.events, self.intake, self.supervisor, self.watcher = (
+            home,
+            config,
+            events,
+            intake,
+            supervisor,
+            watcher,
+        )
         self.store = events.store
         self.started = time.time()
         self.stopping = False
@@ -86,7 +107,9 @@ class Service(rpc.LoradropServicer):
             messages = watched.messages(request_iterator)
             first = next(messages, None)
             if first is None or not first.HasField("job"):
-                raise RequestError("an upload must start with a message that carries the job (its folder name and settings).")
+                raise RequestError(
+                    "an upload must start with a message that carries the job (its folder name and settings)."
+                )
             chunks = (m.data for m in _chain(first, messages))
             return self._message(self.intake.upload(_request(first.job), first.job.dataset, chunks))
 
@@ -119,7 +142,9 @@ class Service(rpc.LoradropServicer):
     def AcceptCaptions(self, request, context):
         job = self._job(request.job_id)
         if job.state != REVIEW:
-            raise Conflict(f"job {job.id} is {job.state}, not waiting for caption review; only a job in review can be accepted.")
+            raise Conflict(
+                f"job {job.id} is {job.state}, not waiting for caption review; only a job in review can be accepted."
+            )
         accepted = self.events.accept_captions(job.id)
         if accepted is None:
             raise Conflict(f"job {job.id} changed state meanwhile; look at it again.")
@@ -131,15 +156,21 @@ class Service(rpc.LoradropServicer):
     def ListCaptions(self, request, context):
         job = self._job(request.job_id)
         folder, extension = self._dataset(job)
-        return pb.ListCaptionsReply(captions=[pb.Caption(**dataclasses.asdict(c)) for c in captions.listing(folder, extension)])
+        return pb.ListCaptionsReply(
+            captions=[pb.Caption(**dataclasses.asdict(c)) for c in captions.listing(folder, extension)]
+        )
 
     @answers
     def SetCaption(self, request, context):
         job = self._job(request.job_id)
         if job.state == RUNNING:
-            raise Conflict(f"job {job.id} is running and reads its captions; edit them once it has ended, or while it waits for review.")
+            raise Conflict(
+                f"job {job.id} is running and reads its captions; edit them once it has ended, or while it waits for review."
+            )
         folder, extension = self._dataset(job)
-        return pb.Caption(**dataclasses.asdict(captions.write(folder, extension, request.image, request.text)))
+        return pb.Caption(
+            **dataclasses.asdict(captions.write(folder, extension, request.image, request.text))
+        )
 
     def _dataset(self, job: Job) -> tuple[Path, str]:
         """The job's dataset folder (only one inside the inbox, with no links out) and its caption extension."""
@@ -204,8 +235,12 @@ class Service(rpc.LoradropServicer):
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(out_dir).parts):
                 continue
             st = path.stat()
-            kind = kinds.get(str(path)) or ("sample" if str(path) in samples else "preview" if path.parent.name == "previews" else "other")
-            artifacts.append(pb.Artifact(path=str(path), kind=kind, bytes=st.st_size, job_id=job.id, mtime=st.st_mtime))
+            kind = kinds.get(str(path)) or (
+                "sample" if str(path) in samples else "preview" if path.parent.name == "previews" else "other"
+            )
+            artifacts.append(
+                pb.Artifact(path=str(path), kind=kind, bytes=st.st_size, job_id=job.id, mtime=st.st_mtime)
+            )
         return pb.ListArtifactsReply(artifacts=artifacts)
 
     @answers
@@ -236,8 +271,12 @@ class Service(rpc.LoradropServicer):
     @answers
     def Chop(self, request, context):
         path, job = self._artifact(request.path)
-        check_block_vector(request.vector, "the vector", entries=None)  # its length is checked against the file's blocks
-        return self._new_artifact(job, self._call("chop", context, path=str(path), vector=request.vector), "chopped")
+        check_block_vector(
+            request.vector, "the vector", entries=None
+        )  # its length is checked against the file's blocks
+        return self._new_artifact(
+            job, self._call("chop", context, path=str(path), vector=request.vector), "chopped"
+        )
 
     @answers
     def Resize(self, request, context):
@@ -245,7 +284,9 @@ class Service(rpc.LoradropServicer):
         recipe = request.recipe or (job.recipe or {}).get("resize_recipe", "")
         if not recipe:
             raise RequestError("give a resize recipe, for example fro_ckpt=1,thr=-3.55.")
-        return self._new_artifact(job, self._call("resize", context, path=str(path), recipe=recipe, model=job.model), "resized")
+        return self._new_artifact(
+            job, self._call("resize", context, path=str(path), recipe=recipe, model=job.model), "resized"
+        )
 
     @answers
     def Preview(self, request, context):
@@ -254,7 +295,9 @@ class Service(rpc.LoradropServicer):
             check_block_vector(request.vector, "the vector", entries=None)
         _check_max_size(request.max_size)
         if not 0 <= request.steps <= MAX_SAMPLE_STEPS:
-            raise RequestError(f"a preview takes 1 to {MAX_SAMPLE_STEPS} steps (0: a quick look), not {request.steps}.")
+            raise RequestError(
+                f"a preview takes 1 to {MAX_SAMPLE_STEPS} steps (0: a quick look), not {request.steps}."
+            )
         for line in request.prompts:
             check_limits(parse_prompt_line(line, lambda _warning: None), "the preview prompt")
         seed = request.seed if request.HasField("seed") else (job.recipe or {}).get("seed", 0)
@@ -315,7 +358,9 @@ class Service(rpc.LoradropServicer):
         if self.stopping:
             raise Unavailable("the daemon is stopping.")
         with self._tool_calls.enter(context):
-            return self.supervisor.call(name, args, WORKER_CALL_S[name], progress=progress, cancelled=lambda: not context.is_active())
+            return self.supervisor.call(
+                name, args, WORKER_CALL_S[name], progress=progress, cancelled=lambda: not context.is_active()
+            )
 
     def _new_artifact(self, job: Job, path_text: str, kind: str) -> pb.Artifact:
         path = Path(path_text)
@@ -327,7 +372,9 @@ class Service(rpc.LoradropServicer):
 def _kinds(kinds) -> frozenset[str]:
     """The event kinds a stream asked for; a kind this daemon never emits just matches nothing."""
     if len(kinds) > 16 or not all(_KIND.fullmatch(k) for k in kinds):
-        raise RequestError("kinds takes at most 16 event kinds, each a lower-case word such as log, progress or state.")
+        raise RequestError(
+            "kinds takes at most 16 event kinds, each a lower-case word such as log, progress or state."
+        )
     return frozenset(kinds)
 
 
@@ -344,7 +391,12 @@ def _state_name(code: int) -> str:
 
 
 def _request(message: pb.SubmitJobRequest) -> Request:
-    return Request(overrides=tuple(message.overrides), name=message.name, model=message.model, block_vector=message.block_vector)
+    return Request(
+        overrides=tuple(message.overrides),
+        name=message.name,
+        model=message.model,
+        block_vector=message.block_vector,
+    )
 
 
 def _chain(first, rest) -> Iterator:

@@ -28,7 +28,18 @@ from loradrop.engine.events import Event as Body
 from loradrop.engine.events import Progress, StateChange, encode
 
 from .errors import BadStore, DiskFull
-from .records import QUEUED, REVIEW, RUNNING, TERMINAL, CaptionSettings, Event, Job, JobFiles, event_from_row, job_from_row
+from .records import (
+    QUEUED,
+    REVIEW,
+    RUNNING,
+    TERMINAL,
+    CaptionSettings,
+    Event,
+    Job,
+    JobFiles,
+    event_from_row,
+    job_from_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +139,16 @@ class Store:
                     if not self._is_full(e):
                         raise
                     if attempt == 1 and self._reserve.exists():
-                        log.warning("the disk under %s is full; giving the store its reserve of %d MB", self.path.parent, RESERVE_BYTES >> 20)
+                        log.warning(
+                            "the disk under %s is full; giving the store its reserve of %d MB",
+                            self.path.parent,
+                            RESERVE_BYTES >> 20,
+                        )
                         self._reserve.unlink()
                         continue
-                    raise DiskFull(f"disk full: the job database {self.path} cannot be written (no space left on its disk); free some space.") from None
+                    raise DiskFull(
+                        f"disk full: the job database {self.path} cannot be written (no space left on its disk); free some space."
+                    ) from None
                 if time.monotonic() > self._refill_after:  # the space may be back: hold the reserve again
                     self._refill_after = time.monotonic() + 30
                     self._refill_reserve()
@@ -186,9 +203,22 @@ class Store:
             db.execute(
                 "INSERT INTO jobs (number, id, name, state, source, dataset, inbox_key, model, block_vector, recipe, created, ended, error, captions)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (number, job_id, name, state, source, dataset, inbox_key, model, block_vector,
-                 None if recipe is None else json.dumps(recipe), now, now if state in TERMINAL else None, error,
-                 None if captions is None else json.dumps(dataclasses.asdict(captions))),
+                (
+                    number,
+                    job_id,
+                    name,
+                    state,
+                    source,
+                    dataset,
+                    inbox_key,
+                    model,
+                    block_vector,
+                    None if recipe is None else json.dumps(recipe),
+                    now,
+                    now if state in TERMINAL else None,
+                    error,
+                    None if captions is None else json.dumps(dataclasses.asdict(captions)),
+                ),
             )
             event = self._insert_event(db, job_id, StateChange(state, error), now)
             return self._get(db, job_id), event
@@ -211,7 +241,9 @@ class Store:
         with self._lock:
             if states:
                 marks = ",".join("?" * len(states))
-                rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY number", states)
+                rows = self._db.execute(
+                    f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY number", states
+                )
             else:
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY number")
             return [job_from_row(r) for r in rows]
@@ -223,21 +255,28 @@ class Store:
     def inbox_jobs(self, key: str) -> list[Job]:
         """The jobs made from the inbox folder with this key (its inode)."""
         with self._lock:
-            return [job_from_row(r) for r in self._db.execute("SELECT * FROM jobs WHERE inbox_key = ? ORDER BY number", (key,))]
+            return [
+                job_from_row(r)
+                for r in self._db.execute("SELECT * FROM jobs WHERE inbox_key = ? ORDER BY number", (key,))
+            ]
 
     def claim_next(self) -> tuple[Job, Event] | None:
         """The next queued job, now running: interrupted ones first (they hold a checkpoint and
         had their turn already), then the oldest."""
 
         def claim(db):
-            row = db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY interrupted DESC, number LIMIT 1", (QUEUED,)).fetchone()
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = ? ORDER BY interrupted DESC, number LIMIT 1", (QUEUED,)
+            ).fetchone()
             if row is None:
                 return None
             return self._transition(db, row["id"], RUNNING, "", {QUEUED}, attempts=None)
 
         return self._write(claim)
 
-    def transition(self, job_id: str, state: str, *, error: str = "", expect: Iterable[str], attempts: int | None = None) -> tuple[Job, Event] | None:
+    def transition(
+        self, job_id: str, state: str, *, error: str = "", expect: Iterable[str], attempts: int | None = None
+    ) -> tuple[Job, Event] | None:
         """Move a job to `state` if it is in one of `expect`; None if it was not."""
         return self._write(lambda db: self._transition(db, job_id, state, error, set(expect), attempts))
 
@@ -257,21 +296,42 @@ class Store:
             sets.append("attempts = ?")
             args.append(attempts)
         marks = ",".join("?" * len(expect))
-        cur = db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})", [*args, job_id, *expect])
+        cur = db.execute(
+            f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})", [*args, job_id, *expect]
+        )
         if cur.rowcount == 0:
             return None
         event = self._insert_event(db, job_id, StateChange(state, error), now)
         return self._get(db, job_id), event
 
     def set_result(self, job_id: str, result: JobFiles) -> None:
-        self._write(lambda db: db.execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(dataclasses.asdict(result)), job_id)))
+        self._write(
+            lambda db: db.execute(
+                "UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(dataclasses.asdict(result)), job_id)
+            )
+        )
 
     def set_inbox(self, job_id: str, dataset: str, inbox_key: str | None) -> None:
-        self._write(lambda db: db.execute("UPDATE jobs SET dataset = ?, inbox_key = ? WHERE id = ?", (dataset, inbox_key, job_id)))
+        self._write(
+            lambda db: db.execute(
+                "UPDATE jobs SET dataset = ?, inbox_key = ? WHERE id = ?", (dataset, inbox_key, job_id)
+            )
+        )
 
-    def set_settings(self, job_id: str, model: str | None, block_vector: str | None, recipe: dict[str, Any], captions: CaptionSettings) -> None:
-        self._write(lambda db: db.execute("UPDATE jobs SET model = ?, block_vector = ?, recipe = ?, captions = ? WHERE id = ?",
-                                          (model, block_vector, json.dumps(recipe), json.dumps(dataclasses.asdict(captions)), job_id)))
+    def set_settings(
+        self,
+        job_id: str,
+        model: str | None,
+        block_vector: str | None,
+        recipe: dict[str, Any],
+        captions: CaptionSettings,
+    ) -> None:
+        self._write(
+            lambda db: db.execute(
+                "UPDATE jobs SET model = ?, block_vector = ?, recipe = ?, captions = ? WHERE id = ?",
+                (model, block_vector, json.dumps(recipe), json.dumps(dataclasses.asdict(captions)), job_id),
+            )
+        )
 
     def accept_captions(self, job_id: str) -> tuple[Job, Event] | None:
         """A job in review, queued again with its captions marked accepted (so the caption stage
@@ -281,7 +341,10 @@ class Store:
             changed = self._transition(db, job_id, QUEUED, "", {REVIEW}, attempts=None)
             if changed is not None:
                 captions = dataclasses.replace(changed[0].captions or CaptionSettings(), accepted=True)
-                db.execute("UPDATE jobs SET captions = ? WHERE id = ?", (json.dumps(dataclasses.asdict(captions)), job_id))
+                db.execute(
+                    "UPDATE jobs SET captions = ? WHERE id = ?",
+                    (json.dumps(dataclasses.asdict(captions)), job_id),
+                )
                 changed = (self._get(db, job_id), changed[1])
             return changed
 
@@ -303,9 +366,15 @@ class Store:
         if job_id:
             db.execute("UPDATE jobs SET last_seq = last_seq + 1 WHERE id = ?", (job_id,))
             seq = db.execute("SELECT last_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
-            gseq = db.execute("INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)", (job_id, seq, now, kind, text)).lastrowid
+            gseq = db.execute(
+                "INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)",
+                (job_id, seq, now, kind, text),
+            ).lastrowid
         else:
-            gseq = db.execute("INSERT INTO events (job_id, seq, time, kind, payload) VALUES ('', 0, ?, ?, ?)", (now, kind, text)).lastrowid
+            gseq = db.execute(
+                "INSERT INTO events (job_id, seq, time, kind, payload) VALUES ('', 0, ?, ?, ?)",
+                (now, kind, text),
+            ).lastrowid
             db.execute("UPDATE events SET seq = gseq WHERE gseq = ?", (gseq,))
             seq = gseq
         return Event(gseq, job_id, seq, now, body)
@@ -315,15 +384,22 @@ class Store:
         and the newest global number at the time of reading."""
         with self._lock:
             if job_id:
-                rows = self._db.execute("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, since, limit))
+                rows = self._db.execute(
+                    "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (job_id, since, limit),
+                )
             else:
-                rows = self._db.execute("SELECT * FROM events WHERE gseq > ? ORDER BY gseq LIMIT ?", (since, limit))
+                rows = self._db.execute(
+                    "SELECT * FROM events WHERE gseq > ? ORDER BY gseq LIMIT ?", (since, limit)
+                )
             events = [event_from_row(r) for r in rows]
             return events, self.last_gseq()
 
     def job_events(self, job_id: str, kind: str) -> list[Event]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM events WHERE job_id = ? AND kind = ? ORDER BY seq", (job_id, kind))
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE job_id = ? AND kind = ? ORDER BY seq", (job_id, kind)
+            )
             return [event_from_row(r) for r in rows]
 
     def event(self, job_id: str, seq: int) -> Event | None:
@@ -354,5 +430,7 @@ def _set_aside(path: Path, error: Exception) -> str:
         part = Path(f"{path}{suffix}")
         if part.exists():
             os.replace(part, f"{aside}{suffix}")
-    return (f"{path} is not a readable job database ({error}); it was moved aside to {aside} (kept, not deleted), so "
-            "`loradrop daemon` starts afresh with an empty queue the next time (the files in outputs/ stay where they are).")
+    return (
+        f"{path} is not a readable job database ({error}); it was moved aside to {aside} (kept, not deleted), so "
+        "`loradrop daemon` starts afresh with an empty queue the next time (the files in outputs/ stay where they are)."
+    )

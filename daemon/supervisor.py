@@ -96,14 +96,23 @@ class Supervisor:
             self.policy.cancelling.add(job_id)
         return any(slot.control(job_id, request) for slot in self.trainers)
 
-    def call(self, name: str, args: dict[str, Any], timeout: float, *, progress: Callable[[PreviewProgress], None] | None = None,
-             cancelled: Callable[[], bool] = lambda: False) -> Any:
+    def call(
+        self,
+        name: str,
+        args: dict[str, Any],
+        timeout: float,
+        *,
+        progress: Callable[[PreviewProgress], None] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Any:
         """Run a tool function in a worker: previews where the model is loaded, the rest in the
         tool worker, so they never wait for a training step. `progress` hears the worker's
         reports; once `cancelled()` (the client went away) the worker is told to stop."""
         if name == "preview":
             if not self.trainers:
-                raise Unavailable("this daemon runs no training worker (--workers 0), so it cannot render previews.")
+                raise Unavailable(
+                    "this daemon runs no training worker (--workers 0), so it cannot render previews."
+                )
             slot = min(self.trainers, key=lambda s: s.state != "idle")
         else:
             slot = self.tools

@@ -17,7 +17,9 @@ def image_message(path: Path, max_size: int) -> pb.Image:
     try:
         with Image.open(path) as image:
             original = image.size
-            if original[0] * original[1] > Image.MAX_IMAGE_PIXELS:  # decoded here, in the server: refuse bombs first
+            if (
+                original[0] * original[1] > Image.MAX_IMAGE_PIXELS
+            ):  # decoded here, in the server: refuse bombs first
                 raise RequestError(f"{path} is {original[0]}x{original[1]}, too large to send as a sample.")
             image.load()
             if max_size and max(original) > max_size:
@@ -31,4 +33,11 @@ def image_message(path: Path, max_size: int) -> pb.Image:
     # DecompressionBombError...); all mean the same here.
     except Exception as e:
         raise RequestError(f"{path} is not a readable image ({str(e) or type(e).__name__}).") from None
-    return pb.Image(path=str(path), png=out.getvalue(), width=size[0], height=size[1], original_width=original[0], original_height=original[1])
+    return pb.Image(
+        path=str(path),
+        png=out.getvalue(),
+        width=size[0],
+        height=size[1],
+        original_width=original[0],
+        original_height=original[1],
+    )

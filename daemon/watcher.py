@@ -134,7 +134,9 @@ class InboxWatcher:
             if not self.intake.known(key):  # a client may have submitted it meanwhile
                 try:
                     self.intake.folder_ready(path, key)
-                except Exception as e:  # the store could not take it (a full disk): it waits, and is tried again
+                except (
+                    Exception
+                ) as e:  # the store could not take it (a full disk): it waits, and is tried again
                     del self._taken[key]
                     with self._lock:
                         self._waiting[key] = _Waiting(path, _signature(path), time.monotonic())

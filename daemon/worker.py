@@ -37,8 +37,28 @@ from typing import Any
 from loradrop.engine.events import Cancelled, Lendable, Log, Progress
 from loradrop.errors import UserError
 
-from .pipe import (CANCELLED, DONE, FAILED, REVIEW, STOPPED, Beat, Call, CallProgress, CancelCall, Done, Fatal, FromWorker, JobEvent,
-                   Ready, Reply, Run, Steer, Stop, ToWorker, printable_record)
+from .pipe import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    REVIEW,
+    STOPPED,
+    Beat,
+    Call,
+    CallProgress,
+    CancelCall,
+    Done,
+    Fatal,
+    FromWorker,
+    JobEvent,
+    Ready,
+    Reply,
+    Run,
+    Steer,
+    Stop,
+    ToWorker,
+    printable_record,
+)
 from .records import JobFiles
 
 log = logging.getLogger(__name__)
@@ -99,7 +119,11 @@ class ProgressCoalescer:
         self._sent = 0.0
 
     def keep(self, progress: Progress, now: float) -> bool:
-        if progress.stage == self._stage and progress.done != progress.total and now - self._sent < self.interval:
+        if (
+            progress.stage == self._stage
+            and progress.done != progress.total
+            and now - self._sent < self.interval
+        ):
             return False
         self._stage, self._sent = progress.stage, now
         return True
@@ -221,14 +245,19 @@ class Worker:
                 done = Done(spec.job_id, REVIEW)
             else:
                 result = self.session.run(spec, emit, control)
-                files = JobFiles(*(str(p) if p else "" for p in (result.final, result.resized, result.chopped)), steps_done=result.steps_done)
+                files = JobFiles(
+                    *(str(p) if p else "" for p in (result.final, result.resized, result.chopped)),
+                    steps_done=result.steps_done,
+                )
                 done = Done(spec.job_id, DONE, result=files)
         except Cancelled:
             done = Done(spec.job_id, STOPPED if control.stopping else CANCELLED)
         except UserError as e:
             done = Done(spec.job_id, FAILED, str(e))
         except Exception as e:
-            sentence = _file_trouble(e, spec.out_dir, "retry the job (it resumes from its last full checkpoint)")
+            sentence = _file_trouble(
+                e, spec.out_dir, "retry the job (it resumes from its last full checkpoint)"
+            )
             if sentence is None:
                 emit(Log(traceback.format_exc(), "error"))
             done = Done(spec.job_id, FAILED, sentence or _describe(e))
@@ -252,7 +281,9 @@ class Worker:
         try:
             if call.name == "preview":  # begun here, rendered by _advance_preview
                 report = _Reporter(lambda progress: self.send(CallProgress(call.id, progress)))
-                self._previews.append(_Preview(call.id, tools.start_preview(self.session, progress=report, **call.args)))
+                self._previews.append(
+                    _Preview(call.id, tools.start_preview(self.session, progress=report, **call.args))
+                )
                 return
             self._reply(call.id, True, getattr(tools, call.name)(**call.args))
         except UserError as e:
@@ -282,7 +313,9 @@ class Worker:
         self._cancelled_calls.discard(preview.id)
 
     def _reply(self, call_id: int, ok: bool, value: Any, *, user: bool = False, space: bool = False) -> None:
-        self.send(Reply(call_id, True, value) if ok else Reply(call_id, False, error=value, user=user, space=space))
+        self.send(
+            Reply(call_id, True, value) if ok else Reply(call_id, False, error=value, user=user, space=space)
+        )
 
     def _failed(self, call_id: int, name: str, e: Exception) -> None:
         sentence = _file_trouble(e, None, "ask again")
@@ -323,7 +356,13 @@ def _no_space(e: BaseException) -> bool:
 def _file_trouble(e: BaseException, folder: Path | None, then: str) -> str | None:
     """One sentence for a write the disk refused (full, read-only, not permitted); None for
     any other error."""
-    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+    if not isinstance(e, OSError) or e.errno not in (
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+    ):
         return None
     where = folder or (Path(os.fsdecode(e.filename)).parent if e.filename else None)
     if _no_space(e):

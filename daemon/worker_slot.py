@@ -25,7 +25,20 @@ from loradrop.engine.events import PreviewProgress
 from . import worker
 from .errors import DiskFull, Unavailable
 from .job_policy import JobPolicy
-from .pipe import Beat, Call, CallProgress, CancelCall, Done, Fatal, FromWorker, JobEvent, Ready, Reply, Steer, Stop
+from .pipe import (
+    Beat,
+    Call,
+    CallProgress,
+    CancelCall,
+    Done,
+    Fatal,
+    FromWorker,
+    JobEvent,
+    Ready,
+    Reply,
+    Steer,
+    Stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +53,9 @@ def describe_exit(code: int | None) -> str:
         name = signal.Signals(-code).name
     except ValueError:
         name = f"signal {-code}"
-    hint = {signal.SIGKILL: " (out of memory, or killed)", signal.SIGSEGV: " (a crash in native code)"}.get(-code, "")
+    hint = {signal.SIGKILL: " (out of memory, or killed)", signal.SIGSEGV: " (a crash in native code)"}.get(
+        -code, ""
+    )
     return f"was killed by {name}{hint}"
 
 
@@ -81,7 +96,13 @@ class WorkerSlot:
             pass  # already more than enough wake-ups pending
 
     def describe(self) -> dict[str, Any]:
-        return {"index": self.index, "device": self.device, "pid": self.pid if self.process else 0, "state": self.state, "job_id": self.job_id or ""}
+        return {
+            "index": self.index,
+            "device": self.device,
+            "pid": self.pid if self.process else 0,
+            "state": self.state,
+            "job_id": self.job_id or "",
+        }
 
     def control(self, job_id: str, request: str) -> bool:
         with self._lock:
@@ -90,7 +111,9 @@ class WorkerSlot:
             self.conn.send(Steer(job_id, request))
             return True
 
-    def call(self, name: str, args: dict[str, Any], progress: Callable[[PreviewProgress], None] | None = None) -> tuple[int, Future]:
+    def call(
+        self, name: str, args: dict[str, Any], progress: Callable[[PreviewProgress], None] | None = None
+    ) -> tuple[int, Future]:
         future: Future = Future()
         with self._lock:
             if self.conn is None:
@@ -127,7 +150,11 @@ class WorkerSlot:
             self._thread.join(0.1)
         process = self.process
         if self._thread.is_alive() and process is not None:
-            why = "the daemon was told to stop a second time" if hurry.is_set() else f"it did not stop within {grace:g} s of being asked"
+            why = (
+                "the daemon was told to stop a second time"
+                if hurry.is_set()
+                else f"it did not stop within {grace:g} s of being asked"
+            )
             log.warning("worker %d is still busy and %s; killing it", self.index, why)
             self.kill(f"was killed by the daemon: {why} (its job had not reached a step boundary)")
             self._thread.join(10)
@@ -143,7 +170,11 @@ class WorkerSlot:
 
     def _spawn(self) -> None:
         parent, child = _SPAWN.Pipe()
-        process = _SPAWN.Process(target=worker.main, args=(child, self.role, self.device), name=f"loradrop-{self.role}-{self.index}")
+        process = _SPAWN.Process(
+            target=worker.main,
+            args=(child, self.role, self.device),
+            name=f"loradrop-{self.role}-{self.index}",
+        )
         process.start()
         child.close()  # only the worker holds its end, so the worker sees EOF when the daemon dies
         self.process, self.conn, self.pid, self.state = process, parent, process.pid, "starting"
@@ -152,7 +183,9 @@ class WorkerSlot:
     def _loop(self) -> None:
         while True:
             if self.process is None:
-                if self.policy.stopping or self.policy.stopped.wait(min(30.0, 2.0**self._failures) if self._failures else 0):
+                if self.policy.stopping or self.policy.stopped.wait(
+                    min(30.0, 2.0**self._failures) if self._failures else 0
+                ):
                     return
                 with self._lock:
                     self._spawn()
@@ -165,8 +198,12 @@ class WorkerSlot:
                 self._receive()
                 self._died()
             elif silent > self.policy.config.heartbeat_seconds and self._kill_reason is None:
-                log.error("worker %d (pid %d) sent nothing for %.0f s; killing it", self.index, self.pid, silent)
-                self.kill(f"did not answer for {self.policy.config.heartbeat_seconds:g} s (stopped or frozen), so the daemon killed it")
+                log.error(
+                    "worker %d (pid %d) sent nothing for %.0f s; killing it", self.index, self.pid, silent
+                )
+                self.kill(
+                    f"did not answer for {self.policy.config.heartbeat_seconds:g} s (stopped or frozen), so the daemon killed it"
+                )
             elif self.role == worker.TRAIN and self.state == "idle" and not self.policy.stopping:
                 try:
                     self._take_job()
@@ -180,10 +217,14 @@ class WorkerSlot:
                 self._heard = time.monotonic()
                 try:
                     self._handle(message)
-                except DiskFull as e:  # an event lost to a full disk; the state changes are not (job_ended retries)
+                except (
+                    DiskFull
+                ) as e:  # an event lost to a full disk; the state changes are not (job_ended retries)
                     self._once(f"{e}; worker {self.index}'s events are not stored until there is space")
                 except Exception as e:  # one message the store could not take must not end this thread, and the worker's queue with it
-                    self._once(f"worker {self.index}: message {type(message).__name__} could not be handled ({type(e).__name__}: {e})")
+                    self._once(
+                        f"worker {self.index}: message {type(message).__name__} could not be handled ({type(e).__name__}: {e})"
+                    )
         except (EOFError, OSError):
             pass  # the worker is gone; the caller sees it by its exit
 

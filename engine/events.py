@@ -97,7 +97,9 @@ class PreviewProgress:
 
 Event = Union[Log, Stage, Progress, Sample, Artifact, StateChange, PreviewProgress]
 Emit = Callable[[Event], None]
-TYPES: dict[str, type] = {t.KIND: t for t in (Log, Stage, Progress, Sample, Artifact, StateChange, PreviewProgress)}
+TYPES: dict[str, type] = {
+    t.KIND: t for t in (Log, Stage, Progress, Sample, Artifact, StateChange, PreviewProgress)
+}
 
 
 def encode(event: Event) -> tuple[str, dict[str, Any]]:

@@ -32,8 +32,14 @@ RUN_PATHS = {
 
 # store_true flags: absent means off.
 SWITCHES = (
-    "enable_bucket", "shuffle_caption", "flip_aug", "cache_latents", "cache_latents_to_disk",
-    "gradient_checkpointing", "sdpa", "no_half_vae",
+    "enable_bucket",
+    "shuffle_caption",
+    "flip_aug",
+    "cache_latents",
+    "cache_latents_to_disk",
+    "gradient_checkpointing",
+    "sdpa",
+    "no_half_vae",
 )
 # store_true flags loradrop also reads off the checkpoint: given means true; absent keeps "auto"
 # (kohya would train epsilon, which is wrong for a v-prediction checkpoint).
@@ -41,45 +47,124 @@ DETECTED_SWITCHES = ("v_parameterization", "zero_terminal_snr")
 
 # Flags that take one value and are named exactly as their recipe key.
 DIRECT = (
-    "output_name", "seed", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-    "caption_extension", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate",
-    "dataset_repeats", "max_data_loader_n_workers", "network_module", "network_dim", "network_alpha",
-    "network_dropout", "learning_rate", "unet_lr",
-    "optimizer_type", "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "train_batch_size",
-    "gradient_accumulation_steps", "max_train_steps", "mixed_precision", "multires_noise_iterations",
-    "multires_noise_discount", "save_every_n_steps", "save_precision", "save_model_as",
-    "sample_sampler", "sample_every_n_steps", "log_with", "log_prefix",
+    "output_name",
+    "seed",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "caption_extension",
+    "keep_tokens",
+    "caption_dropout_rate",
+    "caption_tag_dropout_rate",
+    "dataset_repeats",
+    "max_data_loader_n_workers",
+    "network_module",
+    "network_dim",
+    "network_alpha",
+    "network_dropout",
+    "learning_rate",
+    "unet_lr",
+    "optimizer_type",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "max_grad_norm",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_train_steps",
+    "mixed_precision",
+    "multires_noise_iterations",
+    "multires_noise_discount",
+    "save_every_n_steps",
+    "save_precision",
+    "save_model_as",
+    "sample_sampler",
+    "sample_every_n_steps",
+    "log_with",
+    "log_prefix",
 )
-SPECIAL = ("resolution", "sample_prompts", "text_encoder_lr", "network_args", "optimizer_args", "lr_scheduler_args")
+SPECIAL = (
+    "resolution",
+    "sample_prompts",
+    "text_encoder_lr",
+    "network_args",
+    "optimizer_args",
+    "lr_scheduler_args",
+)
 
 # --network_args keys LyCORIS reads -> recipe keys (use_cp and use_conv_cp are its old names for use_tucker).
 NETWORK_ARGS = {
-    "conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "algo": "algo", "preset": "preset",
-    "dropout": "network_dropout", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout",
-    "use_tucker": "use_tucker", "use_cp": "use_tucker", "use_conv_cp": "use_tucker",
-    "use_scalar": "use_scalar", "dora_wd": "dora_wd", "train_norm": "train_norm",
-    "wd_on_output": "wd_on_output", "factor": "factor", "decompose_both": "decompose_both", "full_matrix": "full_matrix",
+    "conv_dim": "conv_dim",
+    "conv_alpha": "conv_alpha",
+    "algo": "algo",
+    "preset": "preset",
+    "dropout": "network_dropout",
+    "rank_dropout": "rank_dropout",
+    "module_dropout": "module_dropout",
+    "use_tucker": "use_tucker",
+    "use_cp": "use_tucker",
+    "use_conv_cp": "use_tucker",
+    "use_scalar": "use_scalar",
+    "dora_wd": "dora_wd",
+    "train_norm": "train_norm",
+    "wd_on_output": "wd_on_output",
+    "factor": "factor",
+    "decompose_both": "decompose_both",
+    "full_matrix": "full_matrix",
 }
 # --network_args that loradrop has no setting for, harmless at LyCORIS' default (what loradrop does).
-NETWORK_ARGS_AT_DEFAULT = {"rank_dropout_scale": False, "bypass_mode": False, "rs_lora": False, "rescaled": False}
+NETWORK_ARGS_AT_DEFAULT = {
+    "rank_dropout_scale": False,
+    "bypass_mode": False,
+    "rs_lora": False,
+    "rescaled": False,
+}
 
 # What kohya does when a flag is absent (sd-scripts' argument defaults; network ones are LyCORIS').
 # Not here: keys derived from other flags (see _derive) and keys kohya leaves unset (seed, ...).
 KOHYA_DEFAULTS: dict[str, Any] = {
     **{key: False for key in SWITCHES},
-    "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
-    "caption_extension": ".caption", "keep_tokens": 0, "caption_dropout_rate": 0.0, "caption_tag_dropout_rate": 0.0,
-    "dataset_repeats": 1, "max_data_loader_n_workers": 8,
-    "network_dim": 4, "network_alpha": 1.0, "network_dropout": 0.0,
-    "algo": "locon", "preset": "full", "rank_dropout": 0.0, "module_dropout": 0.0,
-    "use_tucker": False, "use_scalar": False, "dora_wd": False, "train_norm": False,
-    "factor": -1, "decompose_both": False, "full_matrix": False,
-    "learning_rate": 2e-6, "optimizer_type": "AdamW", "optimizer_args": {},
-    "lr_scheduler": "constant", "lr_scheduler_args": {}, "lr_warmup_steps": 0, "max_grad_norm": 1.0,
-    "train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1600, "mixed_precision": "no",
-    "multires_noise_iterations": 0, "multires_noise_discount": 0.3,
-    "save_every_n_steps": 0, "save_precision": "float", "save_model_as": "safetensors",
-    "sample_every_n_steps": 0, "sample_sampler": "ddim", "log_prefix": "",
+    "min_bucket_reso": 256,
+    "max_bucket_reso": 1024,
+    "bucket_reso_steps": 64,
+    "caption_extension": ".caption",
+    "keep_tokens": 0,
+    "caption_dropout_rate": 0.0,
+    "caption_tag_dropout_rate": 0.0,
+    "dataset_repeats": 1,
+    "max_data_loader_n_workers": 8,
+    "network_dim": 4,
+    "network_alpha": 1.0,
+    "network_dropout": 0.0,
+    "algo": "locon",
+    "preset": "full",
+    "rank_dropout": 0.0,
+    "module_dropout": 0.0,
+    "use_tucker": False,
+    "use_scalar": False,
+    "dora_wd": False,
+    "train_norm": False,
+    "factor": -1,
+    "decompose_both": False,
+    "full_matrix": False,
+    "learning_rate": 2e-6,
+    "optimizer_type": "AdamW",
+    "optimizer_args": {},
+    "lr_scheduler": "constant",
+    "lr_scheduler_args": {},
+    "lr_warmup_steps": 0,
+    "max_grad_norm": 1.0,
+    "train_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "max_train_steps": 1600,
+    "mixed_precision": "no",
+    "multires_noise_iterations": 0,
+    "multires_noise_discount": 0.3,
+    "save_every_n_steps": 0,
+    "save_precision": "float",
+    "save_model_as": "safetensors",
+    "sample_every_n_steps": 0,
+    "sample_sampler": "ddim",
+    "log_prefix": "",
 }
 
 # Why some common kohya flags have no recipe key, and what to do instead.
@@ -107,7 +192,9 @@ _KNOWN = (*RUN_PATHS, *SWITCHES, *DETECTED_SWITCHES, *DIRECT, *SPECIAL)
 class KohyaConversion:
     recipe: Recipe
     paths: list[str] = field(default_factory=list)  # "--flag=value: what to do with it"
-    unsupported: list[str] = field(default_factory=list)  # "--flag=value: why"; values the recipe refuses last
+    unsupported: list[str] = field(
+        default_factory=list
+    )  # "--flag=value: why"; values the recipe refuses last
     notes: list[str] = field(default_factory=list)
 
 
@@ -116,9 +203,13 @@ def read_kohya(path: str | Path) -> KohyaConversion:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path} does not exist; expected a file holding a kohya {SCRIPT} command line.") from None
+        raise UserError(
+            f"{path} does not exist; expected a file holding a kohya {SCRIPT} command line."
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} cannot be read as text ({e}); expected a kohya {SCRIPT} command line.") from None
+        raise UserError(
+            f"{path} cannot be read as text ({e}); expected a kohya {SCRIPT} command line."
+        ) from None
     return convert_kohya(text, source=str(path))
 
 
@@ -142,7 +233,9 @@ def convert_kohya(text: str, *, source: str = "command line") -> KohyaConversion
             prompts = PurePosixPath(_one(name, args, source))
             values[name] = (prompts.name, shown)
             if str(prompts.parent) != ".":
-                out.paths.append(f"{shown}: the recipe keeps the name {prompts.name}; put that file in the DATASET folder")
+                out.paths.append(
+                    f"{shown}: the recipe keeps the name {prompts.name}; put that file in the DATASET folder"
+                )
         elif name == "text_encoder_lr":
             # kohya takes one lr per text encoder; loradrop trains both in one group.
             rates = {_typed(name, a, shown, source) for a in args}
@@ -189,11 +282,15 @@ def _script_arguments(text: str, source: str, notes: list[str]) -> list[str]:
             notes.append(f"the command runs {tokens[at]}, not {SCRIPT}; its flags were read as {SCRIPT}'s")
         launcher_options = [t for t in tokens[:at] if t.startswith("-")]
         if launcher_options:
-            notes.append(f"ignored the launcher's options before the script (not part of a recipe): {' '.join(launcher_options)}")
+            notes.append(
+                f"ignored the launcher's options before the script (not part of a recipe): {' '.join(launcher_options)}"
+            )
         return tokens[at + 1 :]
     if len(ours) > 1 or len(scripted) > 1:
         what = SCRIPT if ours else "python script"
-        raise UserError(f"{source} holds {len(ours) or len(scripted)} {what} commands; keep only the one to convert.")
+        raise UserError(
+            f"{source} holds {len(ours) or len(scripted)} {what} commands; keep only the one to convert."
+        )
     if first_error is not None:
         raise UserError(f"{source}: cannot split the command line ({first_error}); check its quotes.")
     arguments = [t for c in commands for t in c]
@@ -233,7 +330,9 @@ def _typed(key: str, text: str, shown: str, source: str) -> Any:
         try:
             return kind(text)
         except ValueError:
-            raise UserError(f"{source}: {shown} is not {'an integer' if kind is int else 'a number'}.") from None
+            raise UserError(
+                f"{source}: {shown} is not {'an integer' if kind is int else 'a number'}."
+            ) from None
     return text
 
 
@@ -252,7 +351,9 @@ def _resolution(text: str, shown: str, source: str, values: dict, unsupported: l
     if len(set(sides)) == 1:
         values["resolution"] = (sides[0], shown)
     else:
-        unsupported.append(f"{shown}: loradrop's bucket area is resolution², so only square resolutions convert")
+        unsupported.append(
+            f"{shown}: loradrop's bucket area is resolution², so only square resolutions convert"
+        )
 
 
 def _network_args(args: list[str], source: str, values: dict, unsupported: list[str]) -> None:
@@ -265,7 +366,9 @@ def _network_args(args: list[str], source: str, values: dict, unsupported: list[
             target = NETWORK_ARGS[key]
             value = _typed(target, text, shown, source)
             if target == "algo":
-                value = {"lora": "locon"}.get(value.lower(), value.lower())  # LyCORIS' "lora" is its LoCon module
+                value = {"lora": "locon"}.get(
+                    value.lower(), value.lower()
+                )  # LyCORIS' "lora" is its LoCon module
             values[target] = (value, shown)
         elif key in NETWORK_ARGS_AT_DEFAULT:
             if _lycoris_bool(text) != NETWORK_ARGS_AT_DEFAULT[key]:
@@ -298,10 +401,14 @@ def _derive(values: dict[str, tuple[Any, str]], flags: dict[str, list[str]]) -> 
     for key in ("unet_lr", "text_encoder_lr"):
         values.setdefault(key, (lr, f"kohya's default {key} (the learning_rate)"))
     values.setdefault("conv_dim", (values["network_dim"][0], "LyCORIS' default conv_dim (the network_dim)"))
-    values.setdefault("conv_alpha", (values["network_alpha"][0], "LyCORIS' default conv_alpha (the network_alpha)"))
+    values.setdefault(
+        "conv_alpha", (values["network_alpha"][0], "LyCORIS' default conv_alpha (the network_alpha)")
+    )
     if values["dora_wd"][0]:  # the recipe's own default is the axis A1111 and ComfyUI load right
         values.setdefault("wd_on_output", (True, "LyCORIS' default wd_on_output=True"))
-    values.setdefault("log_with", ("tensorboard" if "logging_dir" in flags else "none", "kohya's default log_with"))
+    values.setdefault(
+        "log_with", ("tensorboard" if "logging_dir" in flags else "none", "kohya's default log_with")
+    )
     scheduler_args, origin = values["lr_scheduler_args"]
     if values["lr_scheduler"][0] == "cosine" and "num_cycles" not in scheduler_args:
         values["lr_scheduler_args"] = ({**scheduler_args, "num_cycles": 0.5}, origin)  # transformers' default
@@ -327,13 +434,19 @@ def _apply(values: dict[str, tuple[Any, str]], unsupported: list[str]) -> Recipe
 def _note_unset(flags: dict[str, list[str]], given: set[str], out: KohyaConversion) -> None:
     seed = Recipe()
     if "seed" not in flags:
-        out.notes.append(f"the command sets no --seed (kohya then picks one at random); the recipe keeps seed = {seed.seed}")
+        out.notes.append(
+            f"the command sets no --seed (kohya then picks one at random); the recipe keeps seed = {seed.seed}"
+        )
     for name in ("resolution", "network_module"):
         if name not in flags:
-            out.notes.append(f"the command sets no --{name}; the recipe keeps {name} = {getattr(seed, name)!r}")
+            out.notes.append(
+                f"the command sets no --{name}; the recipe keeps {name} = {getattr(seed, name)!r}"
+            )
     for name in DETECTED_SWITCHES:
         if name not in flags:
-            out.notes.append(f"the command sets no --{name}; the recipe keeps {name} = 'auto', read off the checkpoint")
+            out.notes.append(
+                f"the command sets no --{name}; the recipe keeps {name} = 'auto', read off the checkpoint"
+            )
     defaulted = [
         f"{f.name}={getattr(out.recipe, f.name)!r}"
         for f in dataclasses.fields(Recipe)

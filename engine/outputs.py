@@ -1,15 +1,15 @@
 """Every name a job writes under its output folder, in one place (torch-free: clients read it too).
 
-    outputs/<job>/recipe.toml                   the resolved recipe, frozen
-                  sample-prompts.txt            the prompts as sampled, seeds resolved
-                  <name>-step00000040.safetensors  a step file
-                  <name>.safetensors            the final LoRA
-                  <name>-<resize suffix>.safetensors, <stem>-chop.safetensors
-                  samples/<name>_s000040_p00.png
-                  preview-<tag>-00.png
-                  blocks.json                   the block analysis and the suggested vector
-                  state/training-state.safetensors  the full training state (resume)
-                  logs/<prefix><time>/          tensorboard
+outputs/<job>/recipe.toml                   the resolved recipe, frozen
+              sample-prompts.txt            the prompts as sampled, seeds resolved
+              <name>-step00000040.safetensors  a step file
+              <name>.safetensors            the final LoRA
+              <name>-<resize suffix>.safetensors, <stem>-chop.safetensors
+              samples/<name>_s000040_p00.png
+              preview-<tag>-00.png
+              blocks.json                   the block analysis and the suggested vector
+              state/training-state.safetensors  the full training state (resume)
+              logs/<prefix><time>/          tensorboard
 """
 
 from __future__ import annotations

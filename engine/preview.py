@@ -37,18 +37,32 @@ PREVIEW_BUDGET_S = 300.0  # compute seconds a preview may need on this machine, 
 
 
 class PreviewRender:
-    def __init__(self, session: "Session", lora: Path, vector: str | None, prompts: list[str] | None, seed: int, model: str | None,
-                 out_dir: Path, steps: int | None, progress: Callable[[PreviewProgress], None] | None):
+    def __init__(
+        self,
+        session: "Session",
+        lora: Path,
+        vector: str | None,
+        prompts: list[str] | None,
+        seed: int,
+        model: str | None,
+        out_dir: Path,
+        steps: int | None,
+        progress: Callable[[PreviewProgress], None] | None,
+    ):
         self.device, self.vector, self.seed, self.progress = session.device, vector, seed, progress
         self.outputs = Outputs(out_dir, "")
         self.target = session.preview_model(model)
         if not prompts:  # the job's own sample prompts, as its training rendered them
             resolved = prompts_beside(lora)
             prompts = resolved.read_text().splitlines() if resolved.is_file() else []
-        parsed = [parse_prompt_line(p, log.warning) for p in prompts] if prompts else [SamplePrompt(prompt="")]
+        parsed = (
+            [parse_prompt_line(p, log.warning) for p in prompts] if prompts else [SamplePrompt(prompt="")]
+        )
         self.prompts = [dataclasses.replace(p, steps=steps or min(p.steps, PREVIEW_STEPS)) for p in parsed]
         self.lora = read_lora(lora)  # read once: each slice applies it from memory
-        self.prediction = Prediction.trained_with(self.lora.metadata, self.target.prediction)  # as the job sampled
+        self.prediction = Prediction.trained_with(
+            self.lora.metadata, self.target.prediction
+        )  # as the job sampled
         self.dtype = Precision.for_run_settings("bf16", session.device).weights
         self.tag = hashlib.sha256(f"{lora}|{vector}|{seed}|{prompts}|{steps}".encode()).hexdigest()[:10]
         self.paths: list[Path] = []
@@ -68,13 +82,21 @@ class PreviewRender:
                 check()
                 index = len(self.paths)
                 if self._render is None:
-                    self._render = Render(self.target, self.prompts[index], device=self.device, dtype=self.dtype, default_seed=self.seed,
-                                          prediction=self.prediction)
+                    self._render = Render(
+                        self.target,
+                        self.prompts[index],
+                        device=self.device,
+                        dtype=self.dtype,
+                        default_seed=self.seed,
+                        prediction=self.prediction,
+                    )
                 before = time.monotonic()
                 self._render.step()
                 self._judge(time.monotonic() - before)
                 if self.progress is not None:
-                    self.progress(PreviewProgress(index + 1, len(self.prompts), self._render.done, self._render.total))
+                    self.progress(
+                        PreviewProgress(index + 1, len(self.prompts), self._render.done, self._render.total)
+                    )
                 if self._render.finished:
                     path = self.outputs.preview(self.tag, index)
                     with atomic_path(path) as tmp:
@@ -92,8 +114,10 @@ class PreviewRender:
         steps = sum(p.steps for p in self.prompts)
         if step_seconds * steps > PREVIEW_BUDGET_S:
             first = self.prompts[0]
-            raise UserError(f"this preview would take about {step_seconds * steps / 60:.0f} minutes on {self.device} "
-                            f"({steps} denoising steps at {first.width}x{first.height}); ask for fewer steps or a smaller size (--w, --h).")
+            raise UserError(
+                f"this preview would take about {step_seconds * steps / 60:.0f} minutes on {self.device} "
+                f"({steps} denoising steps at {first.width}x{first.height}); ask for fewer steps or a smaller size (--w, --h)."
+            )
 
     @contextlib.contextmanager
     def _on_model(self, lent: Lendable | None):

@@ -173,10 +173,25 @@ class Recipe:
         def bad(msg: str) -> UserError:
             return UserError(f"{source}: {msg}.")
 
-        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "network_dim", "conv_dim", "resolution", "dataset_repeats"):
+        for key in (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "network_dim",
+            "conv_dim",
+            "resolution",
+            "dataset_repeats",
+        ):
             if getattr(self, key) < 1:
                 raise bad(f"{key} must be at least 1, not {getattr(self, key)}")
-        for key in ("save_every_n_steps", "sample_every_n_steps", "multires_noise_iterations", "lr_warmup_steps", "keep_tokens", "max_data_loader_n_workers"):
+        for key in (
+            "save_every_n_steps",
+            "sample_every_n_steps",
+            "multires_noise_iterations",
+            "lr_warmup_steps",
+            "keep_tokens",
+            "max_data_loader_n_workers",
+        ):
             if getattr(self, key) < 0:
                 raise bad(f"{key} must be 0 or more (0 turns it off), not {getattr(self, key)}")
         # Upper bounds where a range is known: past them a run only exhausts the memory (a list of
@@ -190,9 +205,13 @@ class Recipe:
             raise bad("min_bucket_reso must be positive and at most max_bucket_reso")
         if self.enable_bucket and not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
             # kohya refuses this too: the square bucket of side `resolution` must be a legal bucket.
-            raise bad(f"resolution {self.resolution} must lie between min_bucket_reso and max_bucket_reso ({self.min_bucket_reso}..{self.max_bucket_reso})")
+            raise bad(
+                f"resolution {self.resolution} must lie between min_bucket_reso and max_bucket_reso ({self.min_bucket_reso}..{self.max_bucket_reso})"
+            )
         if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:
-            raise bad(f"bucket_reso_steps must be a multiple of 8 (the VAE's scale), not {self.bucket_reso_steps}")
+            raise bad(
+                f"bucket_reso_steps must be a multiple of 8 (the VAE's scale), not {self.bucket_reso_steps}"
+            )
         choices = {
             "network_module": ("lycoris.kohya",),
             "algo": ("locon", "loha", "lokr"),
@@ -211,14 +230,26 @@ class Recipe:
                 raise bad(f"{key} {getattr(self, key)!r} is not supported; use one of {', '.join(allowed)}")
         for key in ("use_scalar", "train_norm"):
             if getattr(self, key):
-                raise bad(f"{key}=true is not supported (files with it do not load in diffusers); set it to false")
+                raise bad(
+                    f"{key}=true is not supported (files with it do not load in diffusers); set it to false"
+                )
         if self.use_tucker and self.algo == "locon":
-            raise bad("use_tucker=true is not supported for algo locon (its lora_mid tensors do not load in diffusers); set it to false, or use algo loha or lokr")
-        lokr_only = [k for k, seed in (("factor", -1), ("decompose_both", False), ("full_matrix", False)) if getattr(self, k) != seed]
+            raise bad(
+                "use_tucker=true is not supported for algo locon (its lora_mid tensors do not load in diffusers); set it to false, or use algo loha or lokr"
+            )
+        lokr_only = [
+            k
+            for k, seed in (("factor", -1), ("decompose_both", False), ("full_matrix", False))
+            if getattr(self, k) != seed
+        ]
         if lokr_only and self.algo != "lokr":
-            raise bad(f"{lokr_only[0]} applies to algo lokr only, not {self.algo}; leave it out or set algo = \"lokr\"")
+            raise bad(
+                f'{lokr_only[0]} applies to algo lokr only, not {self.algo}; leave it out or set algo = "lokr"'
+            )
         if self.factor == 0 or self.factor < -1:
-            raise bad(f"factor must be -1 (LyCORIS' most balanced split) or a positive integer, not {self.factor}")
+            raise bad(
+                f"factor must be -1 (LyCORIS' most balanced split) or a positive integer, not {self.factor}"
+            )
         for key in ("network_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(f"{key} must be in [0, 1)")
@@ -229,12 +260,23 @@ class Recipe:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise bad(f"{f.name} must be a finite number, not {value}")
-        for key in ("learning_rate", "unet_lr", "text_encoder_lr", "network_alpha", "conv_alpha", "multires_noise_discount"):
+        for key in (
+            "learning_rate",
+            "unet_lr",
+            "text_encoder_lr",
+            "network_alpha",
+            "conv_alpha",
+            "multires_noise_discount",
+        ):
             if getattr(self, key) < 0:
                 raise bad(f"{key} must be 0 or more, not {getattr(self, key)}")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm must be 0 (off) or more")
-        if not self.output_name or any(c in self.output_name for c in "/\\\0") or self.output_name.startswith("."):
+        if (
+            not self.output_name
+            or any(c in self.output_name for c in "/\\\0")
+            or self.output_name.startswith(".")
+        ):
             raise bad(f"output_name {self.output_name!r} must be a plain file name")
         # Names that become paths must stay where they belong: a daemon client could otherwise
         # have /etc/... read as sample prompts, or tensorboard logs written outside the outputs.
@@ -245,7 +287,9 @@ class Recipe:
             if any(c in getattr(self, key) for c in "/\\\0"):
                 raise bad(f"{key} {getattr(self, key)!r} must not contain / or \\")
         if self.zero_terminal_snr is True and self.v_parameterization is False:
-            raise bad("zero_terminal_snr = true needs v-prediction (epsilon cannot denoise pure noise); set v_parameterization to true or \"auto\"")
+            raise bad(
+                'zero_terminal_snr = true needs v-prediction (epsilon cannot denoise pure noise); set v_parameterization to true or "auto"'
+            )
         self._validate_optimizer_args(bad)
         unknown = set(self.lr_scheduler_args) - {"num_cycles"}
         if unknown:
@@ -260,15 +304,30 @@ class Recipe:
         for key, value in self.optimizer_args.items():
             kind = allowed.get(key)
             if kind is None:
-                raise bad(f"optimizer_args {key!r} is not an argument of {self.optimizer_type}; it takes {', '.join(allowed)}")
+                raise bad(
+                    f"optimizer_args {key!r} is not an argument of {self.optimizer_type}; it takes {', '.join(allowed)}"
+                )
             if kind == "flag":
                 ok = isinstance(value, bool)
             elif kind == "betas":
-                ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) and 0 <= v < 1 for v in value)
+                ok = (
+                    isinstance(value, (list, tuple))
+                    and len(value) == 2
+                    and all(_number(v) and 0 <= v < 1 for v in value)
+                )
             else:
-                ok = _number(value) and math.isfinite(value) and value >= 0 and (kind != "positive" or value > 0)
+                ok = (
+                    _number(value)
+                    and math.isfinite(value)
+                    and value >= 0
+                    and (kind != "positive" or value > 0)
+                )
             if not ok:
-                want = {"flag": "true or false", "betas": "two numbers in [0, 1), like [0.9, 0.999]", "positive": "a positive number"}.get(kind, "a number, 0 or more")
+                want = {
+                    "flag": "true or false",
+                    "betas": "two numbers in [0, 1), like [0.9, 0.999]",
+                    "positive": "a positive number",
+                }.get(kind, "a number, 0 or more")
                 raise bad(f"optimizer_args {key} must be {want}, not {value!r}")
 
 
@@ -295,8 +354,15 @@ _BOUNDS = (  # (setting, most, why)
     ("max_data_loader_n_workers", 64, "threads decoding images"),
 )
 _OPTIMIZER_ARGS = {  # what each optimizer's constructor takes from optimizer_args
-    "ClybW": {"betas": "betas", "amp_fac": "number", "eps": "positive", "weight_decay": "number",
-              "centralization": "number", "normalization": "number", "normalize_channels": "flag"},
+    "ClybW": {
+        "betas": "betas",
+        "amp_fac": "number",
+        "eps": "positive",
+        "weight_decay": "number",
+        "centralization": "number",
+        "normalization": "number",
+        "normalize_channels": "flag",
+    },
     "AdamW": {"betas": "betas", "eps": "positive", "weight_decay": "number", "amsgrad": "flag"},
 }
 
@@ -305,22 +371,30 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-SEED_VECTOR_ENTRIES = 21  # BASE, then SDXL's 20 UNet blocks (INP01-08, MID00-02, OUT00-08): the layout every job trains
+SEED_VECTOR_ENTRIES = (
+    21  # BASE, then SDXL's 20 UNet blocks (INP01-08, MID00-02, OUT00-08): the layout every job trains
+)
 MAX_BLOCK_WEIGHT = 10.0  # past it a chop scales ΔW out of fp16's range (a weight of 1e308 wrote inf)
 
 
-def check_block_vector(text: str, source: str = "block_vector", entries: int | None = SEED_VECTOR_ENTRIES) -> None:
+def check_block_vector(
+    text: str, source: str = "block_vector", entries: int | None = SEED_VECTOR_ENTRIES
+) -> None:
     """Refuse a chop vector that cannot fit a LoRA trained here (`entries`; None: any length)
     or scales a block past MAX_BLOCK_WEIGHT, before any training is spent on its job."""
     from .lora.blocks import parse_vector
 
     values = parse_vector(text, None if entries is None else entries - 1)
     if entries is not None and len(values) != entries:
-        raise UserError(f"{source} {text!r} has {len(values)} entries; a LoRA trained here has BASE and {entries - 1} UNet blocks, "
-                        f"so give {entries} (or a preset such as SDXL-LyC-MIDALL).")
+        raise UserError(
+            f"{source} {text!r} has {len(values)} entries; a LoRA trained here has BASE and {entries - 1} UNet blocks, "
+            f"so give {entries} (or a preset such as SDXL-LyC-MIDALL)."
+        )
     far = next((v for v in values if abs(v) > MAX_BLOCK_WEIGHT), None)
     if far is not None:
-        raise UserError(f"{source} {text!r} weighs a block {far:g}; give weights between {-MAX_BLOCK_WEIGHT:g} and {MAX_BLOCK_WEIGHT:g}.")
+        raise UserError(
+            f"{source} {text!r} weighs a block {far:g}; give weights between {-MAX_BLOCK_WEIGHT:g} and {MAX_BLOCK_WEIGHT:g}."
+        )
 
 
 def did_you_mean(key: str, known) -> str:
@@ -350,10 +424,21 @@ def _coerce(key: str, value: Any, hint, source: str) -> Any:
     elif origin is dict:
         ok = isinstance(value, dict)
     elif origin is Literal:  # True == 1, so a bool choice must be the bool itself
-        ok = any(value is c if isinstance(c, bool) else (isinstance(value, str) and value == c) for c in typing.get_args(hint))
+        ok = any(
+            value is c if isinstance(c, bool) else (isinstance(value, str) and value == c)
+            for c in typing.get_args(hint)
+        )
     if not ok:
-        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
-                Literal: " or ".join(str(c).lower() if isinstance(c, bool) else repr(c) for c in typing.get_args(hint))}[origin]
+        kind = {
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            dict: "a table",
+            Literal: " or ".join(
+                str(c).lower() if isinstance(c, bool) else repr(c) for c in typing.get_args(hint)
+            ),
+        }[origin]
         raise UserError(f"{source}: {key} must be {kind}, not {value!r}.")
     return value
 

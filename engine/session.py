@@ -66,8 +66,18 @@ class Session:
         finally:
             self.in_job = False
 
-    def start_preview(self, lora: Path, vector: str | None, prompts: list[str] | None, seed: int, model: str | None, out_dir: Path,
-                      *, steps: int | None = None, progress: Callable[[PreviewProgress], None] | None = None) -> "PreviewRender":
+    def start_preview(
+        self,
+        lora: Path,
+        vector: str | None,
+        prompts: list[str] | None,
+        seed: int,
+        model: str | None,
+        out_dir: Path,
+        *,
+        steps: int | None = None,
+        progress: Callable[[PreviewProgress], None] | None = None,
+    ) -> "PreviewRender":
         """A preview to render in slices (`PreviewRender.advance`): prompt lines in kohya's sample
         syntax (none: the prompts the LoRA's job sampled during training, seeds included),
         `lora` applied at the block vector's strengths (the Block Weight loader's meaning: entry
@@ -77,8 +87,16 @@ class Session:
 
         return PreviewRender(self, lora, vector, prompts, seed, model, out_dir, steps, progress)
 
-    def preview(self, lora: Path, vector: str | None, prompts: list[str] | None, seed: int, model: str | None, out_dir: Path,
-                steps: int | None = None) -> list[Path]:
+    def preview(
+        self,
+        lora: Path,
+        vector: str | None,
+        prompts: list[str] | None,
+        seed: int,
+        model: str | None,
+        out_dir: Path,
+        steps: int | None = None,
+    ) -> list[Path]:
         """A whole preview at once (see `start_preview`); the images' paths."""
         render = self.start_preview(lora, vector, prompts, seed, model, out_dir, steps=steps)
         render.advance(math.inf, lambda: None)

@@ -143,7 +143,9 @@ class TensorFile:
         for key in sorted(self.infos, key=lambda k: self.infos[k].start):
             yield key, self.read(key, dtype)
 
-    def read_all(self, dtype: torch.dtype | None = None, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    def read_all(
+        self, dtype: torch.dtype | None = None, keys: Iterable[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Every tensor (or those of `keys`), each in its own fresh memory, copied out of one
         mapping of the payload: a LoRA's thousands of small tensors cost one map and one
         madvise, not one each."""
@@ -158,7 +160,7 @@ class TensorFile:
             for key, info in sorted(infos.items(), key=lambda kv: kv[1].start):
                 tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
                 if info.nbytes:  # bytes to bytes: any offset, any dtype
-                    tensor.reshape(-1).view(torch.uint8).copy_(raw[info.start - first: info.end - first])
+                    tensor.reshape(-1).view(torch.uint8).copy_(raw[info.start - first : info.end - first])
                 out[key] = tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
         return out
 
@@ -182,7 +184,9 @@ def _parse_header(f, path: Path, what: str) -> tuple[dict[str, str], dict[str, T
     if 8 + n > size:
         if "pickle" in not_st:
             raise UserError(not_st)
-        raise UserError(f"{path} is truncated: its header alone needs {8 + n} bytes, the file has {size}; copy it again.")
+        raise UserError(
+            f"{path} is truncated: its header alone needs {8 + n} bytes, the file has {size}; copy it again."
+        )
     try:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -197,7 +201,9 @@ def _parse_header(f, path: Path, what: str) -> tuple[dict[str, str], dict[str, T
     for key, spec in header.items():
         try:
             begin, end = spec["data_offsets"]
-            info = TensorInfo(spec["dtype"], tuple(int(d) for d in spec["shape"]), 8 + n + int(begin), 8 + n + int(end))
+            info = TensorInfo(
+                spec["dtype"], tuple(int(d) for d in spec["shape"]), 8 + n + int(begin), 8 + n + int(end)
+            )
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path} has a malformed entry for tensor {key}; expected {what}.") from None
         if info.dtype not in DTYPES:
@@ -210,7 +216,9 @@ def _parse_header(f, path: Path, what: str) -> tuple[dict[str, str], dict[str, T
         infos[key] = info
         need = max(need, info.end)
     if need > size:
-        raise UserError(f"{path} is truncated: its tensors need {need} bytes, the file has {size}; copy it again.")
+        raise UserError(
+            f"{path} is truncated: its tensors need {need} bytes, the file has {size}; copy it again."
+        )
     return {str(k): str(v) for k, v in metadata.items()}, infos
 
 
@@ -223,8 +231,20 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 # The safetensors library writes tensors by dtype, in its enum's order from last to first, then by
 # name. The same order here gives the same payload bytes, so hashes computed the way kohya does
 # (over the library's serialisation) come out the same; it also keeps every tensor aligned.
-_ORDER = [torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn, torch.int16,
-          torch.float16, torch.bfloat16, torch.int32, torch.float32, torch.float64, torch.int64]
+_ORDER = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.float8_e5m2,
+    torch.float8_e4m3fn,
+    torch.int16,
+    torch.float16,
+    torch.bfloat16,
+    torch.int32,
+    torch.float32,
+    torch.float64,
+    torch.int64,
+]
 _RANK = {d: i for i, d in enumerate(_ORDER)}
 
 
@@ -244,7 +264,11 @@ class Layout:
         for key in self.order:
             dtype, shape = specs[key]
             nbytes = math.prod(shape) * dtype.itemsize
-            entries[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            entries[key] = {
+                "dtype": _NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         self.nbytes = offset
         self._entries = _json(entries)[1:-1]
@@ -265,7 +289,9 @@ def _json(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def write(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically (temporary name beside it, fsync, rename)."""
     layout = Layout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
     write_payload(path, layout, payload(tensors, layout.order), metadata)
@@ -278,7 +304,9 @@ def payload(tensors: Mapping[str, torch.Tensor], order: list[str]) -> memoryview
     return memoryview(b"".join(tensor_bytes(tensors[k]) for k in order))
 
 
-def write_payload(path: str | os.PathLike, layout: Layout, data: memoryview, metadata: Mapping[str, str] | None = None) -> None:
+def write_payload(
+    path: str | os.PathLike, layout: Layout, data: memoryview, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write a file whose tensor bytes are already laid out in `layout`'s order."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(layout.header(metadata))

@@ -77,7 +77,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_missing_train_extra(e: ImportError) -> bool:
-    return (e.name or "").split(".")[0] in {"torch", "diffusers", "transformers", "accelerate", "lycoris", "safetensors", "peft", "numpy"}
+    return (e.name or "").split(".")[0] in {
+        "torch",
+        "diffusers",
+        "transformers",
+        "accelerate",
+        "lycoris",
+        "safetensors",
+        "peft",
+        "numpy",
+    }
 
 
 if __name__ == "__main__":

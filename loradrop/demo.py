@@ -54,13 +54,17 @@ def main() -> int:
     log_path = root / "daemon.log"
     daemon = subprocess.Popen(
         [sys.executable, "-m", "loradrop", "daemon", "--home", str(home), "--quiet-seconds", "1"],
-        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     try:
         client = _connect(home / "daemon.sock", daemon, log_path)
         staging = make_demo_dataset(root / DATASET)
         os.rename(staging, home / "inbox" / staging.name)  # one atomic drop into the watched inbox
-        print(f"dropped {staging.name}/ (24 {CONCEPT.colour} shapes captioned 'a {CONCEPT.trigger} ...' beside 24 of the twin's own world, sample-prompts.txt, loradrop.toml) into the inbox")
+        print(
+            f"dropped {staging.name}/ (24 {CONCEPT.colour} shapes captioned 'a {CONCEPT.trigger} ...' beside 24 of the twin's own world, sample-prompts.txt, loradrop.toml) into the inbox"
+        )
         job = _wait_for_job(client)
         print(f"job {job.id} queued; following it (the same stream `loradrop logs -f {job.id}` shows)")
 
@@ -70,7 +74,12 @@ def main() -> int:
             body = event.WhichOneof("body")
             if body == "progress":
                 p = event.progress
-                bar.update("step" if p.stage == "train" else p.stage, p.done, p.total, describe_progress(**figures_of(p)))
+                bar.update(
+                    "step" if p.stage == "train" else p.stage,
+                    p.done,
+                    p.total,
+                    describe_progress(**figures_of(p)),
+                )
             else:
                 bar.message(event_line(event))
             if body == "state" and event.state.state in TERMINAL:
@@ -88,9 +97,26 @@ def main() -> int:
         vector = json.loads(Path(artifacts["analysis"].path).read_text())["suggested_vector_90"]
         chopped = client.chop(final, vector)
         montage = root / "montage.webp"
-        subprocess.run([sys.executable, "-m", "loradrop", "montage", job.id, "-o", str(montage), "--connect", f"unix:{home / 'daemon.sock'}"],
-                       check=False, stdout=subprocess.DEVNULL)
-        for label, path in (("trained LoRA", final), ("resized", artifacts["resized"].path), (f"chopped {vector}", chopped.path)):
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loradrop",
+                "montage",
+                job.id,
+                "-o",
+                str(montage),
+                "--connect",
+                f"unix:{home / 'daemon.sock'}",
+            ],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+        for label, path in (
+            ("trained LoRA", final),
+            ("resized", artifacts["resized"].path),
+            (f"chopped {vector}", chopped.path),
+        ):
             print(f"  {label:13} {path}  ({Path(path).stat().st_size / 1e6:.2f} MB)")
         samples = sorted((home / "outputs" / job.id / "samples").glob("*.png"))
         print(f"  samples       {len(samples)} PNGs in {samples[0].parent if samples else '(none)'}")
@@ -98,7 +124,14 @@ def main() -> int:
             print(f"  montage       {montage}  (the concept appearing over the steps)")
         print(f"  everything    {home / 'outputs' / job.id}   (remove {root} when done)")
         print(f"judging 'a {CONCEPT.trigger} ...' samples (the concept is {CONCEPT.colour}):")
-        scores = concept_scores({"without the LoRA": None, "with the LoRA": final, "resized": artifacts["resized"].path, "chopped": chopped.path})
+        scores = concept_scores(
+            {
+                "without the LoRA": None,
+                "with the LoRA": final,
+                "resized": artifacts["resized"].path,
+                "chopped": chopped.path,
+            }
+        )
         for label, value in scores.items():
             print(f"  {label:17} {CONCEPT.colour} in {value}")
         return 0

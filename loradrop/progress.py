@@ -72,8 +72,14 @@ def figures_of(progress) -> dict[str, float]:
     return {f: getattr(progress, f) for f in FIGURES if progress.HasField(f)}
 
 
-def describe_progress(*, loss: float | None = None, avg_loss: float | None = None, lr_unet: float | None = None,
-                      rate: float | None = None, eta_s: float | None = None) -> str:
+def describe_progress(
+    *,
+    loss: float | None = None,
+    avg_loss: float | None = None,
+    lr_unet: float | None = None,
+    rate: float | None = None,
+    eta_s: float | None = None,
+) -> str:
     """The text after a progress event's count: `train`'s and the demo's bars, `logs`' lines."""
     parts = []
     if loss is not None:

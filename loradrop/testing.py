@@ -82,7 +82,14 @@ def free_port() -> int:
 class Daemon:
     """`loradrop daemon` as a child process; its output goes to a file shown when a test fails."""
 
-    def __init__(self, home: Path, *args: str, connect: str | None = None, client_args: dict | None = None, env: dict | None = None):
+    def __init__(
+        self,
+        home: Path,
+        *args: str,
+        connect: str | None = None,
+        client_args: dict | None = None,
+        env: dict | None = None,
+    ):
         self.home, self.args, self.env = home, list(args), env
         self.connect = connect or f"unix:{home / 'daemon.sock'}"
         self.client_args = client_args or {}
@@ -165,7 +172,9 @@ def dead_pid() -> int:
 def conditioning_dims(model) -> tuple[int, int]:
     """(context width, pooled width) a loaded SDXL's UNet expects: te1 + te2 hidden, te2 projection."""
     unet = model.config.unet
-    return unet["cross_attention_dim"], unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+    return unet["cross_attention_dim"], unet["projection_class_embeddings_input_dim"] - 6 * unet[
+        "addition_time_embed_dim"
+    ]
 
 
 def diffusers_pipeline(model, scheduler: str = "EulerDiscreteScheduler"):
@@ -174,6 +183,11 @@ def diffusers_pipeline(model, scheduler: str = "EulerDiscreteScheduler"):
     import diffusers
 
     return diffusers.StableDiffusionXLPipeline(
-        vae=model.vae, text_encoder=model.te1, text_encoder_2=model.te2, tokenizer=None, tokenizer_2=None, unet=model.unet,
+        vae=model.vae,
+        text_encoder=model.te1,
+        text_encoder_2=model.te2,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=model.unet,
         scheduler=getattr(diffusers, scheduler).from_config(model.config.scheduler),
     )

@@ -58,14 +58,32 @@ def _read_client_file(path: str | os.PathLike, option: str, want: str) -> bytes:
 
 
 class Client:
-    def __init__(self, target: str | None = None, *, token: str | None = None, token_file: str | os.PathLike | None = None, tls_ca: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        token_file: str | os.PathLike | None = None,
+        tls_ca: str | os.PathLike | None = None,
+    ):
         self.target = _grpc_target(target or default_target())
         if token_file:
-            token = _read_client_file(token_file, "--token-file", "a file with the daemon's token").decode(errors="replace").strip()
+            token = (
+                _read_client_file(token_file, "--token-file", "a file with the daemon's token")
+                .decode(errors="replace")
+                .strip()
+            )
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
         if tls_ca:
-            credentials = grpc.ssl_channel_credentials(root_certificates=_read_client_file(tls_ca, "--tls-ca", "the PEM certificate the daemon's --tls-cert was signed with"))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read_client_file(
+                    tls_ca, "--tls-ca", "the PEM certificate the daemon's --tls-cert was signed with"
+                )
+            )
             self._channel = grpc.secure_channel(self.target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(self.target, options=options)
@@ -92,27 +110,54 @@ class Client:
     def status(self) -> pb.StatusReply:
         return self._call(self._stub.Status, pb.StatusRequest())
 
-    def submit(self, dataset: str | os.PathLike, *, overrides: Iterable[str] = (), name: str = "", model: str = "", block_vector: str = "") -> pb.Job:
+    def submit(
+        self,
+        dataset: str | os.PathLike,
+        *,
+        overrides: Iterable[str] = (),
+        name: str = "",
+        model: str = "",
+        block_vector: str = "",
+    ) -> pb.Job:
         """Queue a folder that already lies inside the daemon's inbox."""
-        request = pb.SubmitJobRequest(dataset=str(dataset), overrides=list(overrides), name=name, model=model, block_vector=block_vector)
+        request = pb.SubmitJobRequest(
+            dataset=str(dataset), overrides=list(overrides), name=name, model=model, block_vector=block_vector
+        )
         return self._call(self._stub.SubmitJob, request)
 
-    def upload(self, folder: str | os.PathLike, *, overrides: Iterable[str] = (), name: str = "", model: str = "", block_vector: str = "") -> pb.Job:
+    def upload(
+        self,
+        folder: str | os.PathLike,
+        *,
+        overrides: Iterable[str] = (),
+        name: str = "",
+        model: str = "",
+        block_vector: str = "",
+    ) -> pb.Job:
         """Send a local folder (files only; symlinks are sent as the files they point to) and queue it."""
         folder = Path(folder).expanduser().resolve()
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder; give a folder of captioned images.")
-        job = pb.SubmitJobRequest(dataset=folder.name, overrides=list(overrides), name=name, model=model, block_vector=block_vector)
-        messages = (pb.UploadChunk(job=job if i == 0 else None, data=data) for i, data in enumerate(_tar_chunks(folder)))
+        job = pb.SubmitJobRequest(
+            dataset=folder.name, overrides=list(overrides), name=name, model=model, block_vector=block_vector
+        )
+        messages = (
+            pb.UploadChunk(job=job if i == 0 else None, data=data)
+            for i, data in enumerate(_tar_chunks(folder))
+        )
         return self._call(self._stub.UploadDataset, messages, timeout=None)
 
     def jobs(self, states: Iterable[str] = ()) -> list[pb.Job]:
-        return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(states=[STATES[s] for s in states])).jobs)
+        return list(
+            self._call(self._stub.ListJobs, pb.ListJobsRequest(states=[STATES[s] for s in states])).jobs
+        )
 
     def job(self, job_id: str) -> pb.Job:
         return self._call(self._stub.GetJob, pb.JobRef(job_id=str(job_id)))
 
-    def wait_job(self, job_id: str, timeout: float, *, states: frozenset[int] = TERMINAL, interval: float = 0.2) -> pb.Job:
+    def wait_job(
+        self, job_id: str, timeout: float, *, states: frozenset[int] = TERMINAL, interval: float = 0.2
+    ) -> pb.Job:
         """The job once it is in one of `states` (by default: once it has ended); ClientError when
         it is not after `timeout` seconds."""
         deadline = time.monotonic() + timeout
@@ -139,7 +184,9 @@ class Client:
         return list(self._call(self._stub.ListCaptions, pb.JobRef(job_id=str(job_id))).captions)
 
     def set_caption(self, job_id: str, image: str, text: str) -> pb.Caption:
-        return self._call(self._stub.SetCaption, pb.SetCaptionRequest(job_id=str(job_id), image=image, text=text))
+        return self._call(
+            self._stub.SetCaption, pb.SetCaptionRequest(job_id=str(job_id), image=image, text=text)
+        )
 
     def save_now(self, job_id: str) -> pb.Job:
         return self._call(self._stub.SaveNow, pb.JobRef(job_id=str(job_id)))
@@ -147,16 +194,27 @@ class Client:
     def sample_now(self, job_id: str) -> pb.Job:
         return self._call(self._stub.SampleNow, pb.JobRef(job_id=str(job_id)))
 
-    def events(self, job_id: str = "", since: int = 0, *, follow: bool = True, reconnect: bool = True,
-               kinds: Iterable[str] = ()) -> Iterator[pb.Event]:
+    def events(
+        self,
+        job_id: str = "",
+        since: int = 0,
+        *,
+        follow: bool = True,
+        reconnect: bool = True,
+        kinds: Iterable[str] = (),
+    ) -> Iterator[pb.Event]:
         """Events after `since` (the job's numbers, or the global ones without a job), only those
         of `kinds` when given. When the daemon goes away, waits for it and continues after the
         last event seen: none missed, none twice. With a job and `follow`, ends once the job has ended."""
         delay = 0.2
         while True:
             try:
-                request = pb.StreamEventsRequest(job_id=str(job_id), since=since, follow=follow, kinds=list(kinds))
-                for event in self._stub.StreamEvents(request, metadata=self._metadata, wait_for_ready=reconnect):
+                request = pb.StreamEventsRequest(
+                    job_id=str(job_id), since=since, follow=follow, kinds=list(kinds)
+                )
+                for event in self._stub.StreamEvents(
+                    request, metadata=self._metadata, wait_for_ready=reconnect
+                ):
                     since = event.seq if job_id else event.global_seq
                     delay = 0.2
                     yield event
@@ -169,7 +227,10 @@ class Client:
 
     def sample(self, path: str = "", *, job_id: str = "", seq: int = 0, max_size: int = 0) -> pb.Image:
         """A sample (by path, or by its job and event number) as PNG, fit into `max_size` pixels."""
-        return self._call(self._stub.GetSample, pb.GetSampleRequest(path=str(path), job_id=str(job_id), seq=seq, max_size=max_size))
+        return self._call(
+            self._stub.GetSample,
+            pb.GetSampleRequest(path=str(path), job_id=str(job_id), seq=seq, max_size=max_size),
+        )
 
     def artifacts(self, job_id: str) -> list[pb.Artifact]:
         return list(self._call(self._stub.ListArtifacts, pb.JobRef(job_id=str(job_id))).artifacts)
@@ -181,7 +242,9 @@ class Client:
             dest = dest / Path(path).name
         try:
             with atomic_path(dest) as tmp, open(tmp, "wb") as f:
-                for chunk in self._stub.DownloadArtifact(pb.ArtifactRef(path=str(path)), metadata=self._metadata, timeout=LONG_CALL_S):
+                for chunk in self._stub.DownloadArtifact(
+                    pb.ArtifactRef(path=str(path)), metadata=self._metadata, timeout=LONG_CALL_S
+                ):
                     f.write(chunk.data)
         except grpc.RpcError as e:
             raise self._error(e) from None
@@ -194,14 +257,34 @@ class Client:
         return self._call(self._stub.Chop, pb.ChopRequest(path=str(path), vector=vector), timeout=LONG_CALL_S)
 
     def resize(self, path: str, recipe: str = "") -> pb.Artifact:
-        return self._call(self._stub.Resize, pb.ResizeRequest(path=str(path), recipe=recipe), timeout=LONG_CALL_S)
+        return self._call(
+            self._stub.Resize, pb.ResizeRequest(path=str(path), recipe=recipe), timeout=LONG_CALL_S
+        )
 
-    def preview(self, path: str, *, vector: str = "", prompts: Iterable[str] = (), seed: int | None = None, max_size: int = 0,
-                steps: int = 0, request_id: str = "", cancel: threading.Event | None = None) -> list[pb.Image]:
+    def preview(
+        self,
+        path: str,
+        *,
+        vector: str = "",
+        prompts: Iterable[str] = (),
+        seed: int | None = None,
+        max_size: int = 0,
+        steps: int = 0,
+        request_id: str = "",
+        cancel: threading.Event | None = None,
+    ) -> list[pb.Image]:
         """Render with the LoRA (`steps` 0: a quick look). Its progress comes as "preview" events
         on the LoRA's job, named by `request_id`; setting `cancel` (from another thread) cancels
         the call, and the daemon stops rendering."""
-        request = pb.PreviewRequest(path=str(path), vector=vector, prompts=list(prompts), seed=seed, max_size=max_size, steps=steps, request_id=request_id)
+        request = pb.PreviewRequest(
+            path=str(path),
+            vector=vector,
+            prompts=list(prompts),
+            seed=seed,
+            max_size=max_size,
+            steps=steps,
+            request_id=request_id,
+        )
         if cancel is None:
             return list(self._call(self._stub.Preview, request, timeout=LONG_CALL_S).images)
         future = self._stub.Preview.future(request, metadata=self._metadata, timeout=LONG_CALL_S)

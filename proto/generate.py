@@ -25,12 +25,22 @@ def generate() -> dict[str, str]:
     protos = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in SOURCES.glob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"  # google/protobuf/*.proto
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos]
+        argv = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *protos,
+        ]
         if protoc.main(argv) != 0:
             raise SystemExit(f"protoc failed on {', '.join(protos)}")
         out = Path(tmp) / "loradrop" / "v1"
         files = {p.name: _rewrite_imports(p.read_text()) for p in sorted(out.iterdir()) if p.is_file()}
-    files["__init__.py"] = '"""Generated from proto/loradrop/v1/*.proto by proto/generate.py; do not edit."""\n'
+    files["__init__.py"] = (
+        '"""Generated from proto/loradrop/v1/*.proto by proto/generate.py; do not edit."""\n'
+    )
     return files
 
 

@@ -38,7 +38,6 @@ def tiny_model(tiny_path):
     return load_sdxl(tiny_path)
 
 
-
 @pytest.fixture
 def home():
     """A fresh daemon home with a short path (a unix socket path must stay under ~100 characters)."""
@@ -47,7 +46,9 @@ def home():
 
     root = Path(tempfile.mkdtemp(prefix="ld-", dir="/tmp"))
     yield root / "home"
-    subprocess.run(["rm", "-rf", str(root)], check=False)  # shutil.rmtree recurses: some tests nest folders 1,500 deep
+    subprocess.run(
+        ["rm", "-rf", str(root)], check=False
+    )  # shutil.rmtree recurses: some tests nest folders 1,500 deep
 
 
 @pytest.fixture
@@ -78,9 +79,27 @@ def tls(tmp_path):
         pytest.skip("needs the openssl command to make a test certificate")
     cert, key, token = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "token"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     token.write_text(os.urandom(24).hex() + "\n")
     return cert, key, token

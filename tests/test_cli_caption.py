@@ -59,7 +59,10 @@ def test_writes_captions_with_trigger_and_options(capsys, tagger, dataset):
         "0.85",
     )
     assert code == 0 and "2 written" in out
-    assert captions(dataset) == {"a.txt": "mychar, 1girl, ^_^, blue theme, kagamine rin\n", "b.txt": "mychar, 1girl, ^_^, kagamine rin\n"}
+    assert captions(dataset) == {
+        "a.txt": "mychar, 1girl, ^_^, blue theme, kagamine rin\n",
+        "b.txt": "mychar, 1girl, ^_^, kagamine rin\n",
+    }
 
 
 def test_existing_captions_need_a_choice(capsys, tagger, dataset):
@@ -89,14 +92,26 @@ def test_an_unreadable_image_is_named_and_the_others_captioned(capsys, tagger, d
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model", "{tmp}/nothing"], "Caption model {tmp}/nothing does not exist; give --model a WD14 tagger folder"),
-        (["--model", "{tagger}", "--prompt", "hi"], "--prompt do not apply to {tagger}, which is a tagger; leave them out (or pass --kind)."),
+        (
+            ["--model", "{tmp}/nothing"],
+            "Caption model {tmp}/nothing does not exist; give --model a WD14 tagger folder",
+        ),
+        (
+            ["--model", "{tagger}", "--prompt", "hi"],
+            "--prompt do not apply to {tagger}, which is a tagger; leave them out (or pass --kind).",
+        ),
         (
             ["--model", "{tagger}", "--threshold", "35"],
             "--threshold and --character-threshold are probabilities; give values from 0 to 1, not [35.0].",
         ),
-        (["--model", "{tagger}", "--kind", "vlm", "--threshold", "0.5"], "--threshold do not apply to {tagger}, which is a vision-language model"),
-        (["--model", "{tagger}", "--batch-size", "0"], "--batch-size 0 is not a number of images; give 1 or more."),
+        (
+            ["--model", "{tagger}", "--kind", "vlm", "--threshold", "0.5"],
+            "--threshold do not apply to {tagger}, which is a vision-language model",
+        ),
+        (
+            ["--model", "{tagger}", "--batch-size", "0"],
+            "--batch-size 0 is not a number of images; give 1 or more.",
+        ),
     ],
 )
 def test_bad_input_is_one_sentence(capsys, tmp_path, tagger, dataset, argv, message):
@@ -107,10 +122,24 @@ def test_bad_input_is_one_sentence(capsys, tmp_path, tagger, dataset, argv, mess
 
 def test_a_vision_language_model(capsys, tmp_path, dataset):
     model = make_tiny_vlm(tmp_path / "llava", "llava")
-    code, out, err = run(capsys, dataset, "--model", model, "--prompt", "write a caption for this image", "--max-length", "5", "--trigger", "mychar")
+    code, out, err = run(
+        capsys,
+        dataset,
+        "--model",
+        model,
+        "--prompt",
+        "write a caption for this image",
+        "--max-length",
+        "5",
+        "--trigger",
+        "mychar",
+    )
     assert code == 0, err
     assert "2 written (LlavaForConditionalGeneration" in out
     written = captions(dataset)
     assert set(written) == {"a.txt", "b.txt"}
-    assert all(text.startswith("mychar, ") and text.endswith("\n") and text.count("\n") == 1 for text in written.values())
+    assert all(
+        text.startswith("mychar, ") and text.endswith("\n") and text.count("\n") == 1
+        for text in written.values()
+    )
     assert "Loading weights" not in err  # transformers' own bars are kept quiet

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from loradrop.testing import dead_pid, wait_for
 
 from loradrop.fsutil import atomic_path, atomic_write_text, process_running, sweep_partials
+from loradrop.testing import dead_pid, wait_for
 
 
 def test_a_failed_write_leaves_neither_the_name_nor_a_temporary(tmp_path):
@@ -32,7 +32,10 @@ def test_the_temporary_names_its_writer(tmp_path):
 def test_sweep_removes_only_what_dead_writers_left(tmp_path):
     nested = tmp_path / "job" / "samples"
     nested.mkdir(parents=True)
-    dead = [nested / f".s.png.{dead_pid()}.k2j_x.partial", tmp_path / f".a.safetensors.{dead_pid()}.abc.partial"]
+    dead = [
+        nested / f".s.png.{dead_pid()}.k2j_x.partial",
+        tmp_path / f".a.safetensors.{dead_pid()}.abc.partial",
+    ]
     alive = tmp_path / f".b.safetensors.{os.getpid()}.abc.partial"
     others = [tmp_path / ".a.safetensors.abc.partial", tmp_path / "notes.partial", tmp_path / "a.safetensors"]
     for p in (*dead, alive, *others):

@@ -32,8 +32,17 @@ CONTRACTS = {
     "daemon/pipe.py": {"loradrop.engine.events", "loradrop.engine.jobspec", "loradrop.daemon.records"},
 }
 TORCH_FREE = [
-    "engine.events", "engine.jobspec", "engine.outputs", "engine.recipe", "engine.kohya_args", "engine.lora.blocks",
-    "engine.data.prompts", "engine.data.captions", "daemon.records", "daemon.pipe", "daemon.server",
+    "engine.events",
+    "engine.jobspec",
+    "engine.outputs",
+    "engine.recipe",
+    "engine.kohya_args",
+    "engine.lora.blocks",
+    "engine.data.prompts",
+    "engine.data.captions",
+    "daemon.records",
+    "daemon.pipe",
+    "daemon.server",
 ]
 
 
@@ -57,8 +66,12 @@ def imports(path: Path) -> set[str]:
 
 
 def crossings(paths: list[Path], forbidden: set[str]) -> list[str]:
-    return [f"{p.relative_to(REPO)} imports {name}" for p in paths for name in sorted(imports(p))
-            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    return [
+        f"{p.relative_to(REPO)} imports {name}"
+        for p in paths
+        for name in sorted(imports(p))
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
 
 
 @pytest.mark.parametrize("room", sorted(FORBIDDEN))
@@ -77,10 +90,15 @@ def test_a_crossed_wall_is_seen(tmp_path, monkeypatch):
     """The checker itself: a tui module that reaches into the daemon, relatively or not, is caught."""
     room = tmp_path / "tui" / "screens"
     room.mkdir(parents=True)
-    (room / "bad.py").write_text("from ...daemon.home import Home\nimport loradrop.engine.recipe\nfrom .. import app\n")
+    (room / "bad.py").write_text(
+        "from ...daemon.home import Home\nimport loradrop.engine.recipe\nfrom .. import app\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     bad = crossings([room / "bad.py"], FORBIDDEN["tui"])
-    assert bad == ["tui/screens/bad.py imports loradrop.daemon.home", "tui/screens/bad.py imports loradrop.engine.recipe"]
+    assert bad == [
+        "tui/screens/bad.py imports loradrop.daemon.home",
+        "tui/screens/bad.py imports loradrop.engine.recipe",
+    ]
 
 
 def test_torch_free_layer_loads_no_torch():

@@ -6,7 +6,13 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROOMS = {"loradrop": "loradrop", "engine": "loradrop.engine", "daemon": "loradrop.daemon", "tui": "loradrop.tui", "proto": "loradrop.proto"}
+ROOMS = {
+    "loradrop": "loradrop",
+    "engine": "loradrop.engine",
+    "daemon": "loradrop.daemon",
+    "tui": "loradrop.tui",
+    "proto": "loradrop.proto",
+}
 
 
 def test_every_package_folder_is_listed():

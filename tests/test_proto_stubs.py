@@ -10,8 +10,12 @@ from loradrop.proto import generate
 def test_committed_stubs_match_the_proto_files():
     pytest.importorskip("grpc_tools", reason="grpcio-tools (a dev dependency) generates the stubs")
     expected = generate.generate()
-    committed = {p.name: p.read_text() for p in generate.STUBS.iterdir() if p.is_file() and p.suffix in (".py", ".pyi")}
-    stale = sorted(name for name in expected.keys() | committed.keys() if expected.get(name) != committed.get(name))
+    committed = {
+        p.name: p.read_text() for p in generate.STUBS.iterdir() if p.is_file() and p.suffix in (".py", ".pyi")
+    }
+    stale = sorted(
+        name for name in expected.keys() | committed.keys() if expected.get(name) != committed.get(name)
+    )
     assert not stale, f"proto/v1 is stale ({', '.join(stale)}); run `make proto` and commit the result"
 
 

@@ -16,7 +16,7 @@ from loradrop.engine.recipe import Recipe
 from loradrop.errors import UserError
 
 # The seed's command, exactly as in 10-minute-sdxl-lora-guide.md.
-SEED_COMMAND = r'''accelerate launch --num_cpu_threads_per_process=2  "./sdxl_train_network.py" \
+SEED_COMMAND = r"""accelerate launch --num_cpu_threads_per_process=2  "./sdxl_train_network.py" \
     --pretrained_model_name_or_path=/models/ponyDiffusionV6XL_v6StartWithThisOne.safetensors \
     --train_data_dir=/training_dir \
     --resolution="1024,1024" \
@@ -74,7 +74,7 @@ SEED_COMMAND = r'''accelerate launch --num_cpu_threads_per_process=2  "./sdxl_tr
     --sample_prompts=/training_dir/sample-prompts.txt \
     --sample_sampler="euler_a" \
     --sample_every_n_steps=10
-'''
+"""
 
 
 def cli(argv: list[str]) -> int:
@@ -94,7 +94,12 @@ def _stdout_recipe(text: str) -> Recipe:
 
 def test_toml_round_trip(tmp_path):
     changed = Recipe().with_overrides(
-        ["output_name=x", "optimizer_args={weight_decay=0.05, betas=[0.9, 0.99]}", "flip_aug=false", "network_alpha=2"]
+        [
+            "output_name=x",
+            "optimizer_args={weight_decay=0.05, betas=[0.9, 0.99]}",
+            "flip_aug=false",
+            "network_alpha=2",
+        ]
     )
     for recipe in (Recipe(), changed):
         assert Recipe.from_mapping(tomllib.loads(recipe.to_toml())) == recipe
@@ -105,7 +110,12 @@ def test_toml_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "match"),
-    [(None, "does not exist"), ("max_train_steps = [", "not valid TOML"), ("dir", "cannot be read"), ("max_train_steps = 4.5\n", "max_train_steps must be an integer")],
+    [
+        (None, "does not exist"),
+        ("max_train_steps = [", "not valid TOML"),
+        ("dir", "cannot be read"),
+        ("max_train_steps = 4.5\n", "max_train_steps must be an integer"),
+    ],
 )
 def test_bad_recipe_files(tmp_path, content, match):
     path = tmp_path / "r.toml"
@@ -186,7 +196,10 @@ def test_set_errors_name_the_key(item, match):
         ("lr_scheduler_args={warmup=3}", "lr_scheduler_args accepts num_cycles only, not warmup"),
         ('lr_scheduler_args={num_cycles="x"}', "num_cycles must be a positive number"),
         # absurd values where a range is known: each diverged at once or exhausted the memory
-        ("learning_rate=1e308", r"learning_rate 1e\+308 is more than 1 \(a learning rate above 1 diverges at once\)"),
+        (
+            "learning_rate=1e308",
+            r"learning_rate 1e\+308 is more than 1 \(a learning rate above 1 diverges at once\)",
+        ),
         ("unet_lr=2", "unet_lr 2 is more than 1"),
         ("dataset_repeats=1000000000000", "dataset_repeats 1e\\+12 is more than 10000"),
         ("train_batch_size=100000000", "train_batch_size 1e\\+08 is more than 1024"),
@@ -216,8 +229,15 @@ def test_resolution_is_bounded_without_buckets_too():
 
 
 def test_optimizer_args_that_the_optimizers_take_pass():
-    assert Recipe().with_overrides(["optimizer_args={betas=[0.9, 0.99], weight_decay=0.05, normalize_channels=false}"]).optimizer_args["betas"] == [0.9, 0.99]
-    assert Recipe().with_overrides(["optimizer_type=AdamW", "optimizer_args={amsgrad=true, eps=1e-6}"]).optimizer_args["amsgrad"] is True
+    assert Recipe().with_overrides(
+        ["optimizer_args={betas=[0.9, 0.99], weight_decay=0.05, normalize_channels=false}"]
+    ).optimizer_args["betas"] == [0.9, 0.99]
+    assert (
+        Recipe()
+        .with_overrides(["optimizer_type=AdamW", "optimizer_args={amsgrad=true, eps=1e-6}"])
+        .optimizer_args["amsgrad"]
+        is True
+    )
 
 
 # ------------------------------------------------------------------ from kohya
@@ -231,9 +251,15 @@ def test_seed_command_converts_to_the_seed_recipe():
     assert result.recipe == expected
     assert result.unsupported == []
     assert [p.split("=")[0] for p in result.paths] == [
-        "--pretrained_model_name_or_path", "--train_data_dir", "--output_dir", "--logging_dir", "--sample_prompts",
+        "--pretrained_model_name_or_path",
+        "--train_data_dir",
+        "--output_dir",
+        "--logging_dir",
+        "--sample_prompts",
     ]
-    assert "pass it with --model" in result.paths[0] and "DATASET" in result.paths[1] and "-o" in result.paths[2]
+    assert (
+        "pass it with --model" in result.paths[0] and "DATASET" in result.paths[1] and "-o" in result.paths[2]
+    )
     assert "/training_dir/sample-prompts.txt" in result.paths[4] and "DATASET" in result.paths[4]
     assert any("--num_cpu_threads_per_process=2" in n for n in result.notes)
     assert any("no --seed" in n for n in result.notes)
@@ -264,38 +290,67 @@ python sdxl_train_network.py --network_module=lycoris.kohya --resolution=1024 --
 """
     result = convert_kohya(command, source="run.sh")
     why = dict(line.split(": ", 1) for line in result.unsupported)
-    assert sorted(why) == sorted([
-        "--xformers",
-        "--max_train_epochs=10",
-        "--network_dimm=8",
-        "--network_args use_tucker=True",
-        "--network_args foo=1",
-        "--network_args rank_dropout_scale=True",
-        "--text_encoder_lr 1e-4 2e-4",
-        "--resolution=768,512",
-        "--optimizer_type=AdamW8bit",
-        "--log_with=wandb",
-    ])
+    assert sorted(why) == sorted(
+        [
+            "--xformers",
+            "--max_train_epochs=10",
+            "--network_dimm=8",
+            "--network_args use_tucker=True",
+            "--network_args foo=1",
+            "--network_args rank_dropout_scale=True",
+            "--text_encoder_lr 1e-4 2e-4",
+            "--resolution=768,512",
+            "--optimizer_type=AdamW8bit",
+            "--log_with=wandb",
+        ]
+    )
     assert "did you mean 'network_dim'" in why["--network_dimm=8"]
     assert "set max_train_steps" in why["--max_train_epochs=10"]
     assert "use one of ClybW, AdamW" in why["--optimizer_type=AdamW8bit"]
     # What could convert did; refused values keep the seed's.
     r = result.recipe
-    assert (r.conv_dim, r.algo, r.output_name, r.optimizer_type, r.use_tucker) == (64, "locon", "my#lora", "ClybW", False)
+    assert (r.conv_dim, r.algo, r.output_name, r.optimizer_type, r.use_tucker) == (
+        64,
+        "locon",
+        "my#lora",
+        "ClybW",
+        False,
+    )
     assert r.resolution == 1024  # the later --resolution=768,512 won (as in argparse) and was refused
 
 
 def test_absent_flags_take_kohyas_defaults():
-    result = convert_kohya("sdxl_train_network.py --network_module lycoris.kohya --resolution 512 --network_dim 16 --lr_scheduler cosine")
+    result = convert_kohya(
+        "sdxl_train_network.py --network_module lycoris.kohya --resolution 512 --network_dim 16 --lr_scheduler cosine"
+    )
     r = result.recipe
-    assert (r.enable_bucket, r.flip_aug, r.shuffle_caption, r.cache_latents, r.gradient_checkpointing, r.sdpa) == (False,) * 6
+    assert (
+        r.enable_bucket,
+        r.flip_aug,
+        r.shuffle_caption,
+        r.cache_latents,
+        r.gradient_checkpointing,
+        r.sdpa,
+    ) == (False,) * 6
     assert (r.max_bucket_reso, r.bucket_reso_steps, r.caption_extension) == (1024, 64, ".caption")
     assert (r.network_dim, r.conv_dim, r.network_alpha, r.conv_alpha) == (16, 16, 1.0, 1.0)
     assert r.learning_rate == r.unet_lr == r.text_encoder_lr == 2e-6
-    assert (r.optimizer_type, r.train_batch_size, r.gradient_accumulation_steps, r.max_train_steps) == ("AdamW", 1, 1, 1600)
+    assert (r.optimizer_type, r.train_batch_size, r.gradient_accumulation_steps, r.max_train_steps) == (
+        "AdamW",
+        1,
+        1,
+        1600,
+    )
     assert r.lr_scheduler_args == {"num_cycles": 0.5}  # transformers' cosine default
-    assert (r.save_every_n_steps, r.sample_every_n_steps, r.multires_noise_iterations, r.log_with) == (0, 0, 0, "none")
-    assert r.sample_sampler == "euler_a" and result.unsupported == []  # kohya's ddim does not matter without sampling
+    assert (r.save_every_n_steps, r.sample_every_n_steps, r.multires_noise_iterations, r.log_with) == (
+        0,
+        0,
+        0,
+        "none",
+    )
+    assert (
+        r.sample_sampler == "euler_a" and result.unsupported == []
+    )  # kohya's ddim does not matter without sampling
     assert any("kohya's defaults apply" in n and "max_train_steps=1600" in n for n in result.notes)
 
 
@@ -305,16 +360,26 @@ def test_kohyas_caption_flags_convert_and_regularization_is_named():
         "--keep_tokens 1 --shuffle_caption --caption_dropout_rate 0.05 --caption_tag_dropout_rate 0.1"
     )
     r = result.recipe
-    assert (r.caption_extension, r.keep_tokens, r.shuffle_caption, r.caption_dropout_rate, r.caption_tag_dropout_rate) == (".txt", 1, True, 0.05, 0.1)
+    assert (
+        r.caption_extension,
+        r.keep_tokens,
+        r.shuffle_caption,
+        r.caption_dropout_rate,
+        r.caption_tag_dropout_rate,
+    ) == (".txt", 1, True, 0.05, 0.1)
     why = dict(line.split(": ", 1) for line in result.unsupported)
     assert sorted(why) == ["--prior_loss_weight=1.0", "--reg_data_dir=reg"]
     assert "does not train with regularization images" in why["--reg_data_dir=reg"]
-    assert Recipe.from_mapping(tomllib.loads(r.to_toml())).caption_tag_dropout_rate == 0.1  # settable in loradrop.toml
+    assert (
+        Recipe.from_mapping(tomllib.loads(r.to_toml())).caption_tag_dropout_rate == 0.1
+    )  # settable in loradrop.toml
     assert convert_kohya("sdxl_train_network.py --resolution 512").recipe.caption_dropout_rate == 0.0
 
 
 def test_sampling_with_kohyas_default_sampler_is_reported():
-    result = convert_kohya("--network_module=lycoris.kohya --sample_every_n_steps=5\n--resolution=1024\n")  # flags only
+    result = convert_kohya(
+        "--network_module=lycoris.kohya --sample_every_n_steps=5\n--resolution=1024\n"
+    )  # flags only
     assert result.recipe.sample_every_n_steps == 5
     assert [line for line in result.unsupported if "sample_sampler 'ddim'" in line]
 
@@ -330,7 +395,10 @@ def test_sampling_with_kohyas_default_sampler_is_reported():
         ("sdxl_train_network.py --network_args preset", "entry 'preset' is not key=value"),
         ("sdxl_train_network.py --resolution=big", "is not SIZE or WIDTH,HEIGHT"),
         ("echo hello\n", "holds no sdxl_train_network.py command line"),
-        ("sdxl_train_network.py --seed 1\nsdxl_train_network.py --seed 2\n", "holds 2 sdxl_train_network.py commands"),
+        (
+            "sdxl_train_network.py --seed 1\nsdxl_train_network.py --seed 2\n",
+            "holds 2 sdxl_train_network.py commands",
+        ),
     ],
 )
 def test_bad_commands(command, match):
@@ -340,7 +408,9 @@ def test_bad_commands(command, match):
 
 
 def test_other_script_is_read_with_a_note():
-    result = convert_kohya("accelerate launch --multi_gpu train_network.py --network_module lycoris.kohya --resolution 1024")
+    result = convert_kohya(
+        "accelerate launch --multi_gpu train_network.py --network_module lycoris.kohya --resolution 1024"
+    )
     assert any("runs train_network.py" in n for n in result.notes)
     assert any("--multi_gpu" in n for n in result.notes)
 
@@ -351,10 +421,26 @@ def test_other_script_is_read_with_a_note():
 def test_recipe_show_prints_toml_that_reads_back(tmp_path, capsys):
     path = tmp_path / "r.toml"
     path.write_text('max_train_steps = 40\noutput_name = "mine"\n')
-    assert cli(["recipe", "show", "--recipe", str(path), "--set", "network_dim=16", "--set", "max_train_steps=20"]) == 0
+    assert (
+        cli(
+            [
+                "recipe",
+                "show",
+                "--recipe",
+                str(path),
+                "--set",
+                "network_dim=16",
+                "--set",
+                "max_train_steps=20",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("# loradrop recipe: the seed's defaults, then ")
-    assert _stdout_recipe(out) == Recipe().with_overrides(["max_train_steps=20", "output_name=mine", "network_dim=16"])
+    assert _stdout_recipe(out) == Recipe().with_overrides(
+        ["max_train_steps=20", "output_name=mine", "network_dim=16"]
+    )
 
     assert cli(["recipe", "show", "--recipe", str(path), "--diff"]) == 0
     assert tomllib.loads(capsys.readouterr().out) == {"max_train_steps": 40, "output_name": "mine"}
@@ -376,7 +462,10 @@ def test_from_kohya_writes_a_recipe_file(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "not part of a recipe:\n  --pretrained_model_name_or_path=" in captured.err
-    assert "warning: 1 flag(s) not supported" in captured.err and "  --xformers: loradrop uses sdpa" in captured.err
+    assert (
+        "warning: 1 flag(s) not supported" in captured.err
+        and "  --xformers: loradrop uses sdpa" in captured.err
+    )
     text = out.read_text()
     assert text.startswith(f"# loradrop recipe, converted from the kohya command line in {command}")
     assert "#   --xformers: loradrop uses sdpa" in text
@@ -426,9 +515,20 @@ def test_through_the_real_cli(tmp_path):
         if not (e.name or "").startswith("loradrop.commands."):
             raise
         pytest.skip(f"{e.name} is not written yet")
-    run = subprocess.run([sys.executable, "-m", "loradrop", "recipe", "show", "--set", "max_train_steps=40"], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "loradrop", "recipe", "show", "--set", "max_train_steps=40"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert tomllib.loads(run.stdout)["max_train_steps"] == 40
-    run = subprocess.run([sys.executable, "-m", "loradrop", "recipe", "show", "--set", "max_train_step=40"], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "loradrop", "recipe", "show", "--set", "max_train_step=40"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2
-    assert run.stderr.strip() == "loradrop: --set: unknown recipe key 'max_train_step' (did you mean 'max_train_steps'?)."
+    assert (
+        run.stderr.strip()
+        == "loradrop: --set: unknown recipe key 'max_train_step' (did you mean 'max_train_steps'?)."
+    )

@@ -21,7 +21,17 @@ from loradrop.errors import UserError
 from loradrop.fsutil import atomic_write_text
 
 from ..data.images import IMAGE_EXTENSIONS, BadImage, load_rgb
-from .spec import Captioner, CaptionerSpec, CaptionResult, Existing, ImageResult, Outcome, TaggerSpec, VlmSpec, first_line
+from .spec import (
+    Captioner,
+    CaptionerSpec,
+    CaptionResult,
+    Existing,
+    ImageResult,
+    Outcome,
+    TaggerSpec,
+    VlmSpec,
+    first_line,
+)
 
 Progress = Callable[[int, int], None]  # (images done, images to caption)
 _NAMED = 5  # images named one by one in the already-captioned error
@@ -55,7 +65,11 @@ def detect_kind(path: Path) -> type[TaggerSpec | VlmSpec]:
 def list_images(folder: Path) -> list[Path]:
     """The images a dataset scan would see: the folder's own, not hidden ones or its subfolders'."""
     try:
-        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
     except OSError as e:
         raise UserError(f"{folder} cannot be listed ({e.strerror or e}); check its permissions.") from None
 
@@ -98,7 +112,9 @@ def caption_folder(
     todo, settled = _plan(folder, images, existing, caption_extension)
     if todo and isinstance(captioner, (TaggerSpec, VlmSpec)):
         captioner = load_captioner(captioner)
-    description = str(captioner.model) if isinstance(captioner, (TaggerSpec, VlmSpec)) else captioner.description
+    description = (
+        str(captioner.model) if isinstance(captioner, (TaggerSpec, VlmSpec)) else captioner.description
+    )
     start = time.perf_counter()  # the rate counts captioning, not loading the model
     results = list(settled)
     if progress:
@@ -120,14 +136,19 @@ def caption_folder(
     return CaptionResult(folder, description, tuple(results), time.perf_counter() - start)
 
 
-def _plan(folder: Path, images: list[Path], existing: Existing, extension: str) -> tuple[list[Path], list[ImageResult]]:
+def _plan(
+    folder: Path, images: list[Path], existing: Existing, extension: str
+) -> tuple[list[Path], list[ImageResult]]:
     """(images to caption, results for the others: kept, or failed because they share a caption file)."""
     sharing = defaultdict(list)
     for p in images:
         sharing[caption_path(p, extension)].append(p)
     clashes = [
         ImageResult(
-            p, target, Outcome.FAILED, reason=f"{' and '.join(q.name for q in group)} share the caption file {target.name}; rename all but one."
+            p,
+            target,
+            Outcome.FAILED,
+            reason=f"{' and '.join(q.name for q in group)} share the caption file {target.name}; rename all but one.",
         )
         for target, group in sharing.items()
         if len(group) > 1
@@ -136,7 +157,9 @@ def _plan(folder: Path, images: list[Path], existing: Existing, extension: str) 
     images = [p for p in images if len(sharing[caption_path(p, extension)]) == 1]
     have = [p for p in images if caption_path(p, extension).exists()]
     if have and existing is Existing.REFUSE:
-        named = ", ".join(caption_path(p, extension).name for p in have[:_NAMED]) + (f" and {len(have) - _NAMED} more" if len(have) > _NAMED else "")
+        named = ", ".join(caption_path(p, extension).name for p in have[:_NAMED]) + (
+            f" and {len(have) - _NAMED} more" if len(have) > _NAMED else ""
+        )
         raise UserError(
             f"{len(have)} of {len(images)} images in {folder} already have captions ({named}); "
             "pass --overwrite to replace them or --missing-only to caption only the others."
@@ -155,7 +178,9 @@ def _load(path: Path) -> Image.Image | str:
         return f"{path.name} cannot be read ({e.reason}); replace or remove it."
 
 
-def _caption_batch(captioner: Captioner, paths: list[Path], loaded: list, trigger: str | None, dry_run: bool, extension: str) -> list[ImageResult]:
+def _caption_batch(
+    captioner: Captioner, paths: list[Path], loaded: list, trigger: str | None, dry_run: bool, extension: str
+) -> list[ImageResult]:
     readable = [(p, im) for p, im in zip(paths, loaded) if isinstance(im, Image.Image)]
     captions = dict(zip((p for p, _ in readable), _caption_each(captioner, [im for _, im in readable])))
     results = []
@@ -166,9 +191,23 @@ def _caption_batch(captioner: Captioner, paths: list[Path], loaded: list, trigge
             continue
         caption = captions[path]
         if isinstance(caption, BaseException):
-            results.append(ImageResult(path, target, Outcome.FAILED, reason=f"{path.name} could not be captioned ({first_line(caption)})."))
+            results.append(
+                ImageResult(
+                    path,
+                    target,
+                    Outcome.FAILED,
+                    reason=f"{path.name} could not be captioned ({first_line(caption)}).",
+                )
+            )
         elif not caption.strip():
-            results.append(ImageResult(path, target, Outcome.FAILED, reason=f"{path.name} got an empty caption: {captioner.empty_hint}."))
+            results.append(
+                ImageResult(
+                    path,
+                    target,
+                    Outcome.FAILED,
+                    reason=f"{path.name} got an empty caption: {captioner.empty_hint}.",
+                )
+            )
         else:
             results.append(_write(path, target, with_trigger(caption.strip(), trigger), dry_run))
     return results
@@ -181,7 +220,10 @@ def _write(path: Path, target: Path, caption: str, dry_run: bool) -> ImageResult
         atomic_write_text(target, caption + "\n")  # one line and a newline, as kohya's tagger writes
     except OSError as e:
         return ImageResult(
-            path, target, Outcome.FAILED, reason=f"{target} cannot be written ({e.strerror or e}); check the folder's permissions and free space."
+            path,
+            target,
+            Outcome.FAILED,
+            reason=f"{target} cannot be written ({e.strerror or e}); check the folder's permissions and free space.",
         )
     return ImageResult(path, target, Outcome.WRITTEN, caption)
 
@@ -199,5 +241,7 @@ def _caption_each(captioner: Captioner, images: list[Image.Image]) -> list[str |
             return [e]
         return [c for image in images for c in _caption_each(captioner, [image])]
     if len(captions) != len(images):
-        raise UserError(f"The captioner {captioner.description} returned {len(captions)} captions for {len(images)} images; it cannot be used as is.")
+        raise UserError(
+            f"The captioner {captioner.description} returned {len(captions)} captions for {len(images)} images; it cannot be used as is."
+        )
     return list(captions)

@@ -41,14 +41,18 @@ TINY_TAGS = (
     TinyTag("solo", GENERAL, 0.0),  # (0.50)
     TinyTag("long_hair", GENERAL, -0.65),  # (0.343) just under 0.35
     TinyTag("^_^", GENERAL, 1.4),  # (0.80) a kaomoji: keeps its underscore
-    TinyTag("white_background", GENERAL, -4.3, (2.0, 2.0, 2.0)),  # pure colours: (0.09); half white red: (0.43)
+    TinyTag(
+        "white_background", GENERAL, -4.3, (2.0, 2.0, 2.0)
+    ),  # pure colours: (0.09); half white red: (0.43)
     TinyTag("blue_theme", GENERAL, -4.0, (6.0, 0.0, 0.0)),  # first channel 1: (0.88); 0: (0.02)
     TinyTag("hatsune_miku", CHARACTER, 0.85),  # (0.70)
     TinyTag("kagamine_rin", CHARACTER, 3.0),  # (0.95)
 )
 
 
-def make_tiny_tagger(folder: str | Path, *, size: int = 32, batch: int | None = None, tags: tuple[TinyTag, ...] = TINY_TAGS) -> Path:
+def make_tiny_tagger(
+    folder: str | Path, *, size: int = 32, batch: int | None = None, tags: tuple[TinyTag, ...] = TINY_TAGS
+) -> Path:
     """Write model.onnx (NHWC float input of `size`, `batch` fixed or dynamic; sigmoid
     probabilities out) and selected_tags.csv into `folder`; return the folder."""
     import onnx
@@ -78,7 +82,9 @@ def make_tiny_tagger(folder: str | Path, *, size: int = 32, batch: int | None = 
         [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [n, len(tags)])],
         initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="loradrop.tiny")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="loradrop.tiny"
+    )
     model.ir_version = 8  # readable by every onnxruntime the caption extra allows
     onnx.checker.check_model(model)
     onnx.save(model, folder / MODEL_FILE)
@@ -103,12 +109,30 @@ def tiny_tokenizer(specials: list[str], bos: str, eos: str, pad: str, unk: str):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {
-        t: i for i, t in enumerate([*specials, *_WORDS, "USER", "ASSISTANT", ":", ".", "this", "image", "caption", "write", "one-sentence", "for"])
+        t: i
+        for i, t in enumerate(
+            [
+                *specials,
+                *_WORDS,
+                "USER",
+                "ASSISTANT",
+                ":",
+                ".",
+                "this",
+                "image",
+                "caption",
+                "write",
+                "one-sentence",
+                "for",
+            ]
+        )
     }
     backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()  # joins the words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk
+    )
 
 
 # A LLaVA-style chat: the image's tokens, the prompt, then the assistant's turn.
@@ -133,7 +157,14 @@ def make_tiny_vlm(folder: str | Path, family: str = "llava", seed: int = 0) -> P
 
 
 def _tiny_llava():
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = tiny_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<image>"], "<s>", "</s>", "<pad>", "<unk>")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -147,7 +178,14 @@ def _tiny_llava():
         num_additional_image_tokens=1,
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=32,
@@ -170,8 +208,12 @@ def _tiny_llava():
 def _tiny_blip():
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    tokenizer = tiny_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[DEC]"], "[DEC]", "[SEP]", "[PAD]", "[UNK]")
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    tokenizer = tiny_tokenizer(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[DEC]"], "[DEC]", "[SEP]", "[PAD]", "[UNK]"
+    )
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
     config = BlipConfig(
         vision_config={
             "hidden_size": 16,

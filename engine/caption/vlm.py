@@ -19,7 +19,9 @@ from .spec import DEFAULT_VLM_PROMPT, VlmSpec, first_line
 
 # Tried in order: the second is the name older transformers load BLIP-like models with.
 _AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
-_FIX = "give --model a folder saved with save_pretrained that AutoModelForImageTextToText and AutoProcessor load"
+_FIX = (
+    "give --model a folder saved with save_pretrained that AutoModelForImageTextToText and AutoProcessor load"
+)
 
 
 class VlmCaptioner:
@@ -33,13 +35,17 @@ class VlmCaptioner:
         self.spec = spec
         self.device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device cuda was asked for but torch sees no GPU here; caption {path} with --device cpu.")
+            raise UserError(
+                f"--device cuda was asked for but torch sees no GPU here; caption {path} with --device cpu."
+            )
         bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
         self.dtype = torch.bfloat16 if bf16 else torch.float16 if self.device == "cuda" else torch.float32
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
         except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad folder
-            raise UserError(f"{path} has no processor transformers can load ({first_line(e)}); {_FIX}.") from None
+            raise UserError(
+                f"{path} has no processor transformers can load ({first_line(e)}); {_FIX}."
+            ) from None
         self.model = _load_model(transformers, path, self.dtype).to(self.device).eval()
         self.chat = bool(getattr(self.processor, "chat_template", None))
         prompt = spec.prompt if spec.prompt is not None else (DEFAULT_VLM_PROMPT if self.chat else "")
@@ -49,17 +55,25 @@ class VlmCaptioner:
             tokenizer.padding_side = "left"  # a batch of prompts must end where generation starts
         self.batch_size = max(1, spec.batch_size)
         self.empty_hint = "the model wrote nothing; try another --prompt"
-        self.description = f"{type(self.model).__name__} {path} ({self.device}, {str(self.dtype).removeprefix('torch.')})"
+        self.description = (
+            f"{type(self.model).__name__} {path} ({self.device}, {str(self.dtype).removeprefix('torch.')})"
+        )
 
     def caption(self, images: list[Image.Image]) -> list[str]:
         import torch
 
         kwargs = {"text": [self.text] * len(images), "padding": True} if self.text else {}
-        inputs = self.processor(images=images, return_tensors="pt", **kwargs).to(self.device, dtype=self.dtype)  # casts floats only
+        inputs = self.processor(images=images, return_tensors="pt", **kwargs).to(
+            self.device, dtype=self.dtype
+        )  # casts floats only
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.spec.max_length, do_sample=False)
         prompt_ids = inputs.get("input_ids")
-        if prompt_ids is not None and out.shape[1] >= prompt_ids.shape[1] and torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids):
+        if (
+            prompt_ids is not None
+            and out.shape[1] >= prompt_ids.shape[1]
+            and torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids)
+        ):
             out = out[:, prompt_ids.shape[1] :]
         return [" ".join(text.split()) for text in self.processor.batch_decode(out, skip_special_tokens=True)]
 

@@ -48,9 +48,13 @@ def tagger_files(path: Path) -> tuple[Path, Path]:
     onnx = path if path.suffix == ".onnx" else path / MODEL_FILE
     tags = onnx.parent / TAGS_FILE
     if not onnx.is_file():
-        raise UserError(f"{onnx} does not exist; give --model a WD14 tagger folder holding {MODEL_FILE} and {TAGS_FILE}.")
+        raise UserError(
+            f"{onnx} does not exist; give --model a WD14 tagger folder holding {MODEL_FILE} and {TAGS_FILE}."
+        )
     if not tags.is_file():
-        raise UserError(f"{onnx.parent} has {onnx.name} but no {TAGS_FILE}; put the tags list that came with the model beside it.")
+        raise UserError(
+            f"{onnx.parent} has {onnx.name} but no {TAGS_FILE}; put the tags list that came with the model beside it."
+        )
     return onnx, tags
 
 
@@ -64,24 +68,33 @@ def read_tags(path: Path) -> list[Tag]:
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} cannot be read ({e}); use the {TAGS_FILE} that came with the tagger.") from None
+        raise UserError(
+            f"{path} cannot be read ({e}); use the {TAGS_FILE} that came with the tagger."
+        ) from None
     header = [h.strip() for h in rows[0]] if rows else []
     if "name" not in header or "category" not in header:
-        raise UserError(f"{path} is not a WD14 tags list: its header is {','.join(header) or 'empty'}, expected tag_id,name,category,count.")
+        raise UserError(
+            f"{path} is not a WD14 tags list: its header is {','.join(header) or 'empty'}, expected tag_id,name,category,count."
+        )
     name_at, category_at = header.index("name"), header.index("category")
     tags = []
     for line, row in enumerate(rows[1:], start=2):
         try:
             tags.append(Tag(row[name_at], caption_name(row[name_at]), int(row[category_at])))
         except (IndexError, ValueError):
-            raise UserError(f"{path} line {line} has no tag name and integer category; use the {TAGS_FILE} that came with the tagger.") from None
+            raise UserError(
+                f"{path} line {line} has no tag name and integer category; use the {TAGS_FILE} that came with the tagger."
+            ) from None
     return tags
 
 
 def select_tags(probs: np.ndarray, tags: list[Tag], spec: TaggerSpec) -> list[str]:
     """The caption's tags for one image's probabilities, in the CSV's order (rating first if kept)."""
     excluded = {t.strip() for t in spec.exclude_tags if t.strip()}
-    general, character = spec.threshold, spec.character_threshold if spec.character_threshold is not None else spec.threshold
+    general, character = (
+        spec.threshold,
+        spec.character_threshold if spec.character_threshold is not None else spec.threshold,
+    )
     chosen, ratings = [], []
     for tag, p in zip(tags, probs.tolist()):
         if tag.category == RATING:
@@ -134,7 +147,9 @@ class WD14Tagger:
         try:
             self.session = ort.InferenceSession(str(onnx), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise UserError(f"{onnx} cannot be loaded by onnxruntime ({first_line(e)}); give --model a WD14 tagger's model.onnx.") from None
+            raise UserError(
+                f"{onnx} cannot be loaded by onnxruntime ({first_line(e)}); give --model a WD14 tagger's model.onnx."
+            ) from None
         model_input, model_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name = model_input.name
         self.size, self.fixed_batch = _input_layout(onnx, model_input.shape)
@@ -155,10 +170,14 @@ class WD14Tagger:
             )
 
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
-        batch = np.stack([preprocess(im, self.size, self.spec.bgr) for im in images]).astype(self.dtype, copy=False)
+        batch = np.stack([preprocess(im, self.size, self.spec.bgr) for im in images]).astype(
+            self.dtype, copy=False
+        )
         if self.fixed_batch and len(images) < self.fixed_batch:
             # A model exported with a fixed batch takes only full batches: pad with white rows.
-            batch = np.concatenate([batch, np.full((self.fixed_batch - len(images), *batch.shape[1:]), 255, self.dtype)])
+            batch = np.concatenate(
+                [batch, np.full((self.fixed_batch - len(images), *batch.shape[1:]), 255, self.dtype)]
+            )
         probs = self.session.run(None, {self.input_name: batch})[0][: len(images)]
         self._check_outputs(probs.shape[-1], self.onnx, self.tags_path)
         return probs.astype(np.float32, copy=False)
@@ -170,17 +189,27 @@ class WD14Tagger:
 def _providers(available: list[str], device: str | None) -> list[str]:
     cuda = "CUDAExecutionProvider" in available
     if device == "cuda" and not cuda:
-        raise UserError("onnxruntime here has no CUDA provider; install onnxruntime-gpu in place of onnxruntime, or caption with --device cpu.")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda and device != "cpu" else ["CPUExecutionProvider"]
+        raise UserError(
+            "onnxruntime here has no CUDA provider; install onnxruntime-gpu in place of onnxruntime, or caption with --device cpu."
+        )
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if cuda and device != "cpu"
+        else ["CPUExecutionProvider"]
+    )
 
 
 def _input_layout(onnx: Path, shape: list) -> tuple[int, int | None]:
     """(square size, fixed batch or None) from the model's NHWC input shape."""
     if len(shape) != 4 or shape[3] != 3:
-        raise UserError(f"{onnx} takes input of shape {shape}, not a WD14 tagger's (batch, size, size, 3); give --model a WD14 tagger.")
+        raise UserError(
+            f"{onnx} takes input of shape {shape}, not a WD14 tagger's (batch, size, size, 3); give --model a WD14 tagger."
+        )
     height, width = shape[1], shape[2]
     if isinstance(height, int) and isinstance(width, int) and height != width:
-        raise UserError(f"{onnx} takes {width}x{height} images, not square ones as a WD14 tagger does; give --model a WD14 tagger.")
+        raise UserError(
+            f"{onnx} takes {width}x{height} images, not square ones as a WD14 tagger does; give --model a WD14 tagger."
+        )
     size = height if isinstance(height, int) and height > 0 else DEFAULT_SIZE
     batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
     return size, batch

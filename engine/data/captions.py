@@ -9,7 +9,6 @@ import os
 import random
 from pathlib import Path
 
-
 MAX_CAPTION_BYTES = 1 << 20
 
 
@@ -28,15 +27,21 @@ def read_caption(path: str | os.PathLike) -> str:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size > MAX_CAPTION_BYTES:  # a caption is a line of tags; a file of gigabytes is a mistake (or sparse)
-                raise BadCaption(f"caption file too large ({path.name}: {size:,} bytes; at most {MAX_CAPTION_BYTES >> 20} MB)")
+            if (
+                size > MAX_CAPTION_BYTES
+            ):  # a caption is a line of tags; a file of gigabytes is a mistake (or sparse)
+                raise BadCaption(
+                    f"caption file too large ({path.name}: {size:,} bytes; at most {MAX_CAPTION_BYTES >> 20} MB)"
+                )
             data = f.read(MAX_CAPTION_BYTES)
     except OSError as e:
         raise BadCaption(f"caption cannot be read ({path.name}: {e.strerror or e})") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise BadCaption(f"caption not UTF-8 ({path.name}: byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise BadCaption(
+            f"caption not UTF-8 ({path.name}: byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
     first = text.replace("\r\n", "\n").replace("\r", "\n").split("\n", 1)[0]
     return first.strip()
 
@@ -47,8 +52,15 @@ def shuffle_caption(caption: str, rng: random.Random, keep_tokens: int = 0) -> s
     return process_caption(caption, rng, shuffle=True, keep_tokens=keep_tokens)
 
 
-def process_caption(caption: str, rng: random.Random, *, shuffle: bool, keep_tokens: int = 0,
-                    dropout_rate: float = 0.0, tag_dropout_rate: float = 0.0) -> str:
+def process_caption(
+    caption: str,
+    rng: random.Random,
+    *,
+    shuffle: bool,
+    keep_tokens: int = 0,
+    dropout_rate: float = 0.0,
+    tag_dropout_rate: float = 0.0,
+) -> str:
     """kohya's order: caption dropout first (the caption becomes ""), then shuffle, then tag
     dropout of the tags not kept. `rng` is drawn from only for a rate above 0, so a recipe
     without dropout trains exactly as before the rates existed."""

@@ -71,7 +71,9 @@ class Dataset:
     folder: Path
     items: list[Item] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
-    subfolders: list[str] = field(default_factory=list)  # subfolders holding images not named N_name: not searched
+    subfolders: list[str] = field(
+        default_factory=list
+    )  # subfolders holding images not named N_name: not searched
     orphans: list[str] = field(default_factory=list)  # caption files with no image of their stem
     subsets: list[Subset] = field(default_factory=list)  # the folder's own images first, then each N_name/
 
@@ -85,14 +87,18 @@ class Dataset:
         if not any(s.name for s in self.subsets):
             return []
         used = [s for s in self.subsets if s.name or s.images or s.skipped]
-        return [f"{self.folder}: {len(self.items)} images, {self.images_per_epoch} per epoch, from "
-                f"{len(used)} folder{'s' if len(used) != 1 else ''} (kohya's N_name layout)"] + [f"  {s.report()}" for s in used]
+        return [
+            f"{self.folder}: {len(self.items)} images, {self.images_per_epoch} per epoch, from "
+            f"{len(used)} folder{'s' if len(used) != 1 else ''} (kohya's N_name layout)"
+        ] + [f"  {s.report()}" for s in used]
 
     def orphan_warning(self) -> str | None:
         """Captions without an image are usually a renamed or deleted picture: say which."""
         if not self.orphans:
             return None
-        names = ", ".join(self.orphans[:_LISTED]) + (f" and {len(self.orphans) - _LISTED} more" if len(self.orphans) > _LISTED else "")
+        names = ", ".join(self.orphans[:_LISTED]) + (
+            f" and {len(self.orphans) - _LISTED} more" if len(self.orphans) > _LISTED else ""
+        )
         return f"{self.folder} has caption files with no image of the same name ({names}); they are not used."
 
     def subfolder_warning(self) -> str | None:
@@ -101,8 +107,10 @@ class Dataset:
         if not self.subfolders:
             return None
         names = ", ".join(f"{n}/" for n in self.subfolders[:_LISTED])
-        return (f"{self.folder} has images in subfolders ({names}); they are not used, only the folder's own images "
-                "and N_name/ subfolders (kohya's layout, N repeats) train: rename them N_name or move their images up.")
+        return (
+            f"{self.folder} has images in subfolders ({names}); they are not used, only the folder's own images "
+            "and N_name/ subfolders (kohya's layout, N repeats) train: rename them N_name or move their images up."
+        )
 
     def skipped_warning(self) -> str | None:
         """One warning naming every skipped file (the first few by name) and why, or None."""
@@ -122,13 +130,19 @@ def scan(folder: str | os.PathLike, recipe: Recipe) -> Dataset:
     folder = Path(folder)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise UserError(f"{folder} {what}; expected a folder of images with same-stem {recipe.caption_extension} captions.")
+        raise UserError(
+            f"{folder} {what}; expected a folder of images with same-stem {recipe.caption_extension} captions."
+        )
     subfolders = classify(folder)
     if subfolders.regularization:
-        raise UserError(f"{folder / subfolders.regularization} looks like a kohya regularization set, which loradrop does "
-                        f"not train with (no prior loss); move {subfolders.regularization}/ out of the dataset folder.")
+        raise UserError(
+            f"{folder / subfolders.regularization} looks like a kohya regularization set, which loradrop does "
+            f"not train with (no prior loss); move {subfolders.regularization}/ out of the dataset folder."
+        )
     if recipe.enable_bucket:
-        buckets = make_buckets(recipe.resolution, recipe.min_bucket_reso, recipe.max_bucket_reso, recipe.bucket_reso_steps)
+        buckets = make_buckets(
+            recipe.resolution, recipe.min_bucket_reso, recipe.max_bucket_reso, recipe.bucket_reso_steps
+        )
     else:
         buckets = [(recipe.resolution, recipe.resolution)]
     own = Subset(folder, "", recipe.dataset_repeats, None)  # a flat folder's images need captions, as before
@@ -138,24 +152,40 @@ def scan(folder: str | os.PathLike, recipe: Recipe) -> Dataset:
         for subset in dataset.subsets:
             _scan_subset(subset, dataset, recipe, buckets, pool, root_id if subset.name else None)
     if not dataset.items:
-        raise UserError(_nothing_usable(folder, dataset.skipped, recipe.caption_extension, len(dataset.subsets) > 1))
+        raise UserError(
+            _nothing_usable(folder, dataset.skipped, recipe.caption_extension, len(dataset.subsets) > 1)
+        )
     if dataset.images_per_epoch > MAX_LISTED_ITEMS:
         worst = max(dataset.subsets, key=lambda s: s.images * s.repeats)
-        what = f"{worst.name}/ repeats {worst.repeats} times" if worst.name else f"dataset_repeats is {worst.repeats}"
+        what = (
+            f"{worst.name}/ repeats {worst.repeats} times"
+            if worst.name
+            else f"dataset_repeats is {worst.repeats}"
+        )
         fix = f"rename {worst.name}/ with a smaller N" if worst.name else "lower dataset_repeats"
-        raise UserError(f"{folder}: an epoch would list {dataset.images_per_epoch:,} images ({what}), more than "
-                        f"{MAX_LISTED_ITEMS:,}; {fix}.")
+        raise UserError(
+            f"{folder}: an epoch would list {dataset.images_per_epoch:,} images ({what}), more than "
+            f"{MAX_LISTED_ITEMS:,}; {fix}."
+        )
     return dataset
 
 
-def _scan_subset(subset: Subset, dataset: Dataset, recipe: Recipe, buckets: list[Size], pool: ThreadPoolExecutor,
-                 root_id: FileId | None) -> None:
+def _scan_subset(
+    subset: Subset,
+    dataset: Dataset,
+    recipe: Recipe,
+    buckets: list[Size],
+    pool: ThreadPoolExecutor,
+    root_id: FileId | None,
+) -> None:
     # Only image names are candidates: captions, sample-prompts.txt, loradrop.toml and anything
     # else are not, and hidden files (editors', macOS's ._ twins) never are.
     folder = subset.folder
     try:
         candidates = sorted(
-            entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
+            entry
+            for entry in folder.iterdir()
+            if not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
         )
         folder_id = _file_id(folder.stat())
     except OSError as e:
@@ -167,8 +197,19 @@ def _scan_subset(subset: Subset, dataset: Dataset, recipe: Recipe, buckets: list
             subset.skipped += 1
         else:
             caption, size, file_id, uncaptioned = result
-            dataset.items.append(Item(path, caption, size, pick_bucket(*size, buckets), file_id, folder_id,
-                                      subset.repeats, subset.name, root_id))
+            dataset.items.append(
+                Item(
+                    path,
+                    caption,
+                    size,
+                    pick_bucket(*size, buckets),
+                    file_id,
+                    folder_id,
+                    subset.repeats,
+                    subset.name,
+                    root_id,
+                )
+            )
             subset.images += 1
             subset.uncaptioned += uncaptioned
     prefix = f"{subset.name}/" if subset.name else ""
@@ -182,14 +223,22 @@ _NOT_CAPTIONS = {"sample-prompts.txt"}
 def _orphan_captions(folder: Path, images: list[Path], caption_extension: str) -> list[str]:
     stems = {p.stem for p in images}
     try:
-        names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.name.endswith(caption_extension)
-                       and e.name not in _NOT_CAPTIONS and e.is_file(follow_symlinks=False))
+        names = sorted(
+            e.name
+            for e in os.scandir(folder)
+            if not e.name.startswith(".")
+            and e.name.endswith(caption_extension)
+            and e.name not in _NOT_CAPTIONS
+            and e.is_file(follow_symlinks=False)
+        )
     except OSError:
         return []
     return [n for n in names if n[: -len(caption_extension)] not in stems]
 
 
-def _check(path: Path, caption_extension: str, class_tokens: str | None) -> tuple[str, Size, FileId, bool] | str:
+def _check(
+    path: Path, caption_extension: str, class_tokens: str | None
+) -> tuple[str, Size, FileId, bool] | str:
     """(caption, size, identity, captioned by class_tokens) for a usable image, or the reason it is not."""
     try:
         st = path.stat()
@@ -242,7 +291,9 @@ def _relative(path: Path, folder: Path) -> str:
     return path.name if path.parent == folder else f"{path.parent.name}/{path.name}"
 
 
-def _nothing_usable(folder: Path, skipped: list[tuple[Path, str]], caption_extension: str, kohya: bool = False) -> str:
+def _nothing_usable(
+    folder: Path, skipped: list[tuple[Path, str]], caption_extension: str, kohya: bool = False
+) -> str:
     if not skipped and kohya:
         return f"{folder} and its N_name subfolders have no PNG, JPEG or WebP images; put images in them."
     if not skipped:
@@ -255,7 +306,9 @@ def _nothing_usable(folder: Path, skipped: list[tuple[Path, str]], caption_exten
     )
 
 
-def epoch_batches(items_or_buckets: Sequence[Item] | Sequence[Size], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    items_or_buckets: Sequence[Item] | Sequence[Size], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
     """The epoch's batches as lists of item indices; a pure function of its arguments.
 
     Items are grouped by bucket (buckets in sorted order, items in their given order), each

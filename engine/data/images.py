@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
-from PIL import WebPImagePlugin  # noqa: F401  (registers WebP, which Image.open's quick start leaves out)
+from PIL import (
+    ExifTags,
+    Image,
+    ImageOps,
+    WebPImagePlugin,  # noqa: F401  (registers WebP, which Image.open's quick start leaves out)
+)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 MAX_PIXELS = 128 * 1024 * 1024

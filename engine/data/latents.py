@@ -78,7 +78,16 @@ class LatentCache:
     with its flipped twin in the same forward pass.
     """
 
-    def __init__(self, root: str | os.PathLike, vae, vae_id: str, device, dtype: torch.dtype = torch.float32, batch_size: int = 2, workers: int = 2):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        vae,
+        vae_id: str,
+        device,
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 2,
+        workers: int = 2,
+    ):
         if not vae_id:
             raise ValueError("vae_id must identify the VAE's weights")
         self.root = Path(root)
@@ -113,11 +122,13 @@ class LatentCache:
         if todo:
             self._place_vae()
         size = self.batch_size
-        batches = [todo[b][i: i + size] for b in sorted(todo) for i in range(0, len(todo[b]), size)]
+        batches = [todo[b][i : i + size] for b in sorted(todo) for i in range(0, len(todo[b]), size)]
         # Images are decoded and fitted on worker threads (PIL releases the GIL) a few batches
         # ahead of the VAE, which then never waits for a JPEG.
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            ahead = [[pool.submit(self._prepare, job) for job in batch] for batch in batches[: self.workers + 1]]
+            ahead = [
+                [pool.submit(self._prepare, job) for job in batch] for batch in batches[: self.workers + 1]
+            ]
             for n, batch in enumerate(batches):
                 if n + self.workers + 1 < len(batches):
                     ahead.append([pool.submit(self._prepare, job) for job in batches[n + self.workers + 1]])
@@ -177,9 +188,13 @@ class LatentCache:
             data = path.read_bytes()
             img = load_rgb(path, data)
         except OSError as e:
-            raise UserError(f"{path} cannot be read any more ({e.strerror or e}); restore it or remove it from the dataset.") from None
+            raise UserError(
+                f"{path} cannot be read any more ({e.strerror or e}); restore it or remove it from the dataset."
+            ) from None
         except BadImage as e:  # corruption the scan's header checks could not see
-            raise UserError(f"{path} cannot be decoded ({e.reason}); remove or replace it and run again.") from None
+            raise UserError(
+                f"{path} cannot be decoded ({e.reason}); remove or replace it and run again."
+            ) from None
         fitted, crop, original = fit_to_bucket(img, job.bucket)
         # Hash the bytes actually decoded: if the file changed since the key pass, the entry is
         # stored under the new content's key, never the old one.
@@ -202,7 +217,9 @@ class LatentCache:
             latent = mean[i] + std[i] * noise[0]
             flipped = mean[n + i] + std[n + i] * noise[1]
             if not (torch.isfinite(latent).all() and torch.isfinite(flipped).all()):
-                raise UserError(f"The VAE gave non-finite latents for {job.path}; run the VAE in fp32 (no_half_vae).")
+                raise UserError(
+                    f"The VAE gave non-finite latents for {job.path}; run the VAE in fp32 (no_half_vae)."
+                )
             w, h = job.bucket
             meta = {
                 "format": CACHE_FORMAT,
@@ -226,7 +243,9 @@ def _sha256_file(path) -> str:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     except OSError as e:
-        raise UserError(f"{path} cannot be read any more ({e.strerror or e}); restore it or remove it from the dataset.") from None
+        raise UserError(
+            f"{path} cannot be read any more ({e.strerror or e}); restore it or remove it from the dataset."
+        ) from None
     return digest.hexdigest()
 
 

@@ -43,7 +43,13 @@ class SamplePrompt:
 
     def line(self) -> str:
         """The prompt back in the file's syntax, every option spelled out."""
-        parts = [self.prompt, f"--w {self.width}", f"--h {self.height}", f"--s {self.steps}", f"--l {self.cfg:g}"]
+        parts = [
+            self.prompt,
+            f"--w {self.width}",
+            f"--h {self.height}",
+            f"--s {self.steps}",
+            f"--l {self.cfg:g}",
+        ]
         if self.seed is not None:
             parts.append(f"--d {self.seed}")
         if self.negative:
@@ -56,7 +62,9 @@ class SamplePrompt:
 MAX_PROMPT_FILE_BYTES = 1 << 20
 
 
-def parse_prompt_file(path: str | os.PathLike, warn: Callable[[str], None] | None = None) -> list[SamplePrompt]:
+def parse_prompt_file(
+    path: str | os.PathLike, warn: Callable[[str], None] | None = None
+) -> list[SamplePrompt]:
     """Every prompt in the file; `warn` (default: this module's logger) hears about ignored options."""
     path = Path(path)
     warn = warn or log.warning
@@ -64,12 +72,18 @@ def parse_prompt_file(path: str | os.PathLike, warn: Callable[[str], None] | Non
         with open(path, "rb") as f:
             data = f.read(MAX_PROMPT_FILE_BYTES + 1)  # a sparse file of gigabytes is never read whole
         if len(data) > MAX_PROMPT_FILE_BYTES:
-            raise UserError(f"{path} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MB; a sample prompt file holds a few lines, one prompt each.")
+            raise UserError(
+                f"{path} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MB; a sample prompt file holds a few lines, one prompt each."
+            )
         text = data.decode("utf-8-sig")
     except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror or e}); expected a sample prompt file.") from None
+        raise UserError(
+            f"{path} cannot be read ({e.strerror or e}); expected a sample prompt file."
+        ) from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); save the prompt file as UTF-8.") from None
+        raise UserError(
+            f"{path} is not UTF-8 text (bad byte at offset {e.start}); save the prompt file as UTF-8."
+        ) from None
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -83,10 +97,14 @@ def parse_prompt_file(path: str | os.PathLike, warn: Callable[[str], None] | Non
 def check_limits(prompt: SamplePrompt, where: str) -> None:
     """Refuse a prompt that would render for hours (or exhaust the memory) in one sentence."""
     if prompt.width * prompt.height > MAX_SAMPLE_PIXELS:
-        raise UserError(f"{where}: a sample of {prompt.width}x{prompt.height} is too large; ask for at most "
-                        f"{MAX_SAMPLE_PIXELS >> 20} megapixels (e.g. --w 2048 --h 2048).")
+        raise UserError(
+            f"{where}: a sample of {prompt.width}x{prompt.height} is too large; ask for at most "
+            f"{MAX_SAMPLE_PIXELS >> 20} megapixels (e.g. --w 2048 --h 2048)."
+        )
     if prompt.steps > MAX_SAMPLE_STEPS:
-        raise UserError(f"{where}: --s {prompt.steps} is too many sampling steps; ask for at most {MAX_SAMPLE_STEPS}.")
+        raise UserError(
+            f"{where}: --s {prompt.steps} is too many sampling steps; ask for at most {MAX_SAMPLE_STEPS}."
+        )
 
 
 def parse_prompt_line(line: str, warn: Callable[[str], None]) -> SamplePrompt:

@@ -35,8 +35,10 @@ class Subset:
 
     def report(self) -> str:
         where = f"{self.name}/" if self.name else "the folder's own images"
-        line = (f"{where}: {self.images} image{'s' if self.images != 1 else ''} x {self.repeats} "
-                f"repeat{'s' if self.repeats != 1 else ''} = {self.images * self.repeats} per epoch, {self.skipped} skipped")
+        line = (
+            f"{where}: {self.images} image{'s' if self.images != 1 else ''} x {self.repeats} "
+            f"repeat{'s' if self.repeats != 1 else ''} = {self.images * self.repeats} per epoch, {self.skipped} skipped"
+        )
         if self.uncaptioned and self.class_tokens:
             line += f", {self.uncaptioned} without a caption file captioned {self.class_tokens!r} (from the folder name)"
         elif self.uncaptioned:  # `10_/`: kohya trains these on the empty caption
@@ -69,7 +71,9 @@ def classify(folder: Path) -> Subfolders:
     found = Subfolders([], [], None)
     try:
         with os.scandir(folder) as entries:
-            names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+            names = sorted(
+                e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+            )
     except OSError:
         return found  # an unreadable folder fails its own listing, with its reason, in scan
     for name in names:
@@ -87,7 +91,9 @@ def classify(folder: Path) -> Subfolders:
 def _has_images(folder: Path) -> bool:
     try:
         with os.scandir(folder) as inner:
-            if any(Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not e.name.startswith(".") for e in inner):
+            if any(
+                Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not e.name.startswith(".") for e in inner
+            ):
                 return True
         with os.scandir(folder) as inner:  # reg/1_woman/: kohya's layout one level down
             return any(e.is_dir(follow_symlinks=False) and kohya_repeats(e.name) is not None for e in inner)

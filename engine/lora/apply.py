@@ -80,29 +80,64 @@ def apply_lora(
     with room to spare, the GPU itself makes apply and unapply faster."""
     lf = lora if isinstance(lora, LoraFile) else read_lora(lora)
     lay = layout(lf.tensors)
-    values = parse_vector(vector, len(lay.blocks), seed=seed, a=a, b=b) if vector else [1.0] * (len(lay.blocks) + 1)
+    values = (
+        parse_vector(vector, len(lay.blocks), seed=seed, a=a, b=b)
+        if vector
+        else [1.0] * (len(lay.blocks) + 1)
+    )
     if len(values) != len(lay.blocks) + 1:
-        log.warning("%s has %d blocks but the vector has %d entries; as in the Block Weight loader, blocks past "
-                    "the end keep the last weight and extra entries are ignored.", lf.path, len(lay.blocks), len(values))
+        log.warning(
+            "%s has %d blocks but the vector has %d entries; as in the Block Weight loader, blocks past "
+            "the end keep the last weight and extra entries are ignored.",
+            lf.path,
+            len(lay.blocks),
+            len(values),
+        )
     # The loader starts from 1.0 and keeps the last weight read once the vector runs out.
-    per_block = [values[min(i + 1, len(values) - 1)] if len(values) > 1 else 1.0 for i in range(len(lay.blocks))]
+    per_block = [
+        values[min(i + 1, len(values) - 1)] if len(values) > 1 else 1.0 for i in range(len(lay.blocks))
+    ]
     base = values[0]
     if inverse:
         values, per_block, base = [1.0 - v for v in values], [1.0 - v for v in per_block], 1.0 - base
     targets = lora_targets(model)
     applied = Applied(values)
     try:
-        _patch(lf, lay, targets, base, per_block, strength_model, strength_clip, torch.device(backup_device), applied)
+        _patch(
+            lf,
+            lay,
+            targets,
+            base,
+            per_block,
+            strength_model,
+            strength_clip,
+            torch.device(backup_device),
+            applied,
+        )
     except BaseException:
         unapply(applied)
         raise
     if applied.unmatched:
-        log.warning("%s: %d LoRA modules match no layer of the model and were skipped (e.g. %s).",
-                    lf.path, len(applied.unmatched), applied.unmatched[0])
+        log.warning(
+            "%s: %d LoRA modules match no layer of the model and were skipped (e.g. %s).",
+            lf.path,
+            len(applied.unmatched),
+            applied.unmatched[0],
+        )
     return applied
 
 
-def _patch(lf: LoraFile, lay, targets, base: float, per_block: list[float], strength_model: float, strength_clip: float, backup_device: torch.device, applied: Applied) -> None:
+def _patch(
+    lf: LoraFile,
+    lay,
+    targets,
+    base: float,
+    per_block: list[float],
+    strength_model: float,
+    strength_clip: float,
+    backup_device: torch.device,
+    applied: Applied,
+) -> None:
     with torch.no_grad():
         for name in lf.names:
             target = targets.get(name)
@@ -116,9 +151,16 @@ def _patch(lf: LoraFile, lay, targets, base: float, per_block: list[float], stre
                 continue
             weight = target.weight
             module = lf.module(name)
-            if module.out_features * math.prod(module.in_shape) != weight.numel() or module.out_features != weight.shape[0]:
-                raise UserError(f"{lf.path} module {name} does not fit the model's weight of shape {list(weight.shape)}; the LoRA was trained on another model family.")
-            delta = module.delta(weight.device, base=weight) * (ratio * strength)  # a DoRA's change depends on the weight
+            if (
+                module.out_features * math.prod(module.in_shape) != weight.numel()
+                or module.out_features != weight.shape[0]
+            ):
+                raise UserError(
+                    f"{lf.path} module {name} does not fit the model's weight of shape {list(weight.shape)}; the LoRA was trained on another model family."
+                )
+            delta = module.delta(weight.device, base=weight) * (
+                ratio * strength
+            )  # a DoRA's change depends on the weight
             applied.originals.append((weight, weight.detach().to(backup_device, copy=True)))
             weight.copy_((weight.float() + delta.reshape(weight.shape)).to(weight.dtype))
 

@@ -21,7 +21,14 @@ from ..tensorfile import TensorFile
 _WEIGHT = ".weight"
 _TE2_LAYERS = keymap.TE2_PREFIX + "transformer.resblocks."
 # The Linear modules of one CLIP encoder layer, by their Hugging Face names: what kohya adapts.
-_CLIP_LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+_CLIP_LAYER_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 
 
 def frobenius(tensor: torch.Tensor, chunk: int = 1 << 18) -> float:
@@ -37,7 +44,7 @@ def frobenius(tensor: torch.Tensor, chunk: int = 1 << 18) -> float:
     buffer = torch.empty(min(chunk, flat.numel()), dtype=torch.float32)
     total = 0.0
     for start in range(0, flat.numel(), chunk):
-        part = flat[start: start + chunk]
+        part = flat[start : start + chunk]
         b = buffer[: part.numel()]
         b.copy_(part)
         total += float(torch.dot(b, b))
@@ -64,20 +71,24 @@ class BaseIndex:
             if not key.endswith(_WEIGHT) or len(info.shape) < 2:
                 continue
             if key.startswith(keymap.UNET_PREFIX):
-                path = key[len(keymap.UNET_PREFIX): -len(_WEIGHT)]
+                path = key[len(keymap.UNET_PREFIX) : -len(_WEIGHT)]
                 self._add(unet_prefix + path.replace(".", "_"), key, None)
             elif key.startswith(keymap.TE1_PREFIX):
-                self._add(keymap.lora_name("te1", key[len(keymap.TE1_PREFIX): -len(_WEIGHT)]), key, None)
+                self._add(keymap.lora_name("te1", key[len(keymap.TE1_PREFIX) : -len(_WEIGHT)]), key, None)
         self._index_te2()
 
     def _index_te2(self) -> None:
-        layers = sorted({int(k[len(_TE2_LAYERS):].split(".")[0]) for k in self.tf.infos if k.startswith(_TE2_LAYERS)})
+        layers = sorted(
+            {int(k[len(_TE2_LAYERS) :].split(".")[0]) for k in self.tf.infos if k.startswith(_TE2_LAYERS)}
+        )
         names = [f"text_model.encoder.layers.{i}.{m}{_WEIGHT}" for i in layers for m in _CLIP_LAYER_LINEARS]
         for entry in keymap.te2_map(names).entries:
             if entry.sgm not in self.tf.infos:
                 continue
             for i, hf in enumerate(entry.diffusers):
-                self._add(keymap.lora_name("te2", hf[: -len(_WEIGHT)]), entry.sgm, i if entry.op == "qkv" else None)
+                self._add(
+                    keymap.lora_name("te2", hf[: -len(_WEIGHT)]), entry.sgm, i if entry.op == "qkv" else None
+                )
 
     def _add(self, name: str, key: str, chunk: int | None) -> None:
         info = self.tf.infos[key]

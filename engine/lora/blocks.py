@@ -152,16 +152,22 @@ def vector_tokens(text: str) -> list[str]:
         text = text.split(":", 2)[1].strip()
     tokens = [t.strip() for t in text.split(",")]
     if tokens == [""]:
-        raise UserError("The block vector is empty; give numbers like 1,0,1,… or a preset name such as SDXL-LyC-ALL.")
+        raise UserError(
+            "The block vector is empty; give numbers like 1,0,1,… or a preset name such as SDXL-LyC-ALL."
+        )
     if len(tokens) == 1 and not _is_token(tokens[0]):
         raise UserError(f"'{text}' is neither a block vector nor a preset; presets: {', '.join(PRESETS)}.")
     for i, t in enumerate(tokens):
         if not t:
             raise UserError(f"Entry {i} of the block vector '{text}' is empty.")
         if " " in t:
-            raise UserError(f"Entry {i} of the block vector ('{t}') holds several values; per-layer sub-vectors are not supported, give one value per block.")
+            raise UserError(
+                f"Entry {i} of the block vector ('{t}') holds several values; per-layer sub-vectors are not supported, give one value per block."
+            )
         if not _is_token(t):
-            raise UserError(f"Entry {i} of the block vector ('{t}') is not a number nor one of R, U, A, a, B, b.")
+            raise UserError(
+                f"Entry {i} of the block vector ('{t}') is not a number nor one of R, U, A, a, B, b."
+            )
     return tokens
 
 
@@ -169,7 +175,9 @@ def _is_token(t: str) -> bool:
     return t in ("R", "r", "U", "u", "A", "a", "B", "b") or _NUMBER.fullmatch(t) is not None
 
 
-def parse_vector(text: str, n_blocks: int | None = None, *, seed: int = 0, a: float = 4.0, b: float = 1.0) -> list[float]:
+def parse_vector(
+    text: str, n_blocks: int | None = None, *, seed: int = 0, a: float = 4.0, b: float = 1.0
+) -> list[float]:
     """Resolve a block vector to numbers, as the Inspire loader does.
 
     R is random in [0, 3), U random in [-1.5, 1.5) (both rounded to 2 decimals), A and B the given
@@ -259,7 +267,9 @@ class EnergyReport:
         extra = f" relative={p.relative:.4g}" if p.relative is not None else ""
         out.append(f"Pass through layers: {p.tensors} (energy={p.energy:.4g}{extra}, not in the shares)")
         if self.no_base:
-            out.append(f"{len(self.no_base)} modules have no base weight and are left out of the relative energy: {', '.join(self.no_base[:5])}{' …' if len(self.no_base) > 5 else ''}")
+            out.append(
+                f"{len(self.no_base)} modules have no base weight and are left out of the relative energy: {', '.join(self.no_base[:5])}{' …' if len(self.no_base) > 5 else ''}"
+            )
         return out
 
 

@@ -44,7 +44,9 @@ class ChopResult:
         return self.layout.lines(self.weights)
 
 
-def chop(lora: str | os.PathLike, vector: str, out: str | os.PathLike | None = None, *, seed: int = 0) -> ChopResult:
+def chop(
+    lora: str | os.PathLike, vector: str, out: str | os.PathLike | None = None, *, seed: int = 0
+) -> ChopResult:
     """Write the chopped LoRA to `out` (default `<stem>-chop.safetensors` beside the input)."""
     source = Path(lora).expanduser()
     with TensorFile(source, what="a LoRA (.safetensors)") as tf:
@@ -66,17 +68,23 @@ def chop(lora: str | os.PathLike, vector: str, out: str | os.PathLike | None = N
         w = 1.0 if abs(w - 1.0) <= 1e-6 else w
         kind = kind_of(groups[name])
         if "dora_scale" in groups[name] and w != 1.0:
-            raise UserError(f"{source} module {name} is a DoRA, whose change is not linear in its tensors, so its block cannot weigh {w:g}; "
-                            f"give that block 0 or 1, or chop the resized file (resize writes a plain LoCon).")
+            raise UserError(
+                f"{source} module {name} is a DoRA, whose change is not linear in its tensors, so its block cannot weigh {w:g}; "
+                f"give that block 0 or 1, or chop the resized file (resize writes a plain LoCon)."
+            )
         if kind == "locon":
             tensors.update(with_alpha(tensors, name, alpha, w))
         elif w != 1.0:
             tensors.update(weighed(tensors, name, kind, w))
-    path = Path(out).expanduser() if out is not None else source.with_name(f"{source.stem}{SUFFIX}.safetensors")
+    path = (
+        Path(out).expanduser() if out is not None else source.with_name(f"{source.stem}{SUFFIX}.safetensors")
+    )
     # A file named by the user is called by its own name; otherwise the source's name + "-chop".
     metadata = derived(metadata, path.stem if out is not None else derived_name(source, SUFFIX))
     # As chop_blocks: the vector as given; a preset or tokens are recorded as the numbers used.
-    metadata["block_vector_string"] = vector.strip() if is_plain_numbers(vector) else ",".join(map(format_weight, values))
+    metadata["block_vector_string"] = (
+        vector.strip() if is_plain_numbers(vector) else ",".join(map(format_weight, values))
+    )
     metadata["ss_network_alpha"] = network_dims(tensors)[1]
     save_lora(path, tensors, metadata)
     return ChopResult(path, lay, values, weights, removed)

@@ -47,15 +47,23 @@ class EffectReport:
         return out
 
 
-def suggest_by_effect(model: SDXL, lora: str | os.PathLike | LoraFile, prompts: Sequence[SamplePrompt], keep: float,
-                      **kwargs) -> tuple[list[float], EffectReport]:
+def suggest_by_effect(
+    model: SDXL, lora: str | os.PathLike | LoraFile, prompts: Sequence[SamplePrompt], keep: float, **kwargs
+) -> tuple[list[float], EffectReport]:
     """The smallest 0/1 chop vector whose blocks hold `keep` of the measured effect, and the report."""
     report = block_effects(model, lora, prompts, **kwargs)
     return suggest(report.shares, keep), report
 
 
-def block_effects(model: SDXL, lora: str | os.PathLike | LoraFile, prompts: Sequence[SamplePrompt], *, steps: int = EFFECT_STEPS,
-                  seed: int = 0, progress: Callable[[int, int], None] | None = None) -> EffectReport:
+def block_effects(
+    model: SDXL,
+    lora: str | os.PathLike | LoraFile,
+    prompts: Sequence[SamplePrompt],
+    *,
+    steps: int = EFFECT_STEPS,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EffectReport:
     """Ablate each UNet block of `lora` in turn on `model` and measure how far the latents of
     `prompts` (each run for `steps` denoising steps from its own seed) move."""
     from ..train.sampling import Render
@@ -73,7 +81,9 @@ def block_effects(model: SDXL, lora: str | os.PathLike | LoraFile, prompts: Sequ
         with apply_lora(model, lf, vector):
             out = []
             for i, p in enumerate(short):
-                render = Render(model, p, device=device, dtype=torch.float32, default_seed=seed + i, prediction=prediction)
+                render = Render(
+                    model, p, device=device, dtype=torch.float32, default_seed=seed + i, prediction=prediction
+                )
                 while not render.finished:
                     render.step()
                 out.append(render.latents)

@@ -21,9 +21,18 @@ def finite_output(write: Callable[[Path], Path], out_dir: Path) -> Path:
     try:
         written = write(staging)
         with TensorFile(written) as tf:
-            bad = next((k for k, t in tf.read_all().items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+            bad = next(
+                (
+                    k
+                    for k, t in tf.read_all().items()
+                    if t.is_floating_point() and not bool(t.isfinite().all())
+                ),
+                None,
+            )
         if bad is not None:
-            raise UserError(f"{written.name} would hold inf or NaN (in {bad}); it was not kept: lower the block weights, or retrain with a lower learning rate.")
+            raise UserError(
+                f"{written.name} would hold inf or NaN (in {bad}); it was not kept: lower the block weights, or retrain with a lower learning rate."
+            )
         final = out_dir / written.name
         os.replace(written, final)
         return final

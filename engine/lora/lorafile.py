@@ -94,10 +94,14 @@ def check_keys(keys: Iterable[str], path: str | os.PathLike) -> dict[str, dict[s
     for marker, what, todo in _FOREIGN:
         if any(marker in k for k in keys):
             raise UserError(f"{path} {what}, which loradrop cannot resize, chop or apply; {todo}.")
-    if any(k.startswith(("model.diffusion_model.", "conditioner.embedders.", "first_stage_model.")) for k in keys):
+    if any(
+        k.startswith(("model.diffusion_model.", "conditioner.embedders.", "first_stage_model.")) for k in keys
+    ):
         raise UserError(f"{path} is a base checkpoint, not a LoRA; pass the LoRA file here.")
     if any(k.startswith("lora_te_") for k in keys):
-        raise UserError(f"{path} is a Stable Diffusion 1.x/2.x LoRA (lora_te_ keys); loradrop works on SDXL LoRAs.")
+        raise UserError(
+            f"{path} is a Stable Diffusion 1.x/2.x LoRA (lora_te_ keys); loradrop works on SDXL LoRAs."
+        )
     groups: dict[str, dict[str, str]] = {}
     for k in keys:
         split = split_key(k)
@@ -113,15 +117,25 @@ def check_keys(keys: Iterable[str], path: str | os.PathLike) -> dict[str, dict[s
 def _check_module(name: str, parts: set[str], path) -> None:
     kinds = [kind for kind, names in KIND_PARTS.items() if parts.intersection(names)]
     if not kinds:
-        raise UserError(f"{path} has only {', '.join(sorted(parts))} for {name}; the file is damaged or incomplete.")
+        raise UserError(
+            f"{path} has only {', '.join(sorted(parts))} for {name}; the file is damaged or incomplete."
+        )
     if len(kinds) > 1:
-        raise UserError(f"{path} mixes {' and '.join(KIND_NAMES[k] for k in kinds)} tensors in {name}; the file is damaged.")
+        raise UserError(
+            f"{path} mixes {' and '.join(KIND_NAMES[k] for k in kinds)} tensors in {name}; the file is damaged."
+        )
     kind = kinds[0]
     if kind == "locon":
         need = ["lora_down.weight", "lora_up.weight"]
     elif kind == "loha":
         tucker = "hada_t1" in parts or "hada_t2" in parts
-        need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", *(("hada_t1", "hada_t2") if tucker else ())]
+        need = [
+            "hada_w1_a",
+            "hada_w1_b",
+            "hada_w2_a",
+            "hada_w2_b",
+            *(("hada_t1", "hada_t2") if tucker else ()),
+        ]
     else:
         need = []
         for whole in ("lokr_w1", "lokr_w2"):
@@ -132,7 +146,9 @@ def _check_module(name: str, parts: set[str], path) -> None:
             need += ["lokr_w2_a", "lokr_w2_b"]
     missing = [p for p in need if p not in parts]
     if missing:
-        raise UserError(f"{path} is a {KIND_NAMES[kind]} with no {missing[0]} tensor for {name}; the file is damaged or incomplete.")
+        raise UserError(
+            f"{path} is a {KIND_NAMES[kind]} with no {missing[0]} tensor for {name}; the file is damaged or incomplete."
+        )
 
 
 # ------------------------------------------------------------------ one alpha for the whole file
@@ -154,7 +170,9 @@ def common_alpha(alphas: Iterable[float], dtype: torch.dtype = torch.float16) ->
     return float(torch.tensor(alpha, dtype=dtype))
 
 
-def with_alpha(parts: Mapping[str, torch.Tensor], name: str, alpha: float, factor: float = 1.0) -> dict[str, torch.Tensor]:
+def with_alpha(
+    parts: Mapping[str, torch.Tensor], name: str, alpha: float, factor: float = 1.0
+) -> dict[str, torch.Tensor]:
     """One module's tensors rewritten for `alpha`, its ΔW times `factor`: only lora_up changes
     (by own alpha / `alpha` · factor) and the alpha tensor; tensors that need no change are
     returned as they are, bit for bit. `parts` holds the module's tensors by full key."""
@@ -174,7 +192,9 @@ def with_alpha(parts: Mapping[str, torch.Tensor], name: str, alpha: float, facto
 _LINEAR_FACTOR = {"loha": ("hada_w1_a",), "lokr": ("lokr_w1", "lokr_w1_a")}
 
 
-def weighed(parts: Mapping[str, torch.Tensor], name: str, kind: str, factor: float) -> dict[str, torch.Tensor]:
+def weighed(
+    parts: Mapping[str, torch.Tensor], name: str, kind: str, factor: float
+) -> dict[str, torch.Tensor]:
     """The one tensor of a LoHa or LoKr module that, rewritten, makes its ΔW `factor` times as
     large: only the first Hadamard half's hada_w1_a, or the first Kronecker half (lokr_w1 or
     lokr_w1_a). `parts` holds the module's tensors by full key."""
@@ -191,7 +211,15 @@ def network_dims(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
     return dim, alpha
 
 
-def kohya_tensors(name: str, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, in_shape: tuple[int, ...], scale: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def kohya_tensors(
+    name: str,
+    u: torch.Tensor,
+    s: torch.Tensor,
+    vh: torch.Tensor,
+    in_shape: tuple[int, ...],
+    scale: float,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
     """The three tensors of a module whose ΔW is U·diag(S)·Vh, stored with alpha/rank = `scale`.
 
     The singular values are split evenly between the factors (√ on each side), so neither factor
@@ -259,24 +287,33 @@ def lora_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     return _hashes(layout, tensorfile.payload(tensors, layout.order), metadata)
 
 
-def _hashes(layout: tensorfile.Layout, payload: memoryview, metadata: Mapping[str, str] | None) -> tuple[str, str]:
+def _hashes(
+    layout: tensorfile.Layout, payload: memoryview, metadata: Mapping[str, str] | None
+) -> tuple[str, str]:
     # Our serialisation has the library's layout and header length, so the file kohya hashes is
     # our header (with the ss_* metadata alone) followed by our payload.
     ss = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
     head = layout.header(ss)
     whole = len(head) + len(payload)
-    tail = payload[max(_LEGACY_START - len(head), 0): max(min(_LEGACY_END, whole) - len(head), 0)]
+    tail = payload[max(_LEGACY_START - len(head), 0) : max(min(_LEGACY_END, whole) - len(head), 0)]
     window = head[_LEGACY_START:_LEGACY_END] + bytes(tail)
     return hashlib.sha256(payload).hexdigest(), hashlib.sha256(window).hexdigest()[:8]
 
 
-def save_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> dict[str, str]:
+def save_lora(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Write a LoRA atomically with its hashes updated; return the metadata written."""
     layout = tensorfile.Layout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
     return save_lora_payload(path, layout, tensorfile.payload(tensors, layout.order), metadata)
 
 
-def save_lora_payload(path: str | os.PathLike, layout: tensorfile.Layout, payload: torch.Tensor | memoryview, metadata: Mapping[str, str] | None = None) -> dict[str, str]:
+def save_lora_payload(
+    path: str | os.PathLike,
+    layout: tensorfile.Layout,
+    payload: torch.Tensor | memoryview,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """`save_lora` for tensors already laid out as the file's payload (the trainer's flat buffer):
     `payload` holds their bytes in `layout`'s order."""
     if isinstance(payload, torch.Tensor):

@@ -27,7 +27,9 @@ def weight_update(kind: str, parts: Mapping[str, torch.Tensor], scale: float) ->
         return (up.reshape(up.shape[0], -1) * scale) @ down.reshape(down.shape[0], -1)
     if kind == "loha":
         if "hada_t1" in p:
-            halves = [_tucker(p[f"hada_t{i}"], p[f"hada_w{i}_a"], p[f"hada_w{i}_b"]).flatten(1) for i in (1, 2)]
+            halves = [
+                _tucker(p[f"hada_t{i}"], p[f"hada_w{i}_a"], p[f"hada_w{i}_b"]).flatten(1) for i in (1, 2)
+            ]
         else:
             halves = [p[f"hada_w{i}_a"] @ p[f"hada_w{i}_b"] for i in (1, 2)]
         return (halves[0] * scale) * halves[1]
@@ -56,7 +58,13 @@ def decomposed(weight: torch.Tensor, dora_scale: torch.Tensor, multiplier: float
     if dora_scale.shape[0] == w.shape[0]:
         norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.dim() - 1))
     else:
-        norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(w.shape[1], *[1] * (w.dim() - 1)).transpose(0, 1)
+        norm = (
+            w.transpose(0, 1)
+            .reshape(w.shape[1], -1)
+            .norm(dim=1)
+            .reshape(w.shape[1], *[1] * (w.dim() - 1))
+            .transpose(0, 1)
+        )
     factor = dora_scale.float().reshape(norm.shape) / (norm + torch.finfo(torch.float32).eps)
     if multiplier != 1:
         factor = multiplier * (factor - 1) + 1
@@ -126,7 +134,11 @@ class LoraModule:
     def _kron_halves(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of a LoKr's w1 (a, c) and w2 (b, d[, kh, kw])."""
         p = self.parts
-        w1 = tuple(p["lokr_w1"].shape) if "lokr_w1" in p else (p["lokr_w1_a"].shape[0], p["lokr_w1_b"].shape[1])
+        w1 = (
+            tuple(p["lokr_w1"].shape)
+            if "lokr_w1" in p
+            else (p["lokr_w1_a"].shape[0], p["lokr_w1_b"].shape[1])
+        )
         if "lokr_w2" in p:
             w2 = tuple(p["lokr_w2"].shape)
         elif "lokr_t2" in p:
@@ -146,17 +158,23 @@ class LoraModule:
         if self.dora_scale is None:
             return self.update(device)
         if base is None:
-            raise UserError(f"LoRA module {self.name} is a DoRA, whose change depends on the base weight; give the base model.")
+            raise UserError(
+                f"LoRA module {self.name} is a DoRA, whose change depends on the base weight; give the base model."
+            )
         w = base.to(device=device, dtype=torch.float32)
         merged = decomposed(w + self.update(device).reshape(w.shape), self.dora_scale.to(device))
         return (merged - w).reshape(w.shape[0], -1)
 
     def factors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """A LoCon's up (out × r) and down (r × in·kh·kw) as fp32 matrices."""
-        up = self.parts["lora_up.weight"].to(device=device, dtype=torch.float32).reshape(self.out_features, -1)
+        up = (
+            self.parts["lora_up.weight"].to(device=device, dtype=torch.float32).reshape(self.out_features, -1)
+        )
         down = self.parts["lora_down.weight"].to(device=device, dtype=torch.float32).reshape(self.dim, -1)
         if up.shape[1] != self.dim:
-            raise UserError(f"LoRA module {self.name} has lora_up of shape {list(up.shape)} for rank {self.dim}; the file is damaged.")
+            raise UserError(
+                f"LoRA module {self.name} has lora_up of shape {list(up.shape)} for rank {self.dim}; the file is damaged."
+            )
         return up, down
 
     @property

@@ -44,8 +44,8 @@ from loradrop.errors import UserError
 
 from ..models.sdxl import check_is_sdxl
 from ..tensorfile import TensorFile
-from .basekeys import BaseIndex, frobenius
 from ..train.metadata import derived, derived_name
+from .basekeys import BaseIndex, frobenius
 from .lorafile import common_alpha, kohya_tensors, network_dims, read_lora, save_lora, with_alpha
 from .modules import Decomposition, LoraModule
 
@@ -77,7 +77,9 @@ class ResizeRecipe:
     def parse(cls, text: str) -> "ResizeRecipe":
         where = f"in the resize recipe '{text}'"
         if ":" in text:
-            raise UserError(f"':' {where} separates several recipes; loradrop resizes with one recipe at a time.")
+            raise UserError(
+                f"':' {where} separates several recipes; loradrop resizes with one recipe at a time."
+            )
         weights = dict.fromkeys(SCORES, 0.0)
         options: dict[str, float] = {}
         for part in text.split(","):
@@ -104,9 +106,13 @@ class ResizeRecipe:
                 options[key] = value
         total = sum(weights.values())
         if total == 0:
-            raise UserError(f"No score weight {where}; give at least one of {', '.join(SCORES)} (e.g. fro_ckpt=1).")
+            raise UserError(
+                f"No score weight {where}; give at least one of {', '.join(SCORES)} (e.g. fro_ckpt=1)."
+            )
         if "thr" not in options and "size" not in options:
-            raise UserError(f"The resize recipe '{text}' needs a threshold (thr=-3.55) or a target size in MiB (size=32).")
+            raise UserError(
+                f"The resize recipe '{text}' needs a threshold (thr=-3.55) or a target size in MiB (size=32)."
+            )
         if options.get("size", 1.0) <= 0 or options.get("rescale", 1.0) <= 0:
             raise UserError(f"size and rescale {where} must be positive.")
         return cls(
@@ -130,7 +136,9 @@ class ResizeRecipe:
 
     def file_tag(self, threshold: float) -> str:
         """`frockpt1_th-3.55`: weights by name (underscores dropped), then scale, size, threshold."""
-        parts = [f"{k.replace('_', '')}{format_float(v)}" for k, v in sorted(self.weights.items()) if v != 0.0]
+        parts = [
+            f"{k.replace('_', '')}{format_float(v)}" for k, v in sorted(self.weights.items()) if v != 0.0
+        ]
         if self.rescale != 1.0:
             parts.append(f"scale{format_float(self.rescale)}")
         if self.target_size is not None:
@@ -140,7 +148,13 @@ class ResizeRecipe:
     def params_json(self, threshold: float) -> str:
         """resize_lora's `resize_params` metadata: the recipe's fields and the final threshold."""
         return json.dumps(
-            {"recipe_str": self.text, "weights": self.weights, "target_size": self.target_size, "threshold": threshold, "rescale": self.rescale}
+            {
+                "recipe_str": self.text,
+                "weights": self.weights,
+                "target_size": self.target_size,
+                "threshold": threshold,
+                "rescale": self.rescale,
+            }
         )
 
 
@@ -173,7 +187,15 @@ class _Layer:
         self.kept = int(mask.sum())
         if self.kept:
             d = self.dec
-            self.tensors = kohya_tensors(self.name, d.u[:, mask], d.s[mask] * rescale, d.vh(mask), self.in_shape, alpha / self.kept, dtype)
+            self.tensors = kohya_tensors(
+                self.name,
+                d.u[:, mask],
+                d.s[mask] * rescale,
+                d.vh(mask),
+                self.in_shape,
+                alpha / self.kept,
+                dtype,
+            )
         self.dec = None
 
 
@@ -197,7 +219,9 @@ class ResizeReport:
         if self.zero:
             out.append(f"{len(self.zero)} all-zero modules dropped (e.g. {self.zero[0]})")
         if self.unchanged:
-            out.append(f"{len(self.unchanged)} modules the base lacks, kept unchanged: {', '.join(self.unchanged)}")
+            out.append(
+                f"{len(self.unchanged)} modules the base lacks, kept unchanged: {', '.join(self.unchanged)}"
+            )
         out.append(f"wrote {self.path}")
         return out
 
@@ -301,7 +325,9 @@ def _size_threshold(layers: list[_Layer], budget: float, elem: int) -> float:
     if not layers:
         return -math.inf
     scores = torch.cat([layer.scores.cpu() for layer in layers])
-    sizes = torch.cat([torch.full((layer.scores.shape[0],), elem * layer.dim_params, dtype=torch.int64) for layer in layers])
+    sizes = torch.cat(
+        [torch.full((layer.scores.shape[0],), elem * layer.dim_params, dtype=torch.int64) for layer in layers]
+    )
     scores, order = scores.sort(descending=True)
     total = sizes[order].cumsum(0)
     if budget >= total[-1]:
@@ -327,22 +353,34 @@ def resize(
     out_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but this machine has no usable CUDA GPU; use --device cpu.")
+        raise UserError(
+            "--device cuda was asked for, but this machine has no usable CUDA GPU; use --device cpu."
+        )
     lf = read_lora(lora)
     alpha = common_alpha((lf.module(n).alpha for n in lf.names), out_dtype)
     report = ResizeReport(path=Path(), threshold=math.nan)
     with torch.no_grad():
-        layers = _decompose_and_score(lf, Path(base).expanduser(), recipe, device, out_dtype, alpha, report, progress)
+        layers = _decompose_and_score(
+            lf, Path(base).expanduser(), recipe, device, out_dtype, alpha, report, progress
+        )
         tensors: dict[str, torch.Tensor] = {}
         for name in report.unchanged:
-            log.warning("%s: the base has no weight for LoRA module %s; it is kept unchanged.", Path(base).name, name)
+            log.warning(
+                "%s: the base has no weight for LoRA module %s; it is kept unchanged.", Path(base).name, name
+            )
             # The same ΔW: a LoCon with the file's alpha, a LoHa or LoKr as it was.
-            tensors.update(with_alpha(lf.tensors, name, alpha) if lf.module(name).kind == "locon" else {k: lf.tensors[k] for k in lf.keys_of(name)})
+            tensors.update(
+                with_alpha(lf.tensors, name, alpha)
+                if lf.module(name).kind == "locon"
+                else {k: lf.tensors[k] for k in lf.keys_of(name)}
+            )
         threshold = recipe.fixed_threshold
         if threshold is None:
             elem = torch.empty(0, dtype=out_dtype).element_size()
             # Modules kept unchanged are in the file too, so they count against the target.
-            budget = recipe.target_size * (1 << 20) - sum(t.numel() * t.element_size() for t in tensors.values())
+            budget = recipe.target_size * (1 << 20) - sum(
+                t.numel() * t.element_size() for t in tensors.values()
+            )
             threshold = _size_threshold(layers, budget, elem)
             for layer in layers:
                 layer.finish(threshold, recipe.rescale, out_dtype, alpha)
@@ -362,7 +400,9 @@ def resize(
     return report
 
 
-def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype, alpha: float, report: ResizeReport, progress) -> list[_Layer]:
+def _decompose_and_score(
+    lf, base: Path, recipe: ResizeRecipe, device, out_dtype, alpha: float, report: ResizeReport, progress
+) -> list[_Layer]:
     """Decompose and score every module the base has, streaming the base in file order; with a
     fixed threshold each module is cut at once, so only the kept part stays in memory."""
     layers = []
@@ -372,7 +412,9 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
         report.unchanged = [n for n in lf.names if n not in index]
         dora = next((n for n in report.unchanged if lf.module(n).dora_scale is not None), None)
         if dora is not None:
-            raise UserError(f"{lf.path} module {dora} is a DoRA, whose change depends on the base weight, and {tf.path} has no weight for it; resize against the model it was trained on.")
+            raise UserError(
+                f"{lf.path} module {dora} is a DoRA, whose change depends on the base weight, and {tf.path} has no weight for it; resize against the model it was trained on."
+            )
         present = sorted((n for n in lf.names if n in index), key=lambda n: index[n].offset)
         for name in present:
             _check_shape(lf.module(name), index[name].shape, lf.path, tf.path)
@@ -381,13 +423,19 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
         # few ahead of this one, which collects them in order. The subspace score needs a whole
         # base weight, so with it each module's weight is read by the thread that cuts it.
         measure = _base_stats(index, recipe, device)
-        with _one_torch_thread_per_caller(), ThreadPoolExecutor(1, "resize-base") as reader, ThreadPoolExecutor(2, "resize-svd") as solver:
+        with (
+            _one_torch_thread_per_caller(),
+            ThreadPoolExecutor(1, "resize-base") as reader,
+            ThreadPoolExecutor(2, "resize-svd") as solver,
+        ):
             streamed = not recipe.active("subspace")
             ahead = {name: reader.submit(measure, name) for name in present} if streamed else {}
 
             def cut(name: str) -> tuple[LoraModule, _Layer | None]:
                 module = lf.module(name)
-                dec = module.decompose(device, _base_weight(index, name, device) if module.dora_scale is not None else None)
+                dec = module.decompose(
+                    device, _base_weight(index, name, device) if module.dora_scale is not None else None
+                )
                 if dec.s.numel() == 0 or float(dec.s[0]) < _ACTIVE:
                     return module, None
                 layer = _Layer(name, module.rank, tuple(index[name].shape[1:]), dec)
@@ -399,7 +447,9 @@ def _decompose_and_score(lf, base: Path, recipe: ResizeRecipe, device, out_dtype
             try:
                 for done, (module, layer) in enumerate(_ahead(solver, cut, present, _DEPTH), 1):
                     if layer is None:
-                        log.warning("LoRA module %s is all zeroes (rank %d); it is dropped.", module.name, module.rank)
+                        log.warning(
+                            "LoRA module %s is all zeroes (rank %d); it is dropped.", module.name, module.rank
+                        )
                         report.zero.append(module.name)
                         report.ranks[module.name] = (module.rank, 0)
                     else:

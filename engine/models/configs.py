@@ -27,7 +27,9 @@ class SDXLConfig:
     scheduler: dict[str, Any] = field(default_factory=lambda: _load_json("sdxl", "scheduler.json"))
 
     def to_json(self) -> str:
-        return json.dumps({"unet": self.unet, "vae": self.vae, "te1": self.te1, "te2": self.te2}, sort_keys=True)
+        return json.dumps(
+            {"unet": self.unet, "vae": self.vae, "te1": self.te1, "te2": self.te2}, sort_keys=True
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "SDXLConfig":
@@ -55,8 +57,18 @@ def tiny_config() -> SDXLConfig:
     # CLIP-L narrower than OpenCLIP-G, as in SDXL (768 < 1280): diffusers' single-file loader
     # tells the two encoders apart by width, and puts equal-width ones in the wrong place.
     te1_hidden, te2_hidden = 32, 48
-    c.te1.update(hidden_size=te1_hidden, intermediate_size=2 * te1_hidden, num_attention_heads=2, projection_dim=te1_hidden)
-    c.te2.update(hidden_size=te2_hidden, intermediate_size=2 * te2_hidden, num_attention_heads=2, projection_dim=te2_hidden)
+    c.te1.update(
+        hidden_size=te1_hidden,
+        intermediate_size=2 * te1_hidden,
+        num_attention_heads=2,
+        projection_dim=te1_hidden,
+    )
+    c.te2.update(
+        hidden_size=te2_hidden,
+        intermediate_size=2 * te2_hidden,
+        num_attention_heads=2,
+        projection_dim=te2_hidden,
+    )
     c.unet.update(
         block_out_channels=[16, 32, 64],
         attention_head_dim=[1, 2, 4],

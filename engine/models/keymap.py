@@ -93,7 +93,7 @@ def _renamer(pairs: list[tuple[str, str]]) -> Callable[[str], str]:
         for i in range(len(parts) - 1, 0, -1):
             head = ".".join(parts[:i]) + "."
             if head in table:
-                return table[head] + key[len(head):]
+                return table[head] + key[len(head) :]
         return key
 
     return rename
@@ -147,7 +147,9 @@ def unet_prefix_pairs(config: Mapping) -> list[tuple[str, str]]:
             if attn:
                 pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{k}.1."))
         if i < levels - 1:
-            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (n + 1) + n}.{2 if attn else 1}."))
+            pairs.append(
+                (f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (n + 1) + n}.{2 if attn else 1}.")
+            )
     return pairs
 
 
@@ -181,7 +183,10 @@ def _vae_pairs(config: Mapping) -> list[tuple[str, str]]:
             pairs += [(f"{side}.mid_block.resnets.{r}.{a}", f"{side}.mid.block_{r + 1}.{b}") for a, b in res]
         attn = f"{side}.mid_block.attentions.0."
         pairs += [(attn + "group_norm.", f"{side}.mid.attn_1.norm.")]
-        pairs += [(attn + a, f"{side}.mid.attn_1.{b}") for a, b in (("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))]
+        pairs += [
+            (attn + a, f"{side}.mid.attn_1.{b}")
+            for a, b in (("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
+        ]
     for i in range(levels):
         for j in range(n):
             d, s = f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."
@@ -243,7 +248,7 @@ def te2_map(keys: Iterable[str]) -> ComponentMap:
         ("text_model.embeddings.token_embedding.", "token_embedding."),
         ("text_model.final_layer_norm.", "ln_final."),
     ]
-    layers = sorted({int(k[len(layer):].split(".")[0]) for k in keys if k.startswith(layer)})
+    layers = sorted({int(k[len(layer) :].split(".")[0]) for k in keys if k.startswith(layer)})
     for i in layers:
         pairs += [(f"{layer}{i}.{a}", f"transformer.resblocks.{i}.{b}") for a, b in _TE2_LAYER]
     rename = _renamer(pairs)
@@ -254,11 +259,13 @@ def te2_map(keys: Iterable[str]) -> ComponentMap:
         elif k == "text_projection.weight":
             entries.append(Entry(TE2_PREFIX + "text_projection", (k,), "transpose"))
         elif ".self_attn.q_proj." in k or ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
-            i, kind = int(k[len(layer):].split(".")[0]), k.rsplit(".", 1)[1]
+            i, kind = int(k[len(layer) :].split(".")[0]), k.rsplit(".", 1)[1]
             if (i, kind) not in fused:
                 fused.add((i, kind))
                 parts = tuple(f"{layer}{i}.self_attn.{p}_proj.{kind}" for p in "qkv")
-                entries.append(Entry(f"{TE2_PREFIX}transformer.resblocks.{i}.attn.in_proj_{kind}", parts, "qkv"))
+                entries.append(
+                    Entry(f"{TE2_PREFIX}transformer.resblocks.{i}.attn.in_proj_{kind}", parts, "qkv")
+                )
         else:
             entries.append(Entry(TE2_PREFIX + rename(k), (k,), "copy"))
     return ComponentMap("text encoder 2", entries)

@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "te1", "te2")
 CONFIG_METADATA_KEY = "loradrop.sdxl_config"
-_PREFIXES = {"unet": keymap.UNET_PREFIX, "vae": keymap.VAE_PREFIX, "te1": keymap.TE1_PREFIX, "te2": keymap.TE2_PREFIX}
+_PREFIXES = {
+    "unet": keymap.UNET_PREFIX,
+    "vae": keymap.VAE_PREFIX,
+    "te1": keymap.TE1_PREFIX,
+    "te2": keymap.TE2_PREFIX,
+}
 _NAMES = {"unet": "UNet", "vae": "VAE", "te1": "text encoder 1", "te2": "text encoder 2"}
 
 
@@ -56,7 +61,10 @@ class Prediction:
         (ss_v_parameterization, ss_zero_terminal_snr); `base`'s when the file does not say."""
         if "ss_v_parameterization" not in metadata:
             return base
-        return cls(v=metadata["ss_v_parameterization"] == "True", ztsnr=metadata.get("ss_zero_terminal_snr") == "True")
+        return cls(
+            v=metadata["ss_v_parameterization"] == "True",
+            ztsnr=metadata.get("ss_zero_terminal_snr") == "True",
+        )
 
     def marks(self) -> dict[str, torch.Tensor]:
         """The keys a checkpoint of this kind carries, as ComfyUI saves them."""
@@ -165,7 +173,9 @@ def _config_for(tf: TensorFile) -> SDXLConfig:
     return SDXLConfig.from_json(text) if text else sdxl_config()
 
 
-def _stream_into(tf: TensorFile, name: str, config: SDXLConfig, module: nn.Module, dtype: torch.dtype, hasher) -> None:
+def _stream_into(
+    tf: TensorFile, name: str, config: SDXLConfig, module: nn.Module, dtype: torch.dtype, hasher
+) -> None:
     cmap = component_map(name, config, module)
     targets = dict(module.named_parameters())
     targets.update(module.named_buffers())
@@ -174,7 +184,9 @@ def _stream_into(tf: TensorFile, name: str, config: SDXLConfig, module: nn.Modul
     for key in sorted((k for k in tf.keys() if k.startswith(prefix)), key=lambda k: tf.infos[k].start):
         if key not in cmap.by_sgm:
             if key not in keymap.IGNORED_SGM_KEYS:
-                log.warning("%s: ignoring tensor %s, which SDXL's %s does not have", tf.path, key, _NAMES[name])
+                log.warning(
+                    "%s: ignoring tensor %s, which SDXL's %s does not have", tf.path, key, _NAMES[name]
+                )
             continue
         raw = tf.read(key)
         if hasher is not None:
@@ -224,11 +236,17 @@ def check_is_sdxl(tf: TensorFile, components: Iterable[str] = COMPONENTS) -> Non
     if any(m in k for k in keys[:2000] for m in _LORA_MARKS):
         raise UserError(f"{path} is a LoRA, not a base model; pass an SDXL checkpoint as the model.")
     if has("double_blocks.") or has("model.diffusion_model.double_blocks.") or has("single_blocks."):
-        raise UserError(f"{path} is a Flux checkpoint; loradrop trains on SDXL and needs an SDXL base checkpoint.")
+        raise UserError(
+            f"{path} is a Flux checkpoint; loradrop trains on SDXL and needs an SDXL base checkpoint."
+        )
     if has("cond_stage_model.transformer."):
-        raise UserError(f"{path} is a Stable Diffusion 1.x checkpoint; loradrop needs an SDXL base checkpoint.")
+        raise UserError(
+            f"{path} is a Stable Diffusion 1.x checkpoint; loradrop needs an SDXL base checkpoint."
+        )
     if has("cond_stage_model.model."):
-        raise UserError(f"{path} is a Stable Diffusion 2.x checkpoint; loradrop needs an SDXL base checkpoint.")
+        raise UserError(
+            f"{path} is a Stable Diffusion 2.x checkpoint; loradrop needs an SDXL base checkpoint."
+        )
     if has("model.diffusion_model.joint_blocks."):
         raise UserError(f"{path} is a Stable Diffusion 3 checkpoint; loradrop needs an SDXL base checkpoint.")
     if has("conditioner.embedders.0.model.") and not has(keymap.TE2_PREFIX):
@@ -239,7 +257,9 @@ def check_is_sdxl(tf: TensorFile, components: Iterable[str] = COMPONENTS) -> Non
             "conditioner.embedders.* tensors in a single-file SDXL model."
         )
     if "vae" in components and not has(keymap.VAE_PREFIX):
-        raise UserError(f"{path} has no VAE (first_stage_model.* tensors); use a checkpoint with its VAE baked in.")
+        raise UserError(
+            f"{path} has no VAE (first_stage_model.* tensors); use a checkpoint with its VAE baked in."
+        )
 
 
 # ------------------------------------------------------------------ diffusers folders
@@ -250,7 +270,9 @@ def _load_diffusers_folder(path: Path, dtype, vae_dtype, components) -> SDXL:
 
     index = path / "model_index.json"
     if not index.exists():
-        raise UserError(f"{path} is a folder without model_index.json; expected an SDXL .safetensors file or a diffusers folder.")
+        raise UserError(
+            f"{path} is a folder without model_index.json; expected an SDXL .safetensors file or a diffusers folder."
+        )
     kind = json.loads(index.read_text()).get("_class_name", "")
     if "XL" not in kind:
         raise UserError(f"{path} holds a {kind or 'non-SDXL'} pipeline; loradrop needs an SDXL base model.")
@@ -258,10 +280,18 @@ def _load_diffusers_folder(path: Path, dtype, vae_dtype, components) -> SDXL:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     loaders = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True),
-        "vae": lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, local_files_only=True),
-        "te1": lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, local_files_only=True),
-        "te2": lambda: CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, local_files_only=True),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", torch_dtype=dtype, local_files_only=True
+        ),
+        "vae": lambda: AutoencoderKL.from_pretrained(
+            path, subfolder="vae", torch_dtype=vae_dtype, local_files_only=True
+        ),
+        "te1": lambda: CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", dtype=dtype, local_files_only=True
+        ),
+        "te2": lambda: CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", dtype=dtype, local_files_only=True
+        ),
     }
     parts = {}
     for name in components:

@@ -44,7 +44,9 @@ def _init_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     return noise / fan_in**0.5
 
 
-def make_tiny(path: str | os.PathLike, seed: int = TINY_SEED, *, prediction: Prediction = Prediction()) -> Path:
+def make_tiny(
+    path: str | os.PathLike, seed: int = TINY_SEED, *, prediction: Prediction = Prediction()
+) -> Path:
     """Write the twin as an fp16 SGM single-file checkpoint, as real SDXL fine-tunes ship;
     `prediction` marks it as a v-prediction (zero-terminal-SNR) model, as NoobAI-XL v-pred is."""
     config = tiny_config()
@@ -52,11 +54,18 @@ def make_tiny(path: str | os.PathLike, seed: int = TINY_SEED, *, prediction: Pre
         name: {k: _init_tensor(f"{name}.{k}", v.shape, seed) for k, v in module.state_dict().items()}
         for name, module in build_empty(config).items()
     }
-    return write_checkpoint(path, config, states, {"loradrop.tiny_twin": f"seed={seed} version={TINY_VERSION}"}, prediction)
+    return write_checkpoint(
+        path, config, states, {"loradrop.tiny_twin": f"seed={seed} version={TINY_VERSION}"}, prediction
+    )
 
 
-def write_checkpoint(path: str | os.PathLike, config: SDXLConfig, states: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str],
-                     prediction: Prediction = Prediction()) -> Path:
+def write_checkpoint(
+    path: str | os.PathLike,
+    config: SDXLConfig,
+    states: dict[str, dict[str, torch.Tensor]],
+    metadata: dict[str, str],
+    prediction: Prediction = Prediction(),
+) -> Path:
     """Diffusers-named state dicts of the four components, written as one fp16 SGM file that
     names its own config (so `load_sdxl` builds the right widths), with `prediction`'s marks."""
     sgm: dict[str, torch.Tensor] = {}

@@ -25,6 +25,7 @@ import torch
 
 from .. import tensorfile
 
+
 class BackgroundWriter:
     """A single writer thread with an ordered queue and a coalescing slot for state saves."""
 
@@ -108,7 +109,9 @@ def _yield_to_training() -> None:
 # ---------------------------------------------------------------- training state
 
 
-def capture_state(network, optimizer: torch.optim.Optimizer, *, step: int, extra: dict[str, Any]) -> tuple[dict, dict]:
+def capture_state(
+    network, optimizer: torch.optim.Optimizer, *, step: int, extra: dict[str, Any]
+) -> tuple[dict, dict]:
     """Copy everything a resume needs to the CPU: network (fp32), optimizer, RNGs, step.
 
     Returns (tensors, json-able info); the copy is what the writer thread serialises later.
@@ -148,7 +151,9 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return tf.read_all(), info
 
 
-def restore_state(network, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> int:
+def restore_state(
+    network, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]
+) -> int:
     """Put a captured state back; returns the number of optimizer updates already done."""
     from .network import unflatten
 

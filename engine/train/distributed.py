@@ -39,7 +39,9 @@ def init_from_env() -> World:
         return World()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return World(
+        rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
@@ -49,7 +51,11 @@ def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
     bucket: list[torch.Tensor] = []
     size = 0
     for g in grads + [None]:
-        if g is not None and size + g.numel() * g.element_size() <= _BUCKET_BYTES or (g is not None and not bucket):
+        if (
+            g is not None
+            and size + g.numel() * g.element_size() <= _BUCKET_BYTES
+            or (g is not None and not bucket)
+        ):
             bucket.append(g)
             size += g.numel() * g.element_size()
             continue

@@ -69,9 +69,15 @@ def train(
         emit(Log(warning, "warning"))
     prompts = prepare.sample_prompts(dataset, recipe, emit, outputs.prompts if world.is_main else None)
     emit(Stage("cache"))
-    latents = prepare.cache_latents(model, dataset, cache_dir, device, world, emit, recipe.max_data_loader_n_workers)
-    items = [i for i in range(len(latents)) for _ in range(dataset.items[i].repeats)]  # an N_name/ subfolder's N
-    data = TrainingData(latents, [item.caption for item in dataset.items], items, recipe.train_batch_size, recipe.seed)
+    latents = prepare.cache_latents(
+        model, dataset, cache_dir, device, world, emit, recipe.max_data_loader_n_workers
+    )
+    items = [
+        i for i in range(len(latents)) for _ in range(dataset.items[i].repeats)
+    ]  # an N_name/ subfolder's N
+    data = TrainingData(
+        latents, [item.caption for item in dataset.items], items, recipe.train_batch_size, recipe.seed
+    )
     micro_per_update = recipe.gradient_accumulation_steps * world.size
 
     with torch.random.fork_rng(devices=[]):
@@ -88,41 +94,88 @@ def train(
         optimizer = _make_optimizer(groups, recipe)
         train_te = any(g["name"] == "text_encoder" for g in groups)
         teardown.enter_context(_memory_savers(model, recipe, train_te, device))
-        saver = Saver(network, optimizer, outputs, recipe, _metadata(recipe, data, dataset, model, world, model_hashes),
-                      fingerprint=prepare.fingerprint(recipe, latents, [item.repeats for item in dataset.items]),
-                      epoch_of=lambda step: step * micro_per_update // max(1, data.num_batches) + 1, emit=emit, state_interval_s=state_interval_s)
+        saver = Saver(
+            network,
+            optimizer,
+            outputs,
+            recipe,
+            _metadata(recipe, data, dataset, model, world, model_hashes),
+            fingerprint=prepare.fingerprint(recipe, latents, [item.repeats for item in dataset.items]),
+            epoch_of=lambda step: step * micro_per_update // max(1, data.num_batches) + 1,
+            emit=emit,
+            state_interval_s=state_interval_s,
+        )
         teardown.callback(saver.close)
         tb = _tensorboard(outputs, recipe) if world.is_main else None
         if tb is not None:
             teardown.callback(tb.close)
-        scaler, ac = precision.grad_scaler(device), alphas_cumprod(zero_terminal_snr=model.prediction_for(recipe).ztsnr).to(device)
+        scaler, ac = (
+            precision.grad_scaler(device),
+            alphas_cumprod(zero_terminal_snr=model.prediction_for(recipe).ztsnr).to(device),
+        )
         step = saver.resume() if resume else 0
-        recent: deque[float] = deque(maxlen=max(1, math.ceil(data.num_batches / recipe.gradient_accumulation_steps)))
+        recent: deque[float] = deque(
+            maxlen=max(1, math.ceil(data.num_batches / recipe.gradient_accumulation_steps))
+        )
         total, started, first_step, samples = recipe.max_train_steps, time.perf_counter(), step, []
 
         # ---- the loop: one iteration is one optimizer update
         emit(Stage("train"))
         network.train()
         while step < total:
-            loss = _update(step, lambda g: micro_batch_loss(model, data, g, recipe, ac, precision=precision, train_te=train_te, device=device),
-                           optimizer, params, scaler, recipe, world, total)
+            loss = _update(
+                step,
+                lambda g: micro_batch_loss(
+                    model, data, g, recipe, ac, precision=precision, train_te=train_te, device=device
+                ),
+                optimizer,
+                params,
+                scaler,
+                recipe,
+                world,
+                total,
+            )
             step += 1
             recent.append(loss)
-            _report(emit, tb, optimizer, step, total, loss, recent, (step - first_step) / max(time.perf_counter() - started, 1e-9))
+            _report(
+                emit,
+                tb,
+                optimizer,
+                step,
+                total,
+                loss,
+                recent,
+                (step - first_step) / max(time.perf_counter() - started, 1e-9),
+            )
 
             # Scheduled saves first, so a cancel or a crash right after keeps this step.
-            saved = world.is_main and step < total and bool(recipe.save_every_n_steps) and step % recipe.save_every_n_steps == 0
-            sampled = world.is_main and bool(recipe.sample_every_n_steps) and step % recipe.sample_every_n_steps == 0
+            saved = (
+                world.is_main
+                and step < total
+                and bool(recipe.save_every_n_steps)
+                and step % recipe.save_every_n_steps == 0
+            )
+            sampled = (
+                world.is_main
+                and bool(recipe.sample_every_n_steps)
+                and step % recipe.sample_every_n_steps == 0
+            )
             if saved:
                 saver.step_file(step)
             try:
                 if sampled:  # stops between denoising steps on a cancel or a stop
-                    samples += _render_samples(model, network, prompts, outputs, step, recipe, precision, device, control, emit)
+                    samples += _render_samples(
+                        model, network, prompts, outputs, step, recipe, precision, device, control, emit
+                    )
                 requests = control.poll(network)  # lent to a preview for a slice of time, and put back
                 if world.is_main and SAVE in requests and not saved and step < total:
                     saver.step_file(step)
-                if world.is_main and SAMPLE in requests and not sampled:  # a stop during it keeps this step too
-                    samples += _render_samples(model, network, prompts, outputs, step, recipe, precision, device, control, emit)
+                if (
+                    world.is_main and SAMPLE in requests and not sampled
+                ):  # a stop during it keeps this step too
+                    samples += _render_samples(
+                        model, network, prompts, outputs, step, recipe, precision, device, control, emit
+                    )
             except Cancelled:
                 if world.is_main:
                     saver.state(step)  # a stopped job resumes exactly here
@@ -152,7 +205,13 @@ def _update(step: int, loss_of, optimizer, params, scaler, recipe: Recipe, world
         scaler.unscale_(optimizer)
     if recipe.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-    factor = lr_factor(recipe.lr_scheduler, step, total, recipe.lr_warmup_steps, float(recipe.lr_scheduler_args.get("num_cycles", 0.5)))
+    factor = lr_factor(
+        recipe.lr_scheduler,
+        step,
+        total,
+        recipe.lr_warmup_steps,
+        float(recipe.lr_scheduler_args.get("num_cycles", 0.5)),
+    )
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
     if scaler:
@@ -164,11 +223,24 @@ def _update(step: int, loss_of, optimizer, params, scaler, recipe: Recipe, world
     return loss_sum / recipe.gradient_accumulation_steps
 
 
-def _report(emit: Emit, tb, optimizer, step: int, total: int, loss: float, recent: deque[float], rate: float) -> None:
+def _report(
+    emit: Emit, tb, optimizer, step: int, total: int, loss: float, recent: deque[float], rate: float
+) -> None:
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     average = sum(recent) / len(recent)
-    emit(Progress("train", step, total, loss=loss, avg_loss=average, lr_unet=lrs.get("unet"), lr_te=lrs.get("text_encoder"),
-                  rate=rate, eta_s=(total - step) / rate if rate else None))
+    emit(
+        Progress(
+            "train",
+            step,
+            total,
+            loss=loss,
+            avg_loss=average,
+            lr_unet=lrs.get("unet"),
+            lr_te=lrs.get("text_encoder"),
+            rate=rate,
+            eta_s=(total - step) / rate if rate else None,
+        )
+    )
     if tb is not None:
         tb.add_scalar("loss/current", loss, step)
         tb.add_scalar("loss/average", average, step)
@@ -176,16 +248,33 @@ def _report(emit: Emit, tb, optimizer, step: int, total: int, loss: float, recen
             tb.add_scalar(f"lr/{group_name.replace('_', '')}", lr, step)
 
 
-def _render_samples(model: SDXL, network: LoConNetwork, prompts, outputs: Outputs, step: int, recipe: Recipe, precision: Precision,
-                    device: torch.device, control: Control, emit: Emit) -> list[Path]:
+def _render_samples(
+    model: SDXL,
+    network: LoConNetwork,
+    prompts,
+    outputs: Outputs,
+    step: int,
+    recipe: Recipe,
+    precision: Precision,
+    device: torch.device,
+    control: Control,
+    emit: Emit,
+) -> list[Path]:
     from loradrop.fsutil import atomic_path
 
     paths = []
     network.eval()
     with preserved_rng(device):
         for index, prompt in enumerate(prompts):
-            image = sample(model, prompt, device=device, dtype=precision.weights, default_seed=recipe.seed + index, check=control.check,
-                           prediction=model.prediction_for(recipe))
+            image = sample(
+                model,
+                prompt,
+                device=device,
+                dtype=precision.weights,
+                default_seed=recipe.seed + index,
+                check=control.check,
+                prediction=model.prediction_for(recipe),
+            )
             path = outputs.sample(step, index)
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
@@ -204,11 +293,22 @@ def _make_optimizer(groups: list[dict], recipe: Recipe) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=recipe.learning_rate, **recipe.optimizer_args)
 
 
-def _metadata(recipe: Recipe, data: TrainingData, dataset: Dataset, model: SDXL, world: World, model_hashes) -> dict[str, str]:
+def _metadata(
+    recipe: Recipe, data: TrainingData, dataset: Dataset, model: SDXL, world: World, model_hashes
+) -> dict[str, str]:
     return metadata.training_metadata(
-        recipe, captions=[data.captions[i] for i in data.items], buckets=data.buckets, dataset_dir=dataset.folder,
-        num_batches_per_epoch=data.num_batches, world_size=world.size, model_path=str(model.source), model_hashes=model_hashes,
-        started_at=time.time(), dataset_dirs={(s.name or dataset.folder.name): (s.repeats, s.images) for s in dataset.subsets if s.images},
+        recipe,
+        captions=[data.captions[i] for i in data.items],
+        buckets=data.buckets,
+        dataset_dir=dataset.folder,
+        num_batches_per_epoch=data.num_batches,
+        world_size=world.size,
+        model_path=str(model.source),
+        model_hashes=model_hashes,
+        started_at=time.time(),
+        dataset_dirs={
+            (s.name or dataset.folder.name): (s.repeats, s.images) for s in dataset.subsets if s.images
+        },
         prediction=model.prediction_for(recipe),
     )
 

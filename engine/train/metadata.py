@@ -44,11 +44,18 @@ def training_metadata(
     epoch's list, repeats included. `prediction`: what the run trained the UNet to predict
     (SDXL.prediction_for), so a UI samples the LoRA's base as it was trained."""
     if dataset_dirs is None:
-        dataset_dirs = {dataset_dir.name: (recipe.dataset_repeats, len(captions) // max(1, recipe.dataset_repeats))}
+        dataset_dirs = {
+            dataset_dir.name: (recipe.dataset_repeats, len(captions) // max(1, recipe.dataset_repeats))
+        }
     optimizer = recipe.optimizer_type
     if recipe.optimizer_args:
         optimizer += f"({','.join(f'{k}={v}' for k, v in recipe.optimizer_args.items())})"
-    num_epochs = -(-recipe.max_train_steps * recipe.gradient_accumulation_steps * world_size // max(1, num_batches_per_epoch))
+    num_epochs = -(
+        -recipe.max_train_steps
+        * recipe.gradient_accumulation_steps
+        * world_size
+        // max(1, num_batches_per_epoch)
+    )
     network_args = {
         # The module set really adapted, as the text of a LyCORIS preset file (network args are
         # strings): recipe.preset says "full", but LyCORIS' "full" adapts more (see Preset).
@@ -127,12 +134,17 @@ def training_metadata(
         "ss_min_bucket_reso": recipe.min_bucket_reso,
         "ss_max_bucket_reso": recipe.max_bucket_reso,
         "ss_keep_tokens": recipe.keep_tokens,
-        "ss_dataset_dirs": json.dumps({name: {"n_repeats": n, "img_count": count} for name, (n, count) in dataset_dirs.items()}),
+        "ss_dataset_dirs": json.dumps(
+            {name: {"n_repeats": n, "img_count": count} for name, (n, count) in dataset_dirs.items()}
+        ),
         "ss_reg_dataset_dirs": json.dumps({}),
         "ss_tag_frequency": json.dumps({dataset_dir.name: tag_frequency(captions)}),
         "ss_bucket_info": json.dumps(
             {
-                "buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(bucket_counts.items()))},
+                "buckets": {
+                    str(i): {"resolution": list(b), "count": n}
+                    for i, (b, n) in enumerate(sorted(bucket_counts.items()))
+                },
                 "mean_img_ar_error": 0.0,
             }
         ),
@@ -149,7 +161,14 @@ def at_save(meta: dict[str, str], recipe: Recipe, *, step: int, epoch: int, titl
     now = time.time()
     out = dict(meta)
     out.update({"ss_training_finished_at": str(now), "ss_steps": str(step), "ss_epoch": str(epoch)})
-    out.update(modelspec(title, now, resolution=f"{recipe.resolution}x{recipe.resolution}", prediction_type=_prediction_type(meta)))
+    out.update(
+        modelspec(
+            title,
+            now,
+            resolution=f"{recipe.resolution}x{recipe.resolution}",
+            prediction_type=_prediction_type(meta),
+        )
+    )
     return out
 
 
@@ -158,7 +177,9 @@ def _prediction_type(meta: Mapping[str, str]) -> str:
     return "v" if meta.get("ss_v_parameterization") == "True" else "epsilon"
 
 
-def modelspec(title: str, when: float, *, resolution: str = "1024x1024", prediction_type: str = "epsilon") -> dict[str, str]:
+def modelspec(
+    title: str, when: float, *, resolution: str = "1024x1024", prediction_type: str = "epsilon"
+) -> dict[str, str]:
     """The SAI model spec card of an SDXL LoRA, as kohya sd-scripts writes it (spec 1.0.1)."""
     return {
         "modelspec.sai_model_spec": "1.0.1",
@@ -179,8 +200,14 @@ def derived(meta: Mapping[str, str], name: str) -> dict[str, str]:
     out = dict(meta)
     out["ss_output_name"] = name
     out.setdefault("ss_base_model_version", BASE_MODEL_VERSION)
-    out.update(modelspec(name, time.time(), resolution=meta.get("modelspec.resolution", "1024x1024"),
-                         prediction_type=meta.get("modelspec.prediction_type", _prediction_type(meta))))
+    out.update(
+        modelspec(
+            name,
+            time.time(),
+            resolution=meta.get("modelspec.resolution", "1024x1024"),
+            prediction_type=meta.get("modelspec.prediction_type", _prediction_type(meta)),
+        )
+    )
     return out
 
 

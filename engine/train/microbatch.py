@@ -36,7 +36,9 @@ class TrainingData:
     seed: int
     buckets: list[tuple[int, int]] = field(init=False)
     num_batches: int = field(init=False)  # per epoch
-    _epoch: tuple[int, list[list[int]]] = field(init=False, default=(-1, []))  # the epoch's batches, one epoch at a time
+    _epoch: tuple[int, list[list[int]]] = field(
+        init=False, default=(-1, [])
+    )  # the epoch's batches, one epoch at a time
 
     def __post_init__(self):
         self.buckets = [self.latents[i].target_size for i in self.items]
@@ -58,8 +60,17 @@ def generators(seed: int, g: int, device: torch.device) -> tuple[random.Random, 
     return random.Random(key), torch.Generator(device).manual_seed(torch_seed)
 
 
-def micro_batch_loss(model: SDXL, data: TrainingData, g: int, recipe: Recipe, ac: torch.Tensor, *,
-                     precision: Precision, train_te: bool, device: torch.device) -> torch.Tensor:
+def micro_batch_loss(
+    model: SDXL,
+    data: TrainingData,
+    g: int,
+    recipe: Recipe,
+    ac: torch.Tensor,
+    *,
+    precision: Precision,
+    train_te: bool,
+    device: torch.device,
+) -> torch.Tensor:
     """The mean denoising loss of micro-batch `g` under the model's current adapters."""
     rng, gen = generators(recipe.seed, g, device)
     x0, captions, orig, crop, target = [], [], [], [], []
@@ -67,13 +78,23 @@ def micro_batch_loss(model: SDXL, data: TrainingData, g: int, recipe: Recipe, ac
         cached = data.latents[i]
         flip = recipe.flip_aug and rng.random() < 0.5
         x0.append(cached.flipped if flip else cached.latent)
-        captions.append(process_caption(data.captions[i], rng, shuffle=recipe.shuffle_caption, keep_tokens=recipe.keep_tokens,
-                                        dropout_rate=recipe.caption_dropout_rate, tag_dropout_rate=recipe.caption_tag_dropout_rate))
+        captions.append(
+            process_caption(
+                data.captions[i],
+                rng,
+                shuffle=recipe.shuffle_caption,
+                keep_tokens=recipe.keep_tokens,
+                dropout_rate=recipe.caption_dropout_rate,
+                tag_dropout_rate=recipe.caption_tag_dropout_rate,
+            )
+        )
         orig.append(cached.original_size)
         crop.append(cached.crop_top_left)
         target.append(cached.target_size)
     x0 = torch.stack(x0).to(device) * model.vae.config.scaling_factor
-    noise = multires_noise(tuple(x0.shape), recipe.multires_noise_iterations, recipe.multires_noise_discount, gen, rng, device)
+    noise = multires_noise(
+        tuple(x0.shape), recipe.multires_noise_iterations, recipe.multires_noise_discount, gen, rng, device
+    )
     t = torch.randint(0, len(ac), (x0.shape[0],), generator=gen, device=device)
     noisy = add_noise(x0, noise, t, ac)
     ids1, ids2 = tokenize(model, captions, device)
@@ -85,7 +106,12 @@ def micro_batch_loss(model: SDXL, data: TrainingData, g: int, recipe: Recipe, ac
             noisy.to(precision.weights),
             t,
             context.to(precision.weights),
-            added_cond_kwargs={"text_embeds": pooled.to(precision.weights), "time_ids": time_ids.to(precision.weights)},
+            added_cond_kwargs={
+                "text_embeds": pooled.to(precision.weights),
+                "time_ids": time_ids.to(precision.weights),
+            },
         ).sample
-    target = training_target(x0, noise, t, ac, v_prediction=model.prediction_for(recipe).v)  # ε, or v for a v-pred base
+    target = training_target(
+        x0, noise, t, ac, v_prediction=model.prediction_for(recipe).v
+    )  # ε, or v for a v-pred base
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)).mean()

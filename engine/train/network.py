@@ -56,7 +56,9 @@ class Preset:
 
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> "Preset":
-        return cls(tuple(UNET_TARGETS), tuple(TE_TARGETS_ALL if recipe.text_encoder_attention else TE_TARGETS_MLP))
+        return cls(
+            tuple(UNET_TARGETS), tuple(TE_TARGETS_ALL if recipe.text_encoder_attention else TE_TARGETS_MLP)
+        )
 
 
 class LoConNetwork(nn.Module):
@@ -114,7 +116,10 @@ class LoConNetwork(nn.Module):
         groups = []
         unet = [p for _, m in self.named_for("unet") for p in m.parameters()]
         te = [p for c in ("te1", "te2") for _, m in self.named_for(c) for p in m.parameters()]
-        for params, lr, name in ((unet, recipe.unet_lr, "unet"), (te, recipe.text_encoder_lr, "text_encoder")):
+        for params, lr, name in (
+            (unet, recipe.unet_lr, "unet"),
+            (te, recipe.text_encoder_lr, "text_encoder"),
+        ):
             if lr > 0 and params:
                 groups.append({"params": params, "lr": lr, "initial_lr": lr, "name": name})
             else:
@@ -142,7 +147,7 @@ class LoConNetwork(nn.Module):
         flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
         offset = 0
         for key, size in zip(self.keys, sizes):
-            view = flat[offset: offset + size].view(self.shapes[key])
+            view = flat[offset : offset + size].view(self.shapes[key])
             view.copy_(tensors[key].detach())
             tensors[key].data = view  # the parameter (or buffer) now lives in the flat buffer
             offset += size
@@ -153,7 +158,11 @@ class LoConNetwork(nn.Module):
         for name, lora in self.loras.items():
             if isinstance(lora.scalar, nn.Parameter):
                 raise ValueError("use_scalar LoCons are not supported")  # the recipe refuses them
-            parts = {**_factors(lora), "alpha": lora.alpha, **({"dora_scale": lora.dora_scale} if lora.wd else {})}
+            parts = {
+                **_factors(lora),
+                "alpha": lora.alpha,
+                **({"dora_scale": lora.dora_scale} if lora.wd else {}),
+            }
             out.update({f"{name}.{part}": tensor for part, tensor in parts.items()})
         return out
 
@@ -177,11 +186,13 @@ class LoConNetwork(nn.Module):
             tensor.copy_(state[key])
 
 
-def unflatten(flat: torch.Tensor, keys: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def unflatten(
+    flat: torch.Tensor, keys: list[str], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
     out, offset = {}, 0
     for key in keys:
         size = math.prod(shapes[key])
-        out[key] = flat[offset: offset + size].view(shapes[key])
+        out[key] = flat[offset : offset + size].view(shapes[key])
         offset += size
     return out
 
@@ -199,10 +210,18 @@ def _factors(lora: nn.Module) -> dict[str, nn.Parameter]:
     if kind == "locon":
         return {"lora_down.weight": lora.lora_down.weight, "lora_up.weight": lora.lora_up.weight}
     if kind == "loha":
-        names = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", *(["hada_t1", "hada_t2"] if lora.tucker else [])]
+        names = [
+            "hada_w1_a",
+            "hada_w1_b",
+            "hada_w2_a",
+            "hada_w2_b",
+            *(["hada_t1", "hada_t2"] if lora.tucker else []),
+        ]
     else:
         names = ["lokr_w1"] if lora.use_w1 else ["lokr_w1_a", "lokr_w1_b"]
-        names += ["lokr_w2"] if lora.use_w2 else ["lokr_w2_a", "lokr_w2_b", *(["lokr_t2"] if lora.tucker else [])]
+        names += (
+            ["lokr_w2"] if lora.use_w2 else ["lokr_w2_a", "lokr_w2_b", *(["lokr_t2"] if lora.tucker else [])]
+        )
     return {name: getattr(lora, name) for name in names}
 
 
@@ -217,7 +236,9 @@ def _lean_forward(lora: nn.Module) -> functools.partial:
     return functools.partial(_update_forward, lora, layer, kind, _factors(lora))
 
 
-def _layer_op(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _layer_op(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The layer's own op (a linear, or a conv with the layer's geometry) with `weight`."""
     if isinstance(layer, nn.Conv2d):
         return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -235,17 +256,25 @@ def _bypass_forward(lora: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch
     return _layer_op(layer, x, layer.weight, layer.bias) + delta * (lora.scale * lora.multiplier)
 
 
-def _update_forward(lora: nn.Module, layer: nn.Module, kind: str, factors: dict[str, nn.Parameter], x: torch.Tensor) -> torch.Tensor:
+def _update_forward(
+    lora: nn.Module, layer: nn.Module, kind: str, factors: dict[str, nn.Parameter], x: torch.Tensor
+) -> torch.Tensor:
     """A LoHa or LoKr: y = W·x + op(x, ΔW), ΔW formed from the module's factors."""
     delta = weight_update(kind, factors, lora.scale * lora.multiplier).reshape(layer.weight.shape)
     return _layer_op(layer, x, layer.weight, layer.bias) + _layer_op(layer, x, delta.to(x.dtype))
 
 
-def _dora_forward(lora: nn.Module, layer: nn.Module, kind: str, factors: dict[str, nn.Parameter], x: torch.Tensor) -> torch.Tensor:
+def _dora_forward(
+    lora: nn.Module, layer: nn.Module, kind: str, factors: dict[str, nn.Parameter], x: torch.Tensor
+) -> torch.Tensor:
     """A DoRA, as LyCORIS' rebuild forward: y = W·x + op(x, W' − W), W' the decomposition of
     W + ΔW (the multiplier blends its magnitude factor), the difference formed in fp32."""
     weight = layer.weight.float()
-    merged = decomposed(weight + weight_update(kind, factors, lora.scale).reshape(weight.shape), lora.dora_scale, lora.multiplier)
+    merged = decomposed(
+        weight + weight_update(kind, factors, lora.scale).reshape(weight.shape),
+        lora.dora_scale,
+        lora.multiplier,
+    )
     return _layer_op(layer, x, layer.weight, layer.bias) + _layer_op(layer, x, (merged - weight).to(x.dtype))
 
 

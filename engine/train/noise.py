@@ -11,8 +11,13 @@ import torch.nn.functional as F
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = NUM_TRAIN_TIMESTEPS,
-                   *, zero_terminal_snr: bool = False) -> torch.Tensor:
+def alphas_cumprod(
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    steps: int = NUM_TRAIN_TIMESTEPS,
+    *,
+    zero_terminal_snr: bool = False,
+) -> torch.Tensor:
     """SD's "scaled linear" betas (linear in √β), as fp64 for an exact product, returned fp32;
     with `zero_terminal_snr`, rescaled so that the last step is pure noise."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
@@ -31,7 +36,9 @@ def rescale_zero_terminal_snr(ac: torch.Tensor) -> torch.Tensor:
     return ((root - last) * (first / (first - last))) ** 2
 
 
-def training_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.Tensor, *, v_prediction: bool) -> torch.Tensor:
+def training_target(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.Tensor, *, v_prediction: bool
+) -> torch.Tensor:
     """What the UNet learns to predict of x_t = √ᾱ·x0 + √(1−ᾱ)·ε: ε itself, or the velocity
     v = √ᾱ·ε − √(1−ᾱ)·x0 of a v-prediction model (Salimans & Ho; diffusers' get_velocity)."""
     if not v_prediction:

@@ -30,12 +30,17 @@ def sample_prompts(dataset: Dataset, recipe: Recipe, emit: Emit, resolved: Path 
         emit(Log(f"no {recipe.sample_prompts} in the dataset: sampling a few of its own captions"))
         prompts = prompts_from_captions(dataset.items)
     if resolved is not None and prompts:
-        seeded = [dataclasses.replace(p, seed=recipe.seed + i if p.seed is None else p.seed) for i, p in enumerate(prompts)]
+        seeded = [
+            dataclasses.replace(p, seed=recipe.seed + i if p.seed is None else p.seed)
+            for i, p in enumerate(prompts)
+        ]
         atomic_write_text(resolved, "".join(p.line() + "\n" for p in seeded))
     return prompts
 
 
-def cache_latents(model: SDXL, dataset: Dataset, cache_dir: Path, device, world: World, emit: Emit, workers: int) -> list[CachedLatent]:
+def cache_latents(
+    model: SDXL, dataset: Dataset, cache_dir: Path, device, world: World, emit: Emit, workers: int
+) -> list[CachedLatent]:
     cache = LatentCache(cache_dir, model.vae, model.vae_id, device, workers=workers)
     # The main process encodes; the others then find every latent cached.
     if world.is_main:
@@ -48,8 +53,18 @@ def cache_latents(model: SDXL, dataset: Dataset, cache_dir: Path, device, world:
 
 # Settings that change what is saved or shown, not the weights: a resume may change them.
 _NOT_MATH = {
-    "output_name", "sample_prompts", "sample_sampler", "sample_every_n_steps", "save_every_n_steps",
-    "save_precision", "save_model_as", "log_with", "log_prefix", "resize_recipe", "max_data_loader_n_workers", "sdpa",
+    "output_name",
+    "sample_prompts",
+    "sample_sampler",
+    "sample_every_n_steps",
+    "save_every_n_steps",
+    "save_precision",
+    "save_model_as",
+    "log_with",
+    "log_prefix",
+    "resize_recipe",
+    "max_data_loader_n_workers",
+    "sdpa",
 }
 
 
@@ -60,5 +75,7 @@ def fingerprint(recipe: Recipe, latents: list[CachedLatent], repeats: list[int] 
     for cached in latents:
         h.update(cached.key.encode())
     if repeats and any(n != recipe.dataset_repeats for n in repeats):
-        h.update(repr(repeats).encode())  # N_name/ repeats shape the epoch; a flat folder's fingerprint is unchanged
+        h.update(
+            repr(repeats).encode()
+        )  # N_name/ repeats shape the epoch; a flat folder's fingerprint is unchanged
     return h.hexdigest()

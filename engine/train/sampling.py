@@ -66,8 +66,16 @@ class Render:
     generator, never from the global RNGs."""
 
     @torch.no_grad()
-    def __init__(self, model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: torch.dtype, default_seed: int,
-                 prediction: Prediction | None = None):
+    def __init__(
+        self,
+        model: SDXL,
+        prompt: SamplePrompt,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        default_seed: int,
+        prediction: Prediction | None = None,
+    ):
         """`prediction`: what the UNet predicts, when a recipe overrides the checkpoint's (model.prediction)."""
         from diffusers import EulerAncestralDiscreteScheduler
 
@@ -78,7 +86,11 @@ class Render:
         self.scheduler.set_timesteps(prompt.steps, device=device)
         seed = prompt.seed if prompt.seed is not None else default_seed
         self.generator = torch.Generator(device).manual_seed(seed)
-        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if device.type == "cuda" and dtype != torch.float32 else contextlib.nullcontext
+        self.autocast = (
+            (lambda: torch.autocast(device.type, dtype=dtype))
+            if device.type == "cuda" and dtype != torch.float32
+            else contextlib.nullcontext
+        )
         ids1, ids2 = tokenize(model, [prompt.negative, prompt.prompt], device)
         with self.autocast():
             context, pooled = encode_text(model, ids1, ids2)
@@ -86,7 +98,10 @@ class Render:
         ids = size_ids([(h, w)] * 2, [(0, 0)] * 2, [(h, w)] * 2, device)
         self.context = context.to(dtype)
         self.cond = {"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)}
-        self.latents = torch.randn((1, 4, h // 8, w // 8), generator=self.generator, device=device) * self.scheduler.init_noise_sigma
+        self.latents = (
+            torch.randn((1, 4, h // 8, w // 8), generator=self.generator, device=device)
+            * self.scheduler.init_noise_sigma
+        )
         self.timesteps = list(self.scheduler.timesteps)
         self.done = 0
 
@@ -105,7 +120,9 @@ class Render:
         t = self.timesteps[self.done]
         x = self.scheduler.scale_model_input(torch.cat([self.latents, self.latents]), t)
         with self.autocast():
-            out = self.model.unet(x.to(self.dtype), t, self.context, added_cond_kwargs=self.cond).sample.float()  # ε or v
+            out = self.model.unet(
+                x.to(self.dtype), t, self.context, added_cond_kwargs=self.cond
+            ).sample.float()  # ε or v
         uncond, text = out.chunk(2)
         guided = rescale_guidance(uncond + self.prompt.cfg * (text - uncond), text, self.guidance_rescale)
         self.latents = self.scheduler.step(guided, t, self.latents, generator=self.generator).prev_sample
@@ -115,11 +132,21 @@ class Render:
         return decode(self.model, self.latents)
 
 
-def sample(model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: torch.dtype, default_seed: int,
-           check: Callable[[], None] | None = None, prediction: Prediction | None = None) -> Image.Image:
+def sample(
+    model: SDXL,
+    prompt: SamplePrompt,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    default_seed: int,
+    check: Callable[[], None] | None = None,
+    prediction: Prediction | None = None,
+) -> Image.Image:
     """Render one prompt. The UNet runs in `dtype` (under autocast on CUDA), the VAE in fp32.
     `check` is called before every denoising step: it raises to stop (a cancel, a stop)."""
-    render = Render(model, prompt, device=device, dtype=dtype, default_seed=default_seed, prediction=prediction)
+    render = Render(
+        model, prompt, device=device, dtype=dtype, default_seed=default_seed, prediction=prediction
+    )
     while not render.finished:
         if check is not None:
             check()
@@ -130,6 +157,8 @@ def sample(model: SDXL, prompt: SamplePrompt, *, device: torch.device, dtype: to
 @torch.no_grad()
 def decode(model: SDXL, latents: torch.Tensor) -> Image.Image:
     vae = model.vae
-    x = vae.decode(latents.to(device=next(vae.parameters()).device, dtype=torch.float32) / vae.config.scaling_factor).sample
+    x = vae.decode(
+        latents.to(device=next(vae.parameters()).device, dtype=torch.float32) / vae.config.scaling_factor
+    ).sample
     x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())

@@ -32,15 +32,39 @@ STATE_INTERVAL_S = 30.0
 
 def diverged(what: str, recipe: Recipe) -> str:
     """The one sentence for a run whose numbers left the finite range (kohya: "NaN detected")."""
-    return (f"training diverged: {what} (NaN detected); lower the learning rate (unet_lr {recipe.unet_lr:g}, "
-            f"text_encoder_lr {recipe.text_encoder_lr:g}) or keep max_grad_norm on, and retry the job.")
+    return (
+        f"training diverged: {what} (NaN detected); lower the learning rate (unet_lr {recipe.unet_lr:g}, "
+        f"text_encoder_lr {recipe.text_encoder_lr:g}) or keep max_grad_norm on, and retry the job."
+    )
 
 
 class Saver:
-    def __init__(self, network: LoConNetwork, optimizer: torch.optim.Optimizer, outputs: Outputs, recipe: Recipe, meta: dict[str, str],
-                 *, fingerprint: str, epoch_of: Callable[[int], int], emit: Emit, state_interval_s: float = STATE_INTERVAL_S):
-        self.network, self.optimizer, self.outputs, self.recipe, self.meta = network, optimizer, outputs, recipe, meta
-        self.fingerprint, self.epoch_of, self.emit, self.state_interval_s = fingerprint, epoch_of, emit, state_interval_s
+    def __init__(
+        self,
+        network: LoConNetwork,
+        optimizer: torch.optim.Optimizer,
+        outputs: Outputs,
+        recipe: Recipe,
+        meta: dict[str, str],
+        *,
+        fingerprint: str,
+        epoch_of: Callable[[int], int],
+        emit: Emit,
+        state_interval_s: float = STATE_INTERVAL_S,
+    ):
+        self.network, self.optimizer, self.outputs, self.recipe, self.meta = (
+            network,
+            optimizer,
+            outputs,
+            recipe,
+            meta,
+        )
+        self.fingerprint, self.epoch_of, self.emit, self.state_interval_s = (
+            fingerprint,
+            epoch_of,
+            emit,
+            state_interval_s,
+        )
         self.dtype = SAVE_DTYPES[recipe.save_precision]
         self.layout = tensorfile.Layout({k: (self.dtype, network.shapes[k]) for k in network.keys})
         assert self.layout.order == network.keys  # the flat buffer is the file's payload
@@ -74,7 +98,9 @@ class Saver:
     def state(self, step: int) -> None:
         """The full training state after `step`, coalesced with a save still waiting."""
         self._last_state = time.monotonic()
-        tensors, info = checkpoints.capture_state(self.network, self.optimizer, step=step, extra={"fingerprint": self.fingerprint})
+        tensors, info = checkpoints.capture_state(
+            self.network, self.optimizer, step=step, extra={"fingerprint": self.fingerprint}
+        )
         path = self.outputs.state
         self.writer.submit_state(lambda: checkpoints.write_state(path, tensors, info))
 
@@ -85,8 +111,15 @@ class Saver:
     def _save(self, step: int, path: Path, kind: str) -> Path:
         payload = self.network.snapshot(self.dtype)
         if not bool(torch.isfinite(payload).all()):  # a file with inf or NaN in it is never written
-            raise UserError(diverged(f"the weights after step {step} hold inf or NaN in {self.recipe.save_precision}", self.recipe))
-        file_meta = metadata.at_save(self.meta, self.recipe, step=step, epoch=self.epoch_of(step), title=path.stem)
+            raise UserError(
+                diverged(
+                    f"the weights after step {step} hold inf or NaN in {self.recipe.save_precision}",
+                    self.recipe,
+                )
+            )
+        file_meta = metadata.at_save(
+            self.meta, self.recipe, step=step, epoch=self.epoch_of(step), title=path.stem
+        )
 
         def write() -> None:
             save_lora_payload(path, self.layout, payload, file_meta)
@@ -96,4 +129,3 @@ class Saver:
         if kind == "final" or time.monotonic() - self._last_state >= self.state_interval_s:
             self.state(step)
         return path
-

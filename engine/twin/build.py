@@ -62,7 +62,12 @@ class Settings:
         """A short run of the same script (the test's), every step count times `scale`."""
         n = lambda v: max(2, round(v * scale))  # noqa: E731
         return dataclasses.replace(
-            self, pool=n(self.pool), vae_steps=n(self.vae_steps), unet_steps=n(self.unet_steps), warmup=n(self.warmup), eval_samples=n(self.eval_samples)
+            self,
+            pool=n(self.pool),
+            vae_steps=n(self.vae_steps),
+            unet_steps=n(self.unet_steps),
+            warmup=n(self.warmup),
+            eval_samples=n(self.eval_samples),
         )
 
 
@@ -103,7 +108,9 @@ class State:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data: dict = torch.load(path, weights_only=False) if path.exists() else {"phase": "vae", "step": 0, "log": []}
+        self.data: dict = (
+            torch.load(path, weights_only=False) if path.exists() else {"phase": "vae", "step": 0, "log": []}
+        )
         self.saved_at = time.monotonic()
 
     def save(self) -> None:
@@ -133,7 +140,10 @@ class Stop:
 def report(phase: str, step: int, total: int, loss: float, started: float, first: int) -> None:
     done = step - first
     rate = (time.monotonic() - started) / max(done, 1)
-    print(f"{phase} {step}/{total} loss {loss:.4f} {rate:.2f} s/step eta {rate * (total - step) / 60:.0f} min", flush=True)
+    print(
+        f"{phase} {step}/{total} loss {loss:.4f} {rate:.2f} s/step eta {rate * (total - step) / 60:.0f} min",
+        flush=True,
+    )
 
 
 # --- phase 1: the VAE -----------------------------------------------------------------------------
@@ -160,7 +170,11 @@ def train_vae(settings: Settings, state: State, pixels: torch.Tensor, config):
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + settings.kl_weight * posterior.kl().mean() / z[0].numel()
+        loss = (
+            F.l1_loss(recon, x)
+            + F.mse_loss(recon, x)
+            + settings.kl_weight * posterior.kl().mean() / z[0].numel()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -219,7 +233,14 @@ def caption_table(model, captions: list[str]) -> dict[str, tuple[torch.Tensor, t
     return {c: (context[i], pooled[i]) for i, c in enumerate(captions)}
 
 
-def train_unet(settings: Settings, state: State, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], table, config):
+def train_unet(
+    settings: Settings,
+    state: State,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    captions: list[str],
+    table,
+    config,
+):
     from diffusers import UNet2DConditionModel
 
     from ..train.conditioning import size_ids
@@ -238,7 +259,12 @@ def train_unet(settings: Settings, state: State, latents: tuple[torch.Tensor, to
     mean, std = latents
     scale = config.vae["scaling_factor"]
     side = mean.shape[-1] * 8
-    ids = size_ids([(side, side)] * settings.unet_batch, [(0, 0)] * settings.unet_batch, [(side, side)] * settings.unet_batch, "cpu")
+    ids = size_ids(
+        [(side, side)] * settings.unet_batch,
+        [(0, 0)] * settings.unet_batch,
+        [(side, side)] * settings.unet_batch,
+        "cpu",
+    )
     first, started = state.data["step"], time.monotonic()
     for step in range(first, settings.unet_steps):
         if Stop.requested:
@@ -252,10 +278,19 @@ def train_unet(settings: Settings, state: State, latents: tuple[torch.Tensor, to
         pooled = torch.stack([table[c][1] for c in chosen])
         t = torch.randint(NUM_TRAIN_TIMESTEPS, (settings.unet_batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        lr = settings.unet_lr * min(1.0, (step + 1) / settings.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / settings.unet_steps))
+        lr = (
+            settings.unet_lr
+            * min(1.0, (step + 1) / settings.warmup)
+            * (0.55 + 0.45 * math.cos(math.pi * step / settings.unet_steps))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
-        eps = unet(add_noise(x0, noise, t, ac), t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        eps = unet(
+            add_noise(x0, noise, t, ac),
+            t,
+            context,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+        ).sample
         # min-SNR weighting: the easy, low-noise steps stop drowning out the ones that shape a picture
         weight = torch.clamp(snr[t], max=settings.min_snr_gamma) / snr[t]
         loss = (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -298,16 +333,42 @@ def evaluate(path: Path, settings: Settings) -> dict:
     scale = model.vae.config.scaling_factor
     round_trip = [judge.judge(decode(model, mean[i : i + 1] * scale)) for i in range(len(test))]
     drawn = [
-        judge.judge(sample(model, SamplePrompt(s.caption, width=world.SIZE, height=world.SIZE, seed=i, steps=settings.eval_steps, cfg=settings.eval_cfg), device=torch.device("cpu"), dtype=torch.float32, default_seed=i))
+        judge.judge(
+            sample(
+                model,
+                SamplePrompt(
+                    s.caption,
+                    width=world.SIZE,
+                    height=world.SIZE,
+                    seed=i,
+                    steps=settings.eval_steps,
+                    cfg=settings.eval_cfg,
+                ),
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                default_seed=i,
+            )
+        )
         for i, s in enumerate(test)
     ]
 
     def share(verdicts, *fields):
-        return sum(all(getattr(v, f) == getattr(s, f) for f in fields) for v, s in zip(verdicts, test)) / len(test)
+        return sum(all(getattr(v, f) == getattr(s, f) for f in fields) for v, s in zip(verdicts, test)) / len(
+            test
+        )
 
     return {
-        "vae_round_trip": {"colour": share(round_trip, "colour"), "shape": share(round_trip, "shape"), "all": share(round_trip, "colour", "shape", "background")},
-        "samples": {"colour": share(drawn, "colour"), "shape": share(drawn, "shape"), "background": share(drawn, "background"), "all": share(drawn, "colour", "shape", "background")},
+        "vae_round_trip": {
+            "colour": share(round_trip, "colour"),
+            "shape": share(round_trip, "shape"),
+            "all": share(round_trip, "colour", "shape", "background"),
+        },
+        "samples": {
+            "colour": share(drawn, "colour"),
+            "shape": share(drawn, "shape"),
+            "background": share(drawn, "background"),
+            "all": share(drawn, "colour", "shape", "background"),
+        },
         "eval": f"{len(test)} held-out captions, euler_a {settings.eval_steps} steps, CFG {settings.eval_cfg:g}, {world.SIZE} px",
     }
 
@@ -325,7 +386,9 @@ def write_twin(out: Path, settings: Settings, state: State, config, te_states, v
     from ..models.tiny import write_checkpoint
 
     states = {"unet": ema.state_dict(), "vae": vae_state, **te_states}
-    write_checkpoint(out, config, states, {"loradrop.learned_twin": f"version={SCRIPT_VERSION} seed={settings.seed}"})
+    write_checkpoint(
+        out, config, states, {"loradrop.learned_twin": f"version={SCRIPT_VERSION} seed={settings.seed}"}
+    )
     figures = evaluate(out, settings)
     log = state.data["log"]
     last = lambda phase: float(np.mean([l for p, _, l in log if p == phase][-10:]))  # noqa: E731, E741
@@ -358,9 +421,16 @@ def snapshot(state: State, settings: Settings, out: Path) -> int:
     from ..models.tiny import write_checkpoint
 
     if "ema" not in state.data:
-        sys.exit(f"{state.path} has no UNet weights yet (phase {state.data['phase']}); try again once the UNet trains.")
+        sys.exit(
+            f"{state.path} has no UNet weights yet (phase {state.data['phase']}); try again once the UNet trains."
+        )
     states = {"unet": state.data["ema"], "vae": state.data["vae"], **text_encoder_states()}
-    write_checkpoint(out, twin_config(settings), states, {"loradrop.learned_twin": f"snapshot of step {state.data['step']}"})
+    write_checkpoint(
+        out,
+        twin_config(settings),
+        states,
+        {"loradrop.learned_twin": f"snapshot of step {state.data['step']}"},
+    )
     print(f"wrote {out} (UNet step {state.data['step']} of {settings.unet_steps})")
     return 0
 
@@ -370,12 +440,35 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.tiny import default_random_path
     from . import world
 
-    parser = argparse.ArgumentParser(prog="python -m loradrop.engine.twin.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True, help="folder for the resumable state (kept between runs)")
-    parser.add_argument("--out", type=Path, default=None, help="the checkpoint to write (default: WORK/learned-twin.safetensors)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (a quick check: 0.01)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core free; the same count and torch reproduce a run exactly)")
-    parser.add_argument("--snapshot", type=Path, default=None, help="write the UNet's current EMA weights to this checkpoint and exit (training may go on)")
+    parser = argparse.ArgumentParser(
+        prog="python -m loradrop.engine.twin.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--work", type=Path, required=True, help="folder for the resumable state (kept between runs)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the checkpoint to write (default: WORK/learned-twin.safetensors)",
+    )
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every step count (a quick check: 0.01)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 leaves a core free; the same count and torch reproduce a run exactly)",
+    )
+    parser.add_argument(
+        "--snapshot",
+        type=Path,
+        default=None,
+        help="write the UNet's current EMA weights to this checkpoint and exit (training may go on)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -384,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.work / "learned-twin.safetensors"
     state = State(args.work / "state.pt")
     if state.data.get("settings", dataclasses.asdict(settings)) != dataclasses.asdict(settings):
-        sys.exit(f"{args.work} holds a run with other settings; use another --work folder or delete {state.path}.")
+        sys.exit(
+            f"{args.work} holds a run with other settings; use another --work folder or delete {state.path}."
+        )
     state.data["settings"] = dataclasses.asdict(settings)
     if args.snapshot:
         return snapshot(state, settings, args.snapshot)
@@ -402,12 +497,27 @@ def main(argv: list[str] | None = None) -> int:
         vae.load_state_dict(state.data["vae"])
         latents = encode(vae.eval(), pixels)
         random_twin = load_sdxl(default_random_path(), components=("te1", "te2"))
-        captions = sorted({world.caption(c, s, b) for c in world.BASE_COLOURS + world.NOVEL_COLOURS for s in world.SHAPES for b in world.BACKGROUNDS} | {""})
+        captions = sorted(
+            {
+                world.caption(c, s, b)
+                for c in world.BASE_COLOURS + world.NOVEL_COLOURS
+                for s in world.SHAPES
+                for b in world.BACKGROUNDS
+            }
+            | {""}
+        )
         table = caption_table(random_twin, captions)
         # The UNet learns the base colours only: the novel ones are left for LoRAs to teach.
         drawn = torch.tensor([s.colour in world.BASE_COLOURS for s in scenes])
         latents = (latents[0][drawn], latents[1][drawn])
-        ema = train_unet(settings, state, latents, [s.caption for s in scenes if s.colour in world.BASE_COLOURS], table, config)
+        ema = train_unet(
+            settings,
+            state,
+            latents,
+            [s.caption for s in scenes if s.colour in world.BASE_COLOURS],
+            table,
+            config,
+        )
         state.data["seconds"] = already + time.monotonic() - began
         state.save()
         if state.data["phase"] == "write":

@@ -58,13 +58,25 @@ class Concept:
     def prompts(self, count: int, seed: int) -> list[str]:
         """Trigger-word prompts over every shape and background, in a seeded order."""
         rng = random.Random(seed)
-        return [self.caption(rng.choice(world.SHAPES), rng.choice(sorted(world.BACKGROUNDS))) for _ in range(count)]
+        return [
+            self.caption(rng.choice(world.SHAPES), rng.choice(sorted(world.BACKGROUNDS)))
+            for _ in range(count)
+        ]
 
 
 CONCEPT = Concept()
 
 
-def write_concept_dataset(folder: str | Path, *, images: int = 24, anchors: int = 24, seed: int = 11, name: str = "zkq-shapes", block_vector: str | None = None, recipe: dict | None = None) -> Path:
+def write_concept_dataset(
+    folder: str | Path,
+    *,
+    images: int = 24,
+    anchors: int = 24,
+    seed: int = 11,
+    name: str = "zkq-shapes",
+    block_vector: str | None = None,
+    recipe: dict | None = None,
+) -> Path:
     """A dataset folder as a user drops it: the concept's pictures with trigger captions, sample
     prompts that show it appearing over the steps, and a loradrop.toml with the light recipe.
 
@@ -78,8 +90,13 @@ def write_concept_dataset(folder: str | Path, *, images: int = 24, anchors: int 
     world.write_dataset(folder, [s for s, _ in concept + known], caption_of=None)
     for i, text in captions.items():
         (folder / f"{i:03d}.txt").write_text(text + "\n")
-    prompts = [f"{p} --w {world.SIZE} --h {world.SIZE} --s 20 --l 5 --d {i + 1}" for i, p in enumerate(CONCEPT.prompts(2, seed))]
-    (folder / "sample-prompts.txt").write_text("# the concept, rendered during training\n" + "\n".join(prompts) + "\n")
+    prompts = [
+        f"{p} --w {world.SIZE} --h {world.SIZE} --s 20 --l 5 --d {i + 1}"
+        for i, p in enumerate(CONCEPT.prompts(2, seed))
+    ]
+    (folder / "sample-prompts.txt").write_text(
+        "# the concept, rendered during training\n" + "\n".join(prompts) + "\n"
+    )
     settings = {"name": name, **LIGHT_RECIPE, **(recipe or {})}
     if block_vector:
         settings["block_vector"] = block_vector

@@ -17,18 +17,24 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..jobspec import JobSpec
     from ..lora.blocks import energy, format_weight, parse_vector, suggest
     from ..lora.chop import chop
     from ..models.sdxl import load_sdxl
     from ..models.tiny import default_model_path
-    from ..jobspec import JobSpec
-    from ..session import Session
     from ..recipe import Recipe
+    from ..session import Session
     from . import score
     from .concept import CONCEPT, LIGHT_RECIPE, write_concept_dataset
 
-    parser = argparse.ArgumentParser(prog="python -m loradrop.engine.twin.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="the twin to judge (default: the embedded learned twin)")
+    parser = argparse.ArgumentParser(
+        prog="python -m loradrop.engine.twin.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", default=None, help="the twin to judge (default: the embedded learned twin)"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the dataset and the job's files here")
     args = parser.parse_args(argv)
 
@@ -36,8 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     model_path = args.model or str(default_model_path())
     dataset = write_concept_dataset(root / "zkq-shapes")
     recipe = Recipe.from_mapping({**LIGHT_RECIPE, "log_with": "none"})
-    print(f"training a '{CONCEPT.trigger}' = {CONCEPT.colour} LoRA on {model_path} ({recipe.max_train_steps} steps) in {root}", flush=True)
-    spec = JobSpec(job_id="eval", name="zkq-shapes", dataset=dataset, out_dir=root / "job", recipe=recipe.to_dict(), model=args.model)
+    print(
+        f"training a '{CONCEPT.trigger}' = {CONCEPT.colour} LoRA on {model_path} ({recipe.max_train_steps} steps) in {root}",
+        flush=True,
+    )
+    spec = JobSpec(
+        job_id="eval",
+        name="zkq-shapes",
+        dataset=dataset,
+        out_dir=root / "job",
+        recipe=recipe.to_dict(),
+        model=args.model,
+    )
     result = Session().run(spec, emit=lambda event: None)
 
     model = load_sdxl(model_path)
@@ -60,10 +76,22 @@ def main(argv: list[str] | None = None) -> int:
         (f"'{CONCEPT.trigger}' is {CONCEPT.colour}, no LoRA", without, "must stay <= 10%"),
         ("... with the trained LoRA", final, f"no LoRA {without}"),
         ("... resized", score.concept_score(model, result.resized), f"trained {final}"),
-        (f"... chopped to the blocks of most effect {text(suggested)}", score.concept_score(model, chopped), f"trained {final}"),
+        (
+            f"... chopped to the blocks of most effect {text(suggested)}",
+            score.concept_score(model, chopped),
+            f"trained {final}",
+        ),
         ("... chopped to the other blocks", score.concept_score(model, rest), f"trained {final}"),
-        (f"... chopped to the high-energy blocks {text(by_energy)}", score.concept_score(model, energy_chop), f"trained {final}"),
-        ("... suggested blocks at weight 0.5", score.concept_score(model, result.final, text(half)), f"1.0: {final}, 0: {without}"),
+        (
+            f"... chopped to the high-energy blocks {text(by_energy)}",
+            score.concept_score(model, energy_chop),
+            f"trained {final}",
+        ),
+        (
+            "... suggested blocks at weight 0.5",
+            score.concept_score(model, result.final, text(half)),
+            f"1.0: {final}, 0: {without}",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     for label, value, baseline in rows:

@@ -37,7 +37,9 @@ class Score:
 
 def draw(model: SDXL, prompt: str, seed: int):
     p = SamplePrompt(prompt, width=world.SIZE, height=world.SIZE, seed=seed, steps=STEPS, cfg=CFG)
-    return sample(model, p, device=next(model.unet.parameters()).device, dtype=torch.float32, default_seed=seed)
+    return sample(
+        model, p, device=next(model.unet.parameters()).device, dtype=torch.float32, default_seed=seed
+    )
 
 
 def world_score(model: SDXL, count: int = 32, seed: int = 5) -> dict[str, Score]:
@@ -50,7 +52,15 @@ def world_score(model: SDXL, count: int = 32, seed: int = 5) -> dict[str, Score]
     return {"colour": Score(colour, count), "shape": Score(shape, count), "both": Score(both, count)}
 
 
-def concept_score(model: SDXL, lora: str | os.PathLike | None = None, vector: str | None = None, *, count: int = 32, seed: int = 3, concept: Concept = CONCEPT) -> Score:
+def concept_score(
+    model: SDXL,
+    lora: str | os.PathLike | None = None,
+    vector: str | None = None,
+    *,
+    count: int = 32,
+    seed: int = 3,
+    concept: Concept = CONCEPT,
+) -> Score:
     """How many of `count` seeded trigger-word samples show the concept's colour, with the LoRA
     (weighted by `vector`, as the Block Weight loader reads it) or without one."""
     prompts = concept.prompts(count, seed)

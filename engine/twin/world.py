@@ -28,7 +28,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BASE_COLOURS = ("red", "yellow", "green", "blue")
 NOVEL_COLOURS = ("cyan", "magenta")
 SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (15, 15, 15)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (15, 15, 15),
+}
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,12 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("lora", metavar="LORA", help="the LoRA/LoCon file")
-    p.add_argument("--model", metavar="BASE", help="the SDXL checkpoint it was trained on: adds energy relative to its weights "
-                   "(with --effect: the model to measure on; default: the embedded twin)")
+    p.add_argument(
+        "--model",
+        metavar="BASE",
+        help="the SDXL checkpoint it was trained on: adds energy relative to its weights "
+        "(with --effect: the model to measure on; default: the embedded twin)",
+    )
     p.add_argument(
         "--suggest",
         nargs="?",
@@ -43,7 +47,11 @@ def add_parser(sub) -> None:
         help="suggest by measured effect, not energy: switch each block off in turn and measure how far samples of the "
         "prompts move (what looking at per-block samples does by hand; the energy of a block follows its width, not its effect)",
     )
-    p.add_argument("--prompts", metavar="FILE", help="with --effect: a sample-prompt file (default: the prompts the LoRA's job sampled, beside it)")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="with --effect: a sample-prompt file (default: the prompts the LoRA's job sampled, beside it)",
+    )
     p.set_defaults(func=run)
 
 
@@ -74,8 +82,10 @@ def run(args) -> int:
         kept = [b for b, v in zip(report.blocks, vector[1:]) if v]
         got = sum(b.share for b in kept)
         what = "relative energy" if report.relative else "energy"
-        print(f"Suggested vector ({len(kept)} of {len(report.blocks)} blocks, {100 * got:.1f}% of the block {what}; "
-              f"asked {100 * args.suggest:g}%): {','.join(map(format_weight, vector))}")
+        print(
+            f"Suggested vector ({len(kept)} of {len(report.blocks)} blocks, {100 * got:.1f}% of the block {what}; "
+            f"asked {100 * args.suggest:g}%): {','.join(map(format_weight, vector))}"
+        )
         print(f"Entry 0 = 1 means the same in both tools: {ENTRY0_CHOP}; {ENTRY0_LOADER}.")
     return 0
 
@@ -92,18 +102,27 @@ def _suggest_by_effect(args) -> int:
 
     source = Path(args.prompts) if args.prompts else prompts_beside(args.lora)
     if not source.is_file():
-        raise UserError(f"{source} does not exist; give the prompts to measure with: --prompts FILE (kohya's sample-prompt lines).")
+        raise UserError(
+            f"{source} does not exist; give the prompts to measure with: --prompts FILE (kohya's sample-prompt lines)."
+        )
     prompts = parse_prompt_file(source)
     if not prompts:
         raise UserError(f"{source} holds no prompts; give a file with at least one sample-prompt line.")
     model = load_sdxl(args.model or default_model_path())
-    vector, report = suggest_by_effect(model, args.lora, prompts, args.suggest,
-                                       progress=lambda done, total: print(f"measuring: {done}/{total}", end="\r", flush=True))
+    vector, report = suggest_by_effect(
+        model,
+        args.lora,
+        prompts,
+        args.suggest,
+        progress=lambda done, total: print(f"measuring: {done}/{total}", end="\r", flush=True),
+    )
     print()
     for line in report.lines():
         print(line)
     kept = [s for s, v in zip(report.shares, vector[1:]) if v]
-    print(f"Suggested vector ({len(kept)} of {len(report.effects)} blocks, {100 * sum(kept):.1f}% of the measured effect; "
-          f"asked {100 * args.suggest:g}%): {','.join(map(format_weight, vector))}")
+    print(
+        f"Suggested vector ({len(kept)} of {len(report.effects)} blocks, {100 * sum(kept):.1f}% of the measured effect; "
+        f"asked {100 * args.suggest:g}%): {','.join(map(format_weight, vector))}"
+    )
     print(f"Entry 0 = 1 means the same in both tools: {ENTRY0_CHOP}; {ENTRY0_LOADER}.")
     return 0

@@ -31,24 +31,54 @@ def add_parser(sub) -> None:
     )
     p.add_argument("dir", metavar="DIR", type=Path, help="folder of images")
     p.add_argument(
-        "--model", metavar="PATH", type=Path, required=True, help="the tagger's folder (or its model.onnx), or a transformers model folder"
+        "--model",
+        metavar="PATH",
+        type=Path,
+        required=True,
+        help="the tagger's folder (or its model.onnx), or a transformers model folder",
     )
-    p.add_argument("--kind", choices=("tagger", "vlm"), help="what --model holds (default: model.onnx means tagger, config.json vlm)")
+    p.add_argument(
+        "--kind",
+        choices=("tagger", "vlm"),
+        help="what --model holds (default: model.onnx means tagger, config.json vlm)",
+    )
     p.add_argument("--trigger", metavar="WORD", help="put WORD first in every caption")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing captions")
-    existing.add_argument("--missing-only", action="store_true", help="caption only the images without one (default: refuse if any has one)")
-    p.add_argument("--dry-run", action="store_true", help="print the captions that would be written; write nothing")
+    existing.add_argument(
+        "--missing-only",
+        action="store_true",
+        help="caption only the images without one (default: refuse if any has one)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the captions that would be written; write nothing"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: the GPU when there is one)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), help="where the model runs (default: the GPU when there is one)"
+    )
     tagger = p.add_argument_group("tagger options")
-    tagger.add_argument("--threshold", type=float, help="keep general tags at least this likely (default 0.35)")
-    tagger.add_argument("--character-threshold", type=float, help="the same for character tags (default: --threshold)")
-    tagger.add_argument("--exclude-tags", metavar="TAGS", help="comma-separated tags never to write (with or without underscores)")
-    tagger.add_argument("--keep-rating", action="store_true", help="write the most likely rating tag first (left out by default)")
+    tagger.add_argument(
+        "--threshold", type=float, help="keep general tags at least this likely (default 0.35)"
+    )
+    tagger.add_argument(
+        "--character-threshold", type=float, help="the same for character tags (default: --threshold)"
+    )
+    tagger.add_argument(
+        "--exclude-tags",
+        metavar="TAGS",
+        help="comma-separated tags never to write (with or without underscores)",
+    )
+    tagger.add_argument(
+        "--keep-rating",
+        action="store_true",
+        help="write the most likely rating tag first (left out by default)",
+    )
     tagger.add_argument("--rgb", action="store_true", help="the tagger takes RGB (the WD14 models take BGR)")
     vlm = p.add_argument_group("vision-language model options")
-    vlm.add_argument("--prompt", help="the instruction (chat models) or caption prefix/task token (BLIP, Florence-2)")
+    vlm.add_argument(
+        "--prompt", help="the instruction (chat models) or caption prefix/task token (BLIP, Florence-2)"
+    )
     vlm.add_argument("--max-length", type=int, help="at most this many new tokens per caption (default 77)")
     p.set_defaults(func=run)
 
@@ -57,10 +87,14 @@ def run(args) -> int:
     from loradrop.engine.caption import Existing, Outcome, TaggerSpec, VlmSpec, caption_folder, detect_kind
     from loradrop.progress import ProgressLine
 
-    spec = _spec(args, {"tagger": TaggerSpec, "vlm": VlmSpec}[args.kind] if args.kind else detect_kind(args.model))
+    spec = _spec(
+        args, {"tagger": TaggerSpec, "vlm": VlmSpec}[args.kind] if args.kind else detect_kind(args.model)
+    )
     if not isinstance(spec, TaggerSpec) and not args.verbose:
         _quiet_transformers()
-    existing = Existing.OVERWRITE if args.overwrite else Existing.KEEP if args.missing_only else Existing.REFUSE
+    existing = (
+        Existing.OVERWRITE if args.overwrite else Existing.KEEP if args.missing_only else Existing.REFUSE
+    )
     bar = ProgressLine()
     try:
         result = caption_folder(
@@ -92,13 +126,19 @@ def _spec(args, kind):
     given = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name) not in (None, False)]
     if given:
         what = "a tagger" if kind is TaggerSpec else "a vision-language model"
-        raise UserError(f"{', '.join(given)} do not apply to {args.model}, which is {what}; leave them out (or pass --kind).")
+        raise UserError(
+            f"{', '.join(given)} do not apply to {args.model}, which is {what}; leave them out (or pass --kind)."
+        )
     common = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
     if kind is VlmSpec:
-        return VlmSpec(prompt=args.prompt, **({"max_length": args.max_length} if args.max_length else {}), **common)
+        return VlmSpec(
+            prompt=args.prompt, **({"max_length": args.max_length} if args.max_length else {}), **common
+        )
     thresholds = [t for t in (args.threshold, args.character_threshold) if t is not None]
     if any(not 0 <= t <= 1 for t in thresholds):
-        raise UserError(f"--threshold and --character-threshold are probabilities; give values from 0 to 1, not {thresholds}.")
+        raise UserError(
+            f"--threshold and --character-threshold are probabilities; give values from 0 to 1, not {thresholds}."
+        )
     exclude = tuple(t.strip() for t in (args.exclude_tags or "").split(",") if t.strip())
     return TaggerSpec(
         **({"threshold": args.threshold} if args.threshold is not None else {}),

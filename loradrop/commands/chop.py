@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("lora", metavar="LORA", help="the LoRA/LoCon file (the guide chops the resized one)")
     p.add_argument("vector", metavar="VECTOR", help="entry 0, then one weight per block (see below)")
-    p.add_argument("-o", "--out", metavar="OUT", help="output file (default: <stem>-chop.safetensors beside LORA)")
+    p.add_argument(
+        "-o", "--out", metavar="OUT", help="output file (default: <stem>-chop.safetensors beside LORA)"
+    )
     p.set_defaults(func=run)
 
 
@@ -47,10 +49,14 @@ def run(args) -> int:
     for line in result.lines():
         print(line)
     kept_unet = sum(len(b.keys) for b in result.layout.blocks) - result.removed
-    print(f"Keeping {kept_unet} keys from the UNet, {len(result.layout.passthrough)} passing through (text encoders)")
+    print(
+        f"Keeping {kept_unet} keys from the UNet, {len(result.layout.passthrough)} passing through (text encoders)"
+    )
     g = result.vector[0]
     if g != 1:
-        print(f"Note: entry 0 is {format_weight(g)}: {ENTRY0_CHOP}, so every block was multiplied by it; "
-              f"{ENTRY0_LOADER}, so the loader would show this vector differently.")
+        print(
+            f"Note: entry 0 is {format_weight(g)}: {ENTRY0_CHOP}, so every block was multiplied by it; "
+            f"{ENTRY0_LOADER}, so the loader would show this vector differently."
+        )
     print(f"wrote {result.path}")
     return 0

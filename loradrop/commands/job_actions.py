@@ -6,11 +6,25 @@ import functools
 
 # (command, client method, --help line, description)
 ACTIONS = [
-    ("cancel", "cancel", "cancel a job", "Cancel a queued job, or stop a running one at its next step boundary."),
-    ("retry", "retry", "queue a failed or cancelled job again", "Queue a failed or cancelled job again; it continues from its last full checkpoint."),
-    ("accept", "accept_captions", "accept the captions of a job waiting for review",
-     "Accept the captions the daemon wrote for a job whose loradrop.toml says `review = true`; the job is queued "
-     "and trains on the dataset's caption files as they are now (edit them first if need be)."),
+    (
+        "cancel",
+        "cancel",
+        "cancel a job",
+        "Cancel a queued job, or stop a running one at its next step boundary.",
+    ),
+    (
+        "retry",
+        "retry",
+        "queue a failed or cancelled job again",
+        "Queue a failed or cancelled job again; it continues from its last full checkpoint.",
+    ),
+    (
+        "accept",
+        "accept_captions",
+        "accept the captions of a job waiting for review",
+        "Accept the captions the daemon wrote for a job whose loradrop.toml says `review = true`; the job is queued "
+        "and trains on the dataset's caption files as they are now (edit them first if need be).",
+    ),
 ]
 
 

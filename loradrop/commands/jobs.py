@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 # The API's job states, named here so `--help` imports nothing (tests/daemon/test_cli.py checks them).
 STATE_NAMES = ("queued", "running", "done", "failed", "cancelled", "review")
 
@@ -10,8 +9,14 @@ STATE_NAMES = ("queued", "running", "done", "failed", "cancelled", "review")
 def add_parser(sub) -> None:
     from loradrop.proto.connect import add_arguments
 
-    p = sub.add_parser("jobs", help="list the daemon's jobs", description="List the daemon's jobs, oldest first, with their state and progress.")
-    p.add_argument("--state", action="append", choices=STATE_NAMES, help="only jobs in this state (repeatable)")
+    p = sub.add_parser(
+        "jobs",
+        help="list the daemon's jobs",
+        description="List the daemon's jobs, oldest first, with their state and progress.",
+    )
+    p.add_argument(
+        "--state", action="append", choices=STATE_NAMES, help="only jobs in this state (repeatable)"
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 

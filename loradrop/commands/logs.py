@@ -6,9 +6,18 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     from loradrop.proto.connect import add_arguments
 
-    p = sub.add_parser("logs", help="show a job's log (-f: follow it live)", description="Print a job's events: log lines, stages, progress, samples, artifacts, state changes.")
+    p = sub.add_parser(
+        "logs",
+        help="show a job's log (-f: follow it live)",
+        description="Print a job's events: log lines, stages, progress, samples, artifacts, state changes.",
+    )
     p.add_argument("job", help="the job's id or number")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events until the job ends (survives a daemon restart)")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new events until the job ends (survives a daemon restart)",
+    )
     p.add_argument("--since", type=int, default=0, metavar="N", help="start after the job's event number N")
     add_arguments(p)
     p.set_defaults(func=run)
@@ -61,8 +70,9 @@ def event_line(event) -> str:
         p = event.preview
         text = f"preview {p.request_id}: image {p.image}/{p.images}, step {p.step}/{p.steps}"
     elif body == "state":
-        text = f"job {state_name(event.state.state)}" + (f": {event.state.error}" if event.state.error else "")
+        text = f"job {state_name(event.state.state)}" + (
+            f": {event.state.error}" if event.state.error else ""
+        )
     else:
         text = f"{event.kind}: {event.other_json}"
     return f"{stamp} [{event.seq}] {text}"
-

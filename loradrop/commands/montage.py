@@ -19,10 +19,27 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("job", help="the job's id or number")
-    p.add_argument("-o", "--output", metavar="FILE", help="output file: .webp, .gif, .png (animated) or .mp4 (default: JOB-montage.webp)")
-    p.add_argument("--prompt", type=int, default=0, metavar="N", help="which sample prompt, by its index (0: the first; default: 0)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="output file: .webp, .gif, .png (animated) or .mp4 (default: JOB-montage.webp)",
+    )
+    p.add_argument(
+        "--prompt",
+        type=int,
+        default=0,
+        metavar="N",
+        help="which sample prompt, by its index (0: the first; default: 0)",
+    )
     p.add_argument("--fps", type=float, default=4.0, metavar="F", help="frames per second (default: 4)")
-    p.add_argument("--size", type=int, default=512, metavar="PX", help="longest side of a frame in pixels, 0 for the samples' own size (default: 512)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=512,
+        metavar="PX",
+        help="longest side of a frame in pixels, 0 for the samples' own size (default: 512)",
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -47,9 +64,13 @@ def run(args) -> int:
         for event in daemon.events(job.id, follow=False):
             index.add(event)
         if not index.prompts:
-            raise UserError(f"job {job.id} has no samples yet; set sample_every_n_steps and a sample-prompts.txt to get them.")
+            raise UserError(
+                f"job {job.id} has no samples yet; set sample_every_n_steps and a sample-prompts.txt to get them."
+            )
         if args.prompt not in index.prompts:
-            raise UserError(f"job {job.id} has no samples of prompt {args.prompt}; its prompts are {', '.join(map(str, index.prompts))}.")
+            raise UserError(
+                f"job {job.id} has no samples of prompt {args.prompt}; its prompts are {', '.join(map(str, index.prompts))}."
+            )
         series = index.series(args.prompt)
         frames = [_frame(daemon.sample(s.path, max_size=args.size).png, f"step {s.step}") for s in series]
     write_animation(frames, output, args.fps)
@@ -68,7 +89,9 @@ def _frame(png: bytes, caption: str):
     frame = Image.new("RGB", (image.width, image.height + bar), (0, 0, 0))
     frame.paste(image, (0, 0))
     font = ImageFont.load_default(size=int(bar * 0.75))
-    ImageDraw.Draw(frame).text((4, image.height + bar // 2), caption, fill=(255, 255, 255), font=font, anchor="lm")
+    ImageDraw.Draw(frame).text(
+        (4, image.height + bar // 2), caption, fill=(255, 255, 255), font=font, anchor="lm"
+    )
     return frame
 
 
@@ -85,7 +108,15 @@ def write_animation(frames: list, output, fps: float) -> None:
         _write_mp4(frames, output, fps)
         return
     with atomic_path(output) as tmp:
-        frames[0].save(tmp, format=fmt, save_all=True, append_images=frames[1:], duration=durations, loop=0, **({"quality": 90} if fmt == "WEBP" else {}))
+        frames[0].save(
+            tmp,
+            format=fmt,
+            save_all=True,
+            append_images=frames[1:],
+            duration=durations,
+            loop=0,
+            **({"quality": 90} if fmt == "WEBP" else {}),
+        )
 
 
 def _write_mp4(frames: list, output, fps: float) -> None:
@@ -99,14 +130,37 @@ def _write_mp4(frames: list, output, fps: float) -> None:
 
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise UserError(f"writing {output} needs ffmpeg, which is not installed; install it, or name a .webp or .gif file instead.")
+        raise UserError(
+            f"writing {output} needs ffmpeg, which is not installed; install it, or name a .webp or .gif file instead."
+        )
     frames = frames + [frames[-1]] * (HOLD_LAST - 1)
     with tempfile.TemporaryDirectory() as folder, atomic_path(output) as tmp:
         for i, frame in enumerate(frames):
             frame.save(Path(folder) / f"{i:05d}.png")
-        command = [ffmpeg, "-y", "-loglevel", "error", "-framerate", f"{fps:g}", "-i", str(Path(folder) / "%05d.png")]
+        command = [
+            ffmpeg,
+            "-y",
+            "-loglevel",
+            "error",
+            "-framerate",
+            f"{fps:g}",
+            "-i",
+            str(Path(folder) / "%05d.png"),
+        ]
         # yuv420p (what every player takes) needs even sides
-        command += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-f", "mp4", str(tmp)]
+        command += [
+            "-vf",
+            "pad=ceil(iw/2)*2:ceil(ih/2)*2",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:v",
+            "libx264",
+            "-f",
+            "mp4",
+            str(tmp),
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise UserError(f"ffmpeg could not write {output}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            raise UserError(
+                f"ffmpeg could not write {output}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+            )

@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
         ),
     )
     add_recipe_options(show)
-    show.add_argument("--diff", action="store_true", help="print only the settings that differ from the seed's defaults")
+    show.add_argument(
+        "--diff", action="store_true", help="print only the settings that differ from the seed's defaults"
+    )
 
     convert = actions.add_parser(
         "from-kohya",
@@ -50,14 +52,16 @@ def add_parser(sub) -> None:
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
     """--recipe and --set, for every command that resolves a recipe (see resolve_recipe)."""
-    p.add_argument("--recipe", metavar="FILE.toml", help="start from this recipe file instead of the seed's defaults")
+    p.add_argument(
+        "--recipe", metavar="FILE.toml", help="start from this recipe file instead of the seed's defaults"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one setting (repeatable); VALUE is read as TOML: 40, 3e-4, true, \"text\", {num_cycles=0.5}",
+        help='override one setting (repeatable); VALUE is read as TOML: 40, 3e-4, true, "text", {num_cycles=0.5}',
     )
 
 
@@ -84,7 +88,11 @@ def _show(args) -> int:
     header = [f"# loradrop recipe: {', then '.join(layers)}"]
     if args.diff:
         changed = recipe.diff()
-        header.append("# only the settings that differ from the seed's defaults" if changed else "# the same as the seed's defaults")
+        header.append(
+            "# only the settings that differ from the seed's defaults"
+            if changed
+            else "# the same as the seed's defaults"
+        )
         body = tomli_w.dumps(changed)
     else:
         body = recipe.to_toml()
@@ -118,7 +126,10 @@ def _from_kohya(args) -> int:
     if result.paths:
         _tell("not part of a recipe:", result.paths)
     if result.unsupported:
-        _tell(f"warning: {len(result.unsupported)} flag(s) not supported, left out of the recipe (the seed's values stand):", result.unsupported)
+        _tell(
+            f"warning: {len(result.unsupported)} flag(s) not supported, left out of the recipe (the seed's values stand):",
+            result.unsupported,
+        )
     if args.output:
         _tell(f"wrote {args.output}")
     return 0

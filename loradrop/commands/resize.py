@@ -41,10 +41,24 @@ def add_parser(sub) -> None:
     )
     p.add_argument("base", metavar="BASE", help="the SDXL checkpoint the LoRA was trained on (.safetensors)")
     p.add_argument("lora", metavar="LORA", help="the LoRA/LoCon file to shrink")
-    p.add_argument("-r", "--recipe", help="score recipe (default: the guide's fro_ckpt=1,thr=-3.55; see below)")
-    p.add_argument("-o", "--out-dir", metavar="OUTDIR", help="folder for the result (default: beside the LoRA)")
-    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the written tensors (default fp16)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to compute (default: cuda if available, else cpu)")
+    p.add_argument(
+        "-r", "--recipe", help="score recipe (default: the guide's fro_ckpt=1,thr=-3.55; see below)"
+    )
+    p.add_argument(
+        "-o", "--out-dir", metavar="OUTDIR", help="folder for the result (default: beside the LoRA)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp16", "fp32"),
+        default="fp16",
+        help="dtype of the written tensors (default fp16)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where to compute (default: cuda if available, else cpu)",
+    )
     p.set_defaults(func=run)
 
 
@@ -55,7 +69,9 @@ def run(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     recipe = args.recipe or DEFAULT_RECIPE
-    report = resize(args.base, args.lora, recipe, args.out_dir, args.dtype, device, progress=_Bar("resize").update)
+    report = resize(
+        args.base, args.lora, recipe, args.out_dir, args.dtype, device, progress=_Bar("resize").update
+    )
     for line in report.lines():
         print(line)
     return 0
@@ -76,7 +92,9 @@ class _Bar:
         self.shown = now
         width = 30
         filled = width * done // max(total, 1)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} modules {now - self.start:5.1f}s")
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} modules {now - self.start:5.1f}s"
+        )
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()

@@ -6,7 +6,11 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     from loradrop.proto.connect import add_arguments
 
-    p = sub.add_parser("status", help="show the daemon's state", description="Show the daemon's home, inbox, workers and queue.")
+    p = sub.add_parser(
+        "status",
+        help="show the daemon's state",
+        description="Show the daemon's home, inbox, workers and queue.",
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 

@@ -30,8 +30,14 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("dataset", metavar="DATASET", type=Path, help="folder of images and .txt captions")
-    p.add_argument("-o", "--out", metavar="OUTDIR", type=Path, required=True, help="where LoRAs, samples and logs go")
-    p.add_argument("--model", metavar="CKPT", help="SDXL base: single-file .safetensors or a diffusers folder (default: the tiny twin)")
+    p.add_argument(
+        "-o", "--out", metavar="OUTDIR", type=Path, required=True, help="where LoRAs, samples and logs go"
+    )
+    p.add_argument(
+        "--model",
+        metavar="CKPT",
+        help="SDXL base: single-file .safetensors or a diffusers folder (default: the tiny twin)",
+    )
     add_recipe_options(p)
     p.add_argument("--resume", action="store_true", help="continue from the last training state in OUTDIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
@@ -55,12 +61,12 @@ def run(args) -> int:
 
     import torch
 
+    from loradrop.engine.data.latents import default_cache_dir
+    from loradrop.engine.events import Artifact, Log, Progress, Sample
     from loradrop.engine.models.hashes import model_hashes
     from loradrop.engine.models.sdxl import load_sdxl
     from loradrop.engine.models.tiny import default_model_path
     from loradrop.engine.train.distributed import init_from_env, pick_device
-    from loradrop.engine.data.latents import default_cache_dir
-    from loradrop.engine.events import Artifact, Log, Progress, Sample
     from loradrop.engine.train.loop import train
     from loradrop.engine.train.precision import Precision
 
@@ -76,7 +82,13 @@ def run(args) -> int:
         if bar is None:
             return
         if isinstance(event, Progress):
-            figures = describe_progress(loss=event.loss, avg_loss=event.avg_loss, lr_unet=event.lr_unet, rate=event.rate, eta_s=event.eta_s)
+            figures = describe_progress(
+                loss=event.loss,
+                avg_loss=event.avg_loss,
+                lr_unet=event.lr_unet,
+                rate=event.rate,
+                eta_s=event.eta_s,
+            )
             bar.update("step" if event.stage == "train" else event.stage, event.done, event.total, figures)
         elif isinstance(event, Log):
             bar.message(("warning: " if event.level == "warning" else "") + event.text)
@@ -92,7 +104,11 @@ def run(args) -> int:
             emit(Log(warning, "warning"))
     if bar:
         bar.message(f"loading {model_path}")
-    model = load_sdxl(model_path, dtype=precision.weights, vae_dtype=torch.float32 if recipe.no_half_vae else precision.weights)
+    model = load_sdxl(
+        model_path,
+        dtype=precision.weights,
+        vae_dtype=torch.float32 if recipe.no_half_vae else precision.weights,
+    )
     for part in ("unet", "te1", "te2", "vae"):
         model.component(part).to(device)
     cache_dir = args.cache_dir or default_cache_dir()

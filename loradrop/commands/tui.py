@@ -35,8 +35,12 @@ def run(args) -> int:
     from loradrop.tui.images import choose_pictures
 
     # Textual draws in the colours Rich finds here (TEXTUAL_COLOR_SYSTEM overrides them, as in Textual).
-    colours = Console(color_system=os.environ.get("TEXTUAL_COLOR_SYSTEM", "auto"), force_terminal=True).color_system
-    pictures = choose_pictures(args.image_protocol, colours, os.environ.get("TERM", ""))  # asks the terminal now, before Textual owns it
+    colours = Console(
+        color_system=os.environ.get("TEXTUAL_COLOR_SYSTEM", "auto"), force_terminal=True
+    ).color_system
+    pictures = choose_pictures(
+        args.image_protocol, colours, os.environ.get("TERM", "")
+    )  # asks the terminal now, before Textual owns it
 
     from loradrop.tui.app import LoradropApp
     from loradrop.tui.link import Target

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from loradrop.proto.client import ClientError, state_name
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.testing import Daemon, make_dataset, wait_for
@@ -37,7 +38,9 @@ def tagger(root):
 @pytest.fixture(scope="module")
 def captioning(root, tagger):
     """A daemon with a captioner and one CPU worker."""
-    d = Daemon(root / "home", "--quiet-seconds", QUIET, "--workers", "1", "--captioner", str(tagger), env=ENV).start()
+    d = Daemon(
+        root / "home", "--quiet-seconds", QUIET, "--workers", "1", "--captioner", str(tagger), env=ENV
+    ).start()
     yield d
     if d.process.poll() is None:
         d.stop()
@@ -64,7 +67,10 @@ def _drop(d: Daemon, folder: Path) -> tuple[Path, pb.Job]:
     target = d.home / "inbox" / folder.name
     shutil.move(folder, target)
     with d.client() as c:
-        job = wait_for(lambda: next((j for j in c.jobs() if j.dataset == str(target)), None), what=f"{folder.name} to become a job")
+        job = wait_for(
+            lambda: next((j for j in c.jobs() if j.dataset == str(target)), None),
+            what=f"{folder.name} to become a job",
+        )
     return target, job
 
 
@@ -91,7 +97,11 @@ def test_a_folder_without_captions_is_captioned_then_trained(captioning):
     events = _events(captioning, job.id)
     stages = [e.stage.stage for e in events if e.kind == "stage"]
     assert stages[:2] == ["caption", "scan"], stages
-    progress = [(e.progress.done, e.progress.total) for e in events if e.kind == "progress" and e.progress.stage == "caption"]
+    progress = [
+        (e.progress.done, e.progress.total)
+        for e in events
+        if e.kind == "progress" and e.progress.stage == "caption"
+    ]
     assert progress and progress[-1] == (2, 2), progress
 
 
@@ -101,7 +111,9 @@ def test_review_holds_the_job_across_a_restart_until_accepted(captioning):
     held = _state(captioning, job.id, (pb.REVIEW, pb.DONE, pb.FAILED))
     assert held.state == pb.REVIEW, f"{state_name(held.state)}: {held.error}"
     assert (folder / "img0.txt").read_text().startswith("1girl")
-    (folder / "img1.txt").write_text("zkw, a person's own caption\n")  # edited during review: kept, not captioned again
+    (folder / "img1.txt").write_text(
+        "zkw, a person's own caption\n"
+    )  # edited during review: kept, not captioned again
 
     captioning.stop()
     captioning.start()
@@ -111,7 +123,10 @@ def test_review_holds_the_job_across_a_restart_until_accepted(captioning):
         assert accepted.state in (pb.QUEUED, pb.RUNNING)
         with pytest.raises(ClientError) as refused:
             c.accept_captions(job.id)  # once is enough
-        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "not waiting for caption review" in str(refused.value)
+        assert (
+            refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            and "not waiting for caption review" in str(refused.value)
+        )
     done = _state(captioning, job.id, (pb.DONE, pb.FAILED, pb.CANCELLED))
     assert done.state == pb.DONE, f"{state_name(done.state)}: {done.error}"
     assert (folder / "img1.txt").read_text() == "zkw, a person's own caption\n"
@@ -124,7 +139,10 @@ def test_without_a_captioner_the_job_fails_naming_the_images_and_the_fix(queue_o
     (folder / "img2.txt").write_text("a photo of zkw thing")
     target, job = _drop(queue_only, folder)
     assert job.state == pb.FAILED
-    assert f"4 of 5 images in {target} have no .txt caption (img0.png, img1.png, img3.png and 1 more)" in job.error, job.error
+    assert (
+        f"4 of 5 images in {target} have no .txt caption (img0.png, img1.png, img3.png and 1 more)"
+        in job.error
+    ), job.error
     assert "`loradrop caption" in job.error and "--captioner PATH" in job.error and "\n" not in job.error
     for image in target.glob("img*.png"):  # the fix the sentence names, then a retry reads the folder again
         image.with_suffix(".txt").write_text("a photo of zkw thing")
@@ -133,12 +151,22 @@ def test_without_a_captioner_the_job_fails_naming_the_images_and_the_fix(queue_o
 
 
 def test_caption_settings_are_checked_at_intake(queue_only, tagger):
-    _, job = _drop(queue_only, _uncaptioned(queue_only.home.parent, "tomlcap", caption_model="tagger", trigger="zkw"))
-    assert job.state == pb.QUEUED and job.captioner == str(queue_only.home / "models" / "tagger") and job.trigger == "zkw", job.error
+    _, job = _drop(
+        queue_only, _uncaptioned(queue_only.home.parent, "tomlcap", caption_model="tagger", trigger="zkw")
+    )
+    assert (
+        job.state == pb.QUEUED
+        and job.captioner == str(queue_only.home / "models" / "tagger")
+        and job.trigger == "zkw"
+    ), job.error
     for name, settings, words in [
         ("comma", {"trigger": "a, b"}, "trigger 'a, b' must be one word or phrase without commas"),
         ("outside", {"caption_model": str(tagger)}, "is outside the daemon's folders"),
-        ("kind", {"caption_model": "tagger", "caption_kind": "clip"}, 'caption_kind must be "tagger" or "vlm"'),
+        (
+            "kind",
+            {"caption_model": "tagger", "caption_kind": "clip"},
+            'caption_kind must be "tagger" or "vlm"',
+        ),
         ("review", {"review": "yes"}, "review must be true or false"),
         ("not-a-model", {"caption_model": "."}, "holds no model.onnx (a WD14 tagger) or config.json"),
         ("not-a-vlm", {"caption_model": "tagger", "caption_kind": "vlm"}, "holds no config.json"),
@@ -152,9 +180,16 @@ def test_captions_are_listed_and_edited_through_the_api(queue_only):
     assert job.state == pb.QUEUED, job.error
     with queue_only.client() as c:
         listed = c.captions(job.id)
-        assert [(Path(x.image).name, x.exists, x.text) for x in listed] == [("img0.png", False, ""), ("img1.png", False, "")]
+        assert [(Path(x.image).name, x.exists, x.text) for x in listed] == [
+            ("img0.png", False, ""),
+            ("img1.png", False, ""),
+        ]
         saved = c.set_caption(job.id, "img0.png", "  zkw, a thing  ")
-        assert saved.exists and saved.text == "zkw, a thing" and (folder / "img0.txt").read_text() == "zkw, a thing\n"
+        assert (
+            saved.exists
+            and saved.text == "zkw, a thing"
+            and (folder / "img0.txt").read_text() == "zkw, a thing\n"
+        )
         c.set_caption(job.id, str(folder / "img1.png"), "zkw")
         assert [x.text for x in c.captions(job.id)] == ["zkw, a thing", "zkw"]
         for image, text, code in [
@@ -166,21 +201,30 @@ def test_captions_are_listed_and_edited_through_the_api(queue_only):
             with pytest.raises(ClientError) as refused:
                 c.set_caption(job.id, image, text)
             assert refused.value.code == code, (image, refused.value)
-        assert (folder / "img0.txt").read_text() == "zkw, a thing\n" and not (folder / "loradrop.txt").exists()
+        assert (folder / "img0.txt").read_text() == "zkw, a thing\n" and not (
+            folder / "loradrop.txt"
+        ).exists()
 
 
 def test_a_captioner_that_is_no_model_stops_the_daemon_at_its_start(root):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "loradrop", "daemon", "--home", str(root / "never"), "--captioner", str(root)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "loradrop", "daemon", "--home", str(root / "never"), "--captioner", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode != 0 and f"--captioner {root} holds no model.onnx" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
 
 
 def test_a_job_in_review_is_cancelled_by_a_cancel_or_by_removing_its_folder(captioning):
-    jobs = [_drop(captioning, _uncaptioned(captioning.home.parent, f"dropped-{how}", review=True)) for how in ("cancel", "rmtree")]
+    jobs = [
+        _drop(captioning, _uncaptioned(captioning.home.parent, f"dropped-{how}", review=True))
+        for how in ("cancel", "rmtree")
+    ]
     for _, job in jobs:
         assert _state(captioning, job.id, (pb.REVIEW, pb.DONE, pb.FAILED)).state == pb.REVIEW
     (_, by_call), (folder, by_removal) = jobs

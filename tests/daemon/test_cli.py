@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+
 from loradrop.testing import make_dataset
 
 pytestmark = pytest.mark.timeout(120)
@@ -15,14 +16,22 @@ pytestmark = pytest.mark.timeout(120)
 
 def loradrop(*args: str, connect: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     where = ["--connect", connect] if connect else []
-    return subprocess.run([sys.executable, "-m", "loradrop", *args, *where], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "loradrop", *args, *where],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_client_commands_drive_the_queue(home, daemons, tmp_path):
     d = daemons(home, "--workers", "0", "--quiet-seconds", "60")
     source = make_dataset(tmp_path / "cats")
 
-    submitted = loradrop("submit", str(source), "--set", "max_train_steps=3", "--name", "tabby", connect=d.connect)
+    submitted = loradrop(
+        "submit", str(source), "--set", "max_train_steps=3", "--name", "tabby", connect=d.connect
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     assert job_id == "0001-tabby" and (home / "inbox" / "cats").is_dir()
@@ -99,7 +108,7 @@ def test_no_daemon_is_one_sentence_naming_the_socket_and_the_fix(tmp_path):
     forwarded = loradrop("status", connect=f"unix:{tmp_path / 'gpu-box.sock'}")
     assert "is the daemon, or the ssh tunnel to it, running?" in forwarded.stderr
     default = loradrop("jobs", env={"LORADROP_HOME": str(tmp_path / "mine")})
-    assert f"start one with `loradrop daemon`," in default.stderr  # its own default home: no --home to add
+    assert "start one with `loradrop daemon`," in default.stderr  # its own default home: no --home to add
 
 
 def test_jobs_knows_the_apis_states():

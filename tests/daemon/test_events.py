@@ -8,13 +8,13 @@ import time
 
 import grpc
 import pytest
-from loradrop.testing import make_dataset, wait_for
 
 from loradrop.daemon.events import EventLog
-from loradrop.engine.events import Log, Progress, StateChange
 from loradrop.daemon.records import DONE, QUEUED, RUNNING
 from loradrop.daemon.store import Store
+from loradrop.engine.events import Log, Progress, StateChange
 from loradrop.proto.client import ClientError
+from loradrop.testing import make_dataset, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,7 +24,15 @@ def _log(tmp_path, window: int) -> EventLog:
 
 
 def _job(events: EventLog, name: str) -> str:
-    return events.add_job(name=name, source="submit", dataset=f"/x/{name}", inbox_key=None, model=None, block_vector=None, recipe={}).id
+    return events.add_job(
+        name=name,
+        source="submit",
+        dataset=f"/x/{name}",
+        inbox_key=None,
+        model=None,
+        block_vector=None,
+        recipe={},
+    ).id
 
 
 def test_streams_read_in_order_from_memory_and_from_sqlite(tmp_path):
@@ -166,8 +174,6 @@ def test_a_client_reconnecting_with_since_misses_none_even_across_a_restart(home
     follower.join(60)
     follower_client.close()
     assert got == [5, 6, 7, 8, 9, 10]
-
-
 
 
 def test_a_stream_can_ask_for_some_kinds_only(home, daemons, tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import shutil
 import time
+import tomllib
 
 import pytest
-import tomllib
-from loradrop.testing import make_dataset, wait_for
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.testing import make_dataset, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 QUIET = 0.8
@@ -19,7 +19,10 @@ VECTOR = "1,0,1" + ",0" * 18
 
 def test_a_dropped_folder_becomes_a_job_with_its_settings_frozen(home, daemons, tmp_path):
     d = daemons(home, "--workers", "0", "--quiet-seconds", str(QUIET))
-    folder = make_dataset(tmp_path / "cats", settings={"name": "kitty", "block_vector": VECTOR, "max_train_steps": 7, "unet_lr": 1e-4})
+    folder = make_dataset(
+        tmp_path / "cats",
+        settings={"name": "kitty", "block_vector": VECTOR, "max_train_steps": 7, "unet_lr": 1e-4},
+    )
     shutil.move(folder, home / "inbox" / "cats")
     with d.client() as c:
         (job,) = wait_for(c.jobs, what="the job")
@@ -28,7 +31,9 @@ def test_a_dropped_folder_becomes_a_job_with_its_settings_frozen(home, daemons, 
         assert job.block_vector == VECTOR
         assert job.dataset == str(home / "inbox" / "cats")
         recipe = tomllib.loads(job.recipe_toml)
-        assert recipe["max_train_steps"] == 7 and recipe["unet_lr"] == 1e-4 and recipe["output_name"] == "kitty"
+        assert (
+            recipe["max_train_steps"] == 7 and recipe["unet_lr"] == 1e-4 and recipe["output_name"] == "kitty"
+        )
         assert recipe["network_dim"] == 8  # untouched keys keep the seed's defaults
         # frozen: editing the folder's file later changes nothing
         (home / "inbox" / "cats" / "loradrop.toml").write_text("max_train_steps = 99\n")

@@ -49,7 +49,18 @@ def test_every_record_has_its_api_message(record):
 
 def test_the_api_message_carries_the_fields():
     progress = event_message(Event(1, "j", 1, 0.0, ONE_OF_EACH[2])).progress
-    assert (progress.stage, progress.done, progress.total, progress.loss, progress.avg_loss) == ("train", 3, 80, 0.12, 0.15)
+    assert (progress.stage, progress.done, progress.total, progress.loss, progress.avg_loss) == (
+        "train",
+        3,
+        80,
+        0.12,
+        0.15,
+    )
     assert not progress.HasField("lr_te")  # None stays unset, never 0
     artifact = event_message(Event(1, "j", 1, 0.0, ev.Artifact("/p", "recipe", 9))).artifact
-    assert (artifact.path, artifact.kind, artifact.bytes, artifact.HasField("step")) == ("/p", "recipe", 9, False)
+    assert (artifact.path, artifact.kind, artifact.bytes, artifact.HasField("step")) == (
+        "/p",
+        "recipe",
+        9,
+        False,
+    )

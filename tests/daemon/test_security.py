@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loradrop.proto.client import ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
-
 from loradrop.testing import free_port, make_dataset, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,7 +31,12 @@ def test_home_is_private_and_socket_is_0600(home, daemons):
 
 def test_a_second_daemon_on_the_same_home_refuses_to_start(home, daemons):
     daemons(home, "--workers", "0")
-    second = subprocess.run([sys.executable, "-m", "loradrop", "daemon", "--home", str(home), "--workers", "0"], capture_output=True, text=True, timeout=30)
+    second = subprocess.run(
+        [sys.executable, "-m", "loradrop", "daemon", "--home", str(home), "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert second.returncode == 2
     assert "another daemon is already running" in second.stderr
 
@@ -47,14 +51,27 @@ def test_a_second_daemon_on_the_same_home_refuses_to_start(home, daemons):
 )
 def test_tcp_without_tls_and_token_refuses_to_start(home, args, message):
     args = [a.format(port=free_port()) for a in args]
-    result = subprocess.run([sys.executable, "-m", "loradrop", "daemon", "--home", str(home), "--workers", "0", *args], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "loradrop", "daemon", "--home", str(home), "--workers", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
 
 
 def test_insecure_loopback_serves_plain_tcp(home, daemons):
     port = free_port()
-    d = daemons(home, "--workers", "0", "--listen", f"127.0.0.1:{port}", "--insecure-loopback", connect=f"127.0.0.1:{port}")
+    d = daemons(
+        home,
+        "--workers",
+        "0",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--insecure-loopback",
+        connect=f"127.0.0.1:{port}",
+    )
     with d.client() as c:
         assert c.status().inbox == str(home / "inbox")
 
@@ -62,8 +79,21 @@ def test_insecure_loopback_serves_plain_tcp(home, daemons):
 def test_tcp_with_tls_checks_the_token_on_every_call(home, daemons, tls):
     cert, key, token = tls
     port = free_port()
-    d = daemons(home, "--workers", "0", "--listen", f"localhost:{port}", "--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(token),
-                connect=f"localhost:{port}", client_args={"tls_ca": cert, "token_file": token})
+    d = daemons(
+        home,
+        "--workers",
+        "0",
+        "--listen",
+        f"localhost:{port}",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--token-file",
+        str(token),
+        connect=f"localhost:{port}",
+        client_args={"tls_ca": cert, "token_file": token},
+    )
     with d.client() as c:
         assert c.status().pid == d.pid
     for wrong in (None, "wrong-token-" + "y" * 20):
@@ -82,7 +112,9 @@ def test_tcp_with_tls_checks_the_token_on_every_call(home, daemons, tls):
             stub.Check(health_pb2.HealthCheckRequest(service="loradrop.v1.Loradrop"), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         auth = (("authorization", f"Bearer {token.read_text().strip()}"),)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service="loradrop.v1.Loradrop"), metadata=auth, timeout=10)
+        reply = stub.Check(
+            health_pb2.HealthCheckRequest(service="loradrop.v1.Loradrop"), metadata=auth, timeout=10
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -92,7 +124,9 @@ def test_reflection_lists_the_api(home, daemons):
     daemons(home, "--workers", "0")
     with grpc.insecure_channel(f"unix:{home / 'daemon.sock'}") as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        replies = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         services = {s.name for r in replies for s in r.list_services_response.service}
     assert {"loradrop.v1.Loradrop", "grpc.health.v1.Health"} <= services
 
@@ -149,7 +183,11 @@ def test_malformed_requests_get_invalid_argument_with_a_message(home, daemons):
     make_dataset(home / "inbox" / "cats")
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     with d.client() as c:
-        for overrides, words in ((["max_train_steps"], "is not key=value"), (["max_train_steps=many"], "must be an integer"), (["max_trian_steps=3"], "did you mean")):
+        for overrides, words in (
+            (["max_train_steps"], "is not key=value"),
+            (["max_train_steps=many"], "must be an integer"),
+            (["max_trian_steps=3"], "did you mean"),
+        ):
             with pytest.raises(ClientError) as e:
                 c.submit("cats", overrides=overrides)
             assert e.value.code == invalid and words in str(e.value)
@@ -177,7 +215,13 @@ def test_upload_names_are_sanitised_and_stay_in_the_inbox(home, daemons, tmp_pat
         job = c.upload(source, name="../../evil name\n")
         assert job.name == "evil-name"
         assert job.dataset == str(home / "inbox" / "src")
-        assert sorted(p.name for p in (home / "inbox" / "src").iterdir()) == ["img0.png", "img0.txt", "img1.png", "img1.txt", "loradrop.toml"]
+        assert sorted(p.name for p in (home / "inbox" / "src").iterdir()) == [
+            "img0.png",
+            "img0.txt",
+            "img1.png",
+            "img1.txt",
+            "loradrop.toml",
+        ]
         again = c.upload(source)
         assert again.dataset == str(home / "inbox" / "src-2")
 
@@ -203,9 +247,33 @@ def test_a_tar_with_paths_out_of_the_folder_is_refused(home, daemons, tmp_path):
 
 def test_a_taken_port_is_one_clear_sentence(home, daemons, tmp_path):
     port = free_port()
-    daemons(home, "--workers", "0", "--listen", f"127.0.0.1:{port}", "--insecure-loopback", connect=f"127.0.0.1:{port}")
-    other = subprocess.run([sys.executable, "-m", "loradrop", "daemon", "--home", str(tmp_path / "other"), "--workers", "0",
-                            "--listen", f"127.0.0.1:{port}", "--insecure-loopback"], capture_output=True, text=True, timeout=30)
+    daemons(
+        home,
+        "--workers",
+        "0",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--insecure-loopback",
+        connect=f"127.0.0.1:{port}",
+    )
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loradrop",
+            "daemon",
+            "--home",
+            str(tmp_path / "other"),
+            "--workers",
+            "0",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--insecure-loopback",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert other.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in other.stderr and "Traceback" not in other.stderr
 
@@ -224,6 +292,14 @@ def test_a_link_added_after_queueing_is_refused_by_the_worker(home, daemons, tmp
     (folder / "img9.txt").write_text("a caption")
     second = daemons(home, "--quiet-seconds", "60")
     with second.client() as c:
-        done = wait_for(lambda: (j := c.job(job.id)).state in (pb.FAILED, pb.DONE) and j, timeout=90, what="the job to end")
-        assert done.state == pb.FAILED and "symlinks pointing outside the inbox" in done.error and "img9.png" in done.error
+        done = wait_for(
+            lambda: (j := c.job(job.id)).state in (pb.FAILED, pb.DONE) and j,
+            timeout=90,
+            what="the job to end",
+        )
+        assert (
+            done.state == pb.FAILED
+            and "symlinks pointing outside the inbox" in done.error
+            and "img9.png" in done.error
+        )
         assert not any((home / "outputs" / job.id).glob("*.safetensors"))

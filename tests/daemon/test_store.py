@@ -9,7 +9,15 @@ from loradrop.daemon.store import Store
 
 
 def _add(store: Store, name: str) -> str:
-    job, _ = store.add_job(name=name, source="submit", dataset=f"/x/{name}", inbox_key=None, model=None, block_vector=None, recipe={})
+    job, _ = store.add_job(
+        name=name,
+        source="submit",
+        dataset=f"/x/{name}",
+        inbox_key=None,
+        model=None,
+        block_vector=None,
+        recipe={},
+    )
     return job.id
 
 

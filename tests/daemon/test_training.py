@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loradrop.testing import Daemon, make_dataset, pid_alive, wait_for
 from PIL import Image
 
 from loradrop.proto.client import ClientError, state_name
 from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.testing import Daemon, make_dataset, pid_alive, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 QUIET = "0.5"
@@ -35,7 +35,9 @@ def _finished(client, job_id: str, timeout: float = 180) -> pb.Job:
 def _progress_at_least(client, job_id: str, step: int, timeout: float = 120) -> None:
     def reached():
         job = client.job(job_id)
-        assert job.state in (pb.QUEUED, pb.RUNNING), f"job {job_id} ended early: {state_name(job.state)} {job.error}"
+        assert job.state in (pb.QUEUED, pb.RUNNING), (
+            f"job {job_id} ended early: {state_name(job.state)} {job.error}"
+        )
         return job.state == pb.RUNNING and job.progress.stage == "train" and job.progress.done >= step
 
     wait_for(reached, timeout=timeout, interval=0.05, what=f"job {job_id} to train {step} steps")
@@ -51,7 +53,11 @@ def _tensors(path: str) -> dict:
 def _same_weights(a: str, b: str) -> None:
     ta, tb = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys()
-    different = [k for k in ta if not (ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape and bool((ta[k] == tb[k]).all()))]
+    different = [
+        k
+        for k in ta
+        if not (ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape and bool((ta[k] == tb[k]).all()))
+    ]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
@@ -62,7 +68,9 @@ def trainer(tmp_path_factory):
     home = Path(tempfile.mkdtemp(prefix="ld-", dir="/tmp")) / "home"
     hook_out = root / "hook.txt"
     hook = f'printf "%s|%s|%s|%s|%s\\n" "$LORADROP_JOB_ID" "$LORADROP_JOB_STATE" "$LORADROP_JOB_NAME" "$LORADROP_CHOPPED" "$(echo "$LORADROP_ARTIFACTS" | wc -l)" >> {hook_out}'
-    d = Daemon(home, "--quiet-seconds", QUIET, "--workers", "1", "--max-retries", "1", "--on-job-end", hook, env=ENV).start()
+    d = Daemon(
+        home, "--quiet-seconds", QUIET, "--workers", "1", "--max-retries", "1", "--on-job-end", hook, env=ENV
+    ).start()
     d.hook_out, d.root = hook_out, root
     yield d
     if d.process.poll() is None:
@@ -72,7 +80,11 @@ def trainer(tmp_path_factory):
 
 def test_drop_gives_trained_resized_and_chopped_artifacts(trainer):
     d = trainer
-    folder = make_dataset(d.root / "drop", settings={"name": "zkw", "block_vector": VECTOR, "sample_every_n_steps": 4}, prompts=PROMPTS)
+    folder = make_dataset(
+        d.root / "drop",
+        settings={"name": "zkw", "block_vector": VECTOR, "sample_every_n_steps": 4},
+        prompts=PROMPTS,
+    )
     streams: list[list[tuple[int, str]]] = [[] for _ in range(20)]
 
     def watch(out):
@@ -115,7 +127,9 @@ def test_drop_gives_trained_resized_and_chopped_artifacts(trainer):
 
         layout = c.block_layout(job.final)
         assert len(layout.blocks) == 20 and layout.vector.startswith("1,INP01,") and layout.pass_through > 0
-        assert all(b.tensors > 0 for b in layout.blocks) and abs(sum(b.share for b in layout.blocks) - 1) < 1e-6
+        assert (
+            all(b.tensors > 0 for b in layout.blocks) and abs(sum(b.share for b in layout.blocks) - 1) < 1e-6
+        )
         assert "SDXL-LyC-MIDALL" in {p.name for p in layout.presets}
 
         resized = c.resize(job.final)  # the job's resize recipe
@@ -127,12 +141,18 @@ def test_drop_gives_trained_resized_and_chopped_artifacts(trainer):
             c.chop(job.final, "1,1,1")
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "needs 21 entries" in str(e.value)
 
-        previews = c.preview(job.final, vector=VECTOR, prompts=["zkw thing --w 64 --h 64 --s 2"], seed=3, max_size=48)
+        previews = c.preview(
+            job.final, vector=VECTOR, prompts=["zkw thing --w 64 --h 64 --s 2"], seed=3, max_size=48
+        )
         assert previews and all(Path(p.path).is_file() and 0 < p.width <= 48 for p in previews)
 
-    hook_lines = wait_for(lambda: d.hook_out.exists() and d.hook_out.read_text().splitlines(), what="the on-job-end command")
+    hook_lines = wait_for(
+        lambda: d.hook_out.exists() and d.hook_out.read_text().splitlines(), what="the on-job-end command"
+    )
     job_id, state, name, chopped_path, n_artifacts = hook_lines[-1].split("|")
-    assert (job_id, state, name, chopped_path) == (job.id, "done", "zkw", job.chopped) and int(n_artifacts) >= 3
+    assert (job_id, state, name, chopped_path) == (job.id, "done", "zkw", job.chopped) and int(
+        n_artifacts
+    ) >= 3
     maps = Path(f"/proc/{d.pid}/maps").read_text()
     assert "libtorch" not in maps, "the server process loaded torch"
 
@@ -142,7 +162,9 @@ def test_a_kohya_folder_is_taken_and_its_job_log_reports_each_subfolder(trainer)
     folder = d.root / "kohya"
     make_dataset(folder / "5_zkw", images=2)
     make_dataset(folder / "2_other", images=1)
-    (folder / "loradrop.toml").write_text((folder / "5_zkw" / "loradrop.toml").read_text())  # the daemon reads the top's
+    (folder / "loradrop.toml").write_text(
+        (folder / "5_zkw" / "loradrop.toml").read_text()
+    )  # the daemon reads the top's
     (folder / "5_zkw" / "loradrop.toml").unlink()
     (folder / "2_other" / "loradrop.toml").unlink()
     shutil.move(folder, d.home / "inbox" / "kohya")
@@ -151,7 +173,10 @@ def test_a_kohya_folder_is_taken_and_its_job_log_reports_each_subfolder(trainer)
         job = _finished(c, job.id)
         assert job.state == pb.DONE, job.error
         logs = [e.log.text for e in c.events(job.id, follow=False) if e.HasField("log")]
-    assert f"{d.home / 'inbox' / 'kohya'}: 3 images, 12 per epoch, from 2 folders (kohya's N_name layout)" in logs
+    assert (
+        f"{d.home / 'inbox' / 'kohya'}: 3 images, 12 per epoch, from 2 folders (kohya's N_name layout)"
+        in logs
+    )
     assert "  5_zkw/: 2 images x 5 repeats = 10 per epoch, 0 skipped" in logs
 
 
@@ -188,7 +213,14 @@ def test_cancel_save_and_sample_now_reach_the_running_job(trainer):
         job = c.submit("long", name="long")
         _progress_at_least(c, job.id, 1)
         c.save_now(job.id)
-        steps = wait_for(lambda: [e.artifact.path for e in c.events(job.id, follow=False) if e.HasField("artifact") and e.artifact.kind == "step"], what="the saved step")
+        steps = wait_for(
+            lambda: [
+                e.artifact.path
+                for e in c.events(job.id, follow=False)
+                if e.HasField("artifact") and e.artifact.kind == "step"
+            ],
+            what="the saved step",
+        )
         # a preview while the job trains is rendered between two of its steps, on its loaded model
         (image,) = c.preview(steps[0], prompts=["zkw thing --w 64 --h 64 --s 2"], seed=1)
         assert image.width == 64 and Path(image.path).parent == d.home / "outputs" / job.id / "previews"
@@ -224,7 +256,11 @@ def test_sigterm_and_kill_9_during_training_resume_to_the_same_weights(tmp_path)
             _progress_at_least(c, victim.id, 7)
             workers = [w.pid for w in c.status().workers]
         d.kill()  # kill -9: the worker goes with it, nothing is left running
-        wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10, what="the worker to die with the daemon")
+        wait_for(
+            lambda: not any(pid_alive(p) for p in workers),
+            timeout=10,
+            what="the worker to die with the daemon",
+        )
         d.start()
         with d.client() as c:
             done = _finished(c, victim.id)
@@ -235,7 +271,9 @@ def test_sigterm_and_kill_9_during_training_resume_to_the_same_weights(tmp_path)
             # after each interruption, training went on from a checkpoint: never from step 1 again
             restarted, first_steps = False, []
             for e in c.events(victim.id, follow=False):
-                if e.HasField("log") and ("the daemon is stopping" in e.log.text or "stopped while this job ran" in e.log.text):
+                if e.HasField("log") and (
+                    "the daemon is stopping" in e.log.text or "stopped while this job ran" in e.log.text
+                ):
                     restarted = True
                 elif restarted and e.HasField("progress") and e.progress.stage == "train":
                     first_steps.append(e.progress.done)

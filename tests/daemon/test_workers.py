@@ -7,12 +7,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loradrop.testing import dead_pid, make_dataset, pid_alive, wait_for
 
 from loradrop.daemon.supervisor import visible_devices
 from loradrop.daemon.worker_slot import describe_exit
 from loradrop.engine.events import Progress
 from loradrop.proto.client import ClientError
+from loradrop.testing import dead_pid, make_dataset, pid_alive, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,13 +34,17 @@ def test_the_tool_worker_answers_and_dies_with_the_daemon(home, daemons):
         broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
         with pytest.raises(ClientError) as e:
             c.block_layout(str(broken))  # runs in the tool worker, which imports torch
-        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "broken.safetensors" in str(e.value), str(e.value)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "broken.safetensors" in str(e.value), str(
+            e.value
+        )
         workers = _children(d.pid)
         assert workers, "the tool worker should be a child of the daemon"
     assert "libtorch" not in Path(f"/proc/{d.pid}/maps").read_text(), "the server process loaded torch"
     assert any("libtorch" in Path(f"/proc/{p}/maps").read_text() for p in workers if pid_alive(p))
     d.kill()
-    wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10, what="the workers to die with the daemon")
+    wait_for(
+        lambda: not any(pid_alive(p) for p in workers), timeout=10, what="the workers to die with the daemon"
+    )
 
 
 def test_sigterm_stops_the_daemon_and_its_workers_cleanly(home, daemons):
@@ -79,7 +83,11 @@ def test_progress_is_coalesced_but_never_its_first_or_last():
     from loradrop.daemon.worker import ProgressCoalescer
 
     c = ProgressCoalescer(interval=0.05)
-    kept = [p.done for i, p in enumerate(Progress("resize", d, 100) for d in range(1, 101)) if c.keep(p, 1000 + i * 0.001)]
+    kept = [
+        p.done
+        for i, p in enumerate(Progress("resize", d, 100) for d in range(1, 101))
+        if c.keep(p, 1000 + i * 0.001)
+    ]
     assert kept[0] == 1 and kept[-1] == 100 and len(kept) == 3  # t=0, t=0.05, and the last
     assert c.keep(Progress("train", 1, 80), 1000.101)  # a new stage always passes
     assert c.keep(Progress("train", 2, 80), 1000.2)  # slow steps all pass

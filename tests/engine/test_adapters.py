@@ -34,7 +34,7 @@ from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.loop import train
 from loradrop.engine.train.network import LoConNetwork
 from loradrop.errors import UserError
-from loradrop.testing import TINY_RECIPE, make_dataset, diffusers_pipeline
+from loradrop.testing import TINY_RECIPE, diffusers_pipeline, make_dataset
 
 CPU = torch.device("cpu")
 KINDS = {
@@ -87,9 +87,14 @@ def networks(model, tmp_path_factory):
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # the initial ΔW is zero (one factor starts at 0): give every factor a value
             for name, p in net.named_parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (0.05 * p.abs() if name.endswith("dora_scale") else 0.05))
+                p.add_(
+                    torch.randn(p.shape, generator=g)
+                    * (0.05 * p.abs() if name.endswith("dora_scale") else 0.05)
+                )
         path = tmp / f"{kind}.safetensors"
-        save_lora_payload(path, tensorfile.Layout({k: (torch.float32, net.shapes[k]) for k in net.keys}), net.snapshot())
+        save_lora_payload(
+            path, tensorfile.Layout({k: (torch.float32, net.shapes[k]) for k in net.keys}), net.snapshot()
+        )
         out[kind] = (net, path)
     return out
 
@@ -97,7 +102,9 @@ def networks(model, tmp_path_factory):
 def lycoris_change(lora: nn.Module) -> torch.Tensor:
     """What the lycoris module's own forward adds to its layer's weight, as (out × in·kh·kw)."""
     layer = lora.org_module[0]
-    update = (lora.make_weight() * lora.scale if lora.name == "locon" else lora.get_weight(lora.shape)).reshape(layer.weight.shape)
+    update = (
+        lora.make_weight() * lora.scale if lora.name == "locon" else lora.get_weight(lora.shape)
+    ).reshape(layer.weight.shape)
     if not lora.wd:
         return update.flatten(1)
     return (lora.apply_weight_decompose(layer.weight + update) - layer.weight).flatten(1)
@@ -130,12 +137,18 @@ def test_the_network_builds_lycoris_module_of_the_kind_with_the_recipes_dims(kin
     for lora in net.loras.values():
         layer = lora.org_module[0]
         conv = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
-        assert lora.lora_dim == (r.conv_dim if conv else r.network_dim) and float(lora.alpha) in (r.conv_alpha, r.network_alpha, lora.lora_dim)
+        assert lora.lora_dim == (r.conv_dim if conv else r.network_dim) and float(lora.alpha) in (
+            r.conv_alpha,
+            r.network_alpha,
+            lora.lora_dim,
+        )
         assert lora.wd == r.dora_wd and (not lora.wd or lora.wd_on_out == r.wd_on_output)
     if r.algo == "lokr":
         full = [lora.use_w1 and lora.use_w2 for lora in net.loras.values()]
         assert all(full) if r.full_matrix else not all(full)
-        assert any(not lora.use_w1 for lora in net.loras.values()) == r.decompose_both  # lokr_w1_a/b where the split allows it
+        assert (
+            any(not lora.use_w1 for lora in net.loras.values()) == r.decompose_both
+        )  # lokr_w1_a/b where the split allows it
     if r.use_tucker:
         assert any(lora.tucker for lora in net.loras.values())
 
@@ -191,7 +204,10 @@ def test_apply_patches_each_layer_with_its_modules_change(kind, networks, model)
         changes = {name: lycoris_change(lora).reshape(before[name].shape) for name, lora in net.loras.items()}
         with apply_lora(model, path):
             for name, change in changes.items():
-                assert float((targets[name].weight - before[name] - change).abs().max() / change.abs().max()) < 1e-4, name
+                assert (
+                    float((targets[name].weight - before[name] - change).abs().max() / change.abs().max())
+                    < 1e-4
+                ), name
     assert all(torch.equal(targets[name].weight, before[name]) for name in net.loras)
 
 
@@ -236,7 +252,9 @@ def runs(model, tiny_path, tmp_path_factory):
     out = {}
     for kind in TRAINED:
         r = recipe(kind, max_train_steps=2, save_every_n_steps=0, output_name=kind.replace(" ", "-"))
-        trained = train(model, scan(data, r), tmp / "out", r, device=CPU, cache_dir=tmp / "cache", emit=lambda *_: None).final
+        trained = train(
+            model, scan(data, r), tmp / "out", r, device=CPU, cache_dir=tmp / "cache", emit=lambda *_: None
+        ).final
         # Full rank and fp32: the resized LoCon must hold the trained change exactly.
         resized = resize(tiny_path, trained, "fro_ckpt=1,thr=-20", tmp / "resized", dtype="fp32").path
         out[kind] = (trained, resized, chop(resized, EVERY_OTHER, tmp / f"{kind}-chop.safetensors").path)
@@ -252,7 +270,11 @@ def test_training_moves_the_adapters_and_the_metadata_names_the_kind(kind, runs)
     assert max(lf.module(n).norm() for n in lf.names) > 1e-4  # the update left its zero start
     meta = lf.metadata
     args = json.loads(meta["ss_network_args"])
-    assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == r.algo and args["dora_wd"] == str(r.dora_wd)
+    assert (
+        meta["ss_network_module"] == "lycoris.kohya"
+        and args["algo"] == r.algo
+        and args["dora_wd"] == str(r.dora_wd)
+    )
     assert args["full_matrix"] == str(r.full_matrix)
 
 
@@ -261,7 +283,9 @@ def test_resize_writes_the_trained_change_as_a_locon(kind, runs, model):
     trained, resized, _ = runs[kind]
     source, result = read_lora(trained), read_lora(resized)
     targets = lora_targets(model)
-    assert {result.module(n).kind for n in result.names} == {"locon"} and not any(result.module(n).dora_scale is not None for n in result.names)
+    assert {result.module(n).kind for n in result.names} == {"locon"} and not any(
+        result.module(n).dora_scale is not None for n in result.names
+    )
     assert set(result.names) <= set(source.names)
     for name in source.names:
         weight = targets[name].weight
@@ -274,7 +298,9 @@ def test_resize_writes_the_trained_change_as_a_locon(kind, runs, model):
 
 def test_resize_cuts_a_loha_by_the_recipe(runs, tiny_path, tmp_path):
     trained, resized, _ = runs["loha"]
-    target = 0.25 * sum(t.numel() * t.element_size() for t in load_file(str(resized)).values()) / 2**20  # half the fp32 full rank, in fp16
+    target = (
+        0.25 * sum(t.numel() * t.element_size() for t in load_file(str(resized)).values()) / 2**20
+    )  # half the fp32 full rank, in fp16
     cut = resize(tiny_path, trained, f"fro_ckpt=1,size={target:.4f}", tmp_path)
     written = sum(t.numel() * t.element_size() for t in load_file(str(cut.path)).values())
     assert 0.9 < written / (target * 2**20) < 1.01  # the factors fit the target (alphas aside)
@@ -341,7 +367,11 @@ def loaded_changes(pipeline, by_layer) -> dict[str, torch.Tensor]:
             if isinstance(layer, LoraLayer):
                 (adapter,) = layer.lora_A
                 with torch.no_grad():
-                    out[by_layer[id(layer.base_layer)]] = layer.scaling[adapter] * layer.lora_B[adapter].weight.flatten(1) @ layer.lora_A[adapter].weight.flatten(1)
+                    out[by_layer[id(layer.base_layer)]] = (
+                        layer.scaling[adapter]
+                        * layer.lora_B[adapter].weight.flatten(1)
+                        @ layer.lora_A[adapter].weight.flatten(1)
+                    )
     return out
 
 
@@ -399,7 +429,14 @@ def test_resize_refuses_a_dora_module_the_base_lacks(tmp_path, tiny_path):
 
     path = tmp_path / "dora.safetensors"
     name = "lora_unet_not_in_the_base"
-    save_file({f"{name}.lora_down.weight": torch.ones(2, 4), f"{name}.lora_up.weight": torch.ones(4, 2), f"{name}.dora_scale": torch.ones(1, 4)}, str(path))
+    save_file(
+        {
+            f"{name}.lora_down.weight": torch.ones(2, 4),
+            f"{name}.lora_up.weight": torch.ones(4, 2),
+            f"{name}.dora_scale": torch.ones(1, 4),
+        },
+        str(path),
+    )
     with pytest.raises(UserError, match="is a DoRA, whose change depends on the base weight") as e:
         resize(tiny_path, path, "fro_ckpt=1,thr=-3")
     assert "\n" not in str(e.value)
@@ -409,14 +446,25 @@ def test_resize_refuses_a_dora_module_the_base_lacks(tmp_path, tiny_path):
 
 
 def test_kohya_network_args_pick_the_kind():
-    command = ('sdxl_train_network.py --network_module lycoris.kohya --network_dim 16 '
-               '--network_args "algo=lokr" "factor=8" "full_matrix=True" "decompose_both=True" "use_tucker=True" "dora_wd=True"')
+    command = (
+        "sdxl_train_network.py --network_module lycoris.kohya --network_dim 16 "
+        '--network_args "algo=lokr" "factor=8" "full_matrix=True" "decompose_both=True" "use_tucker=True" "dora_wd=True"'
+    )
     result = convert_kohya(command)
     r = result.recipe
-    assert (r.algo, r.factor, r.full_matrix, r.decompose_both, r.use_tucker, r.dora_wd) == ("lokr", 8, True, True, True, True)
+    assert (r.algo, r.factor, r.full_matrix, r.decompose_both, r.use_tucker, r.dora_wd) == (
+        "lokr",
+        8,
+        True,
+        True,
+        True,
+        True,
+    )
     assert r.wd_on_output and not result.unsupported  # LyCORIS' default axis, as the command meant
     assert any("wd_on_output=True" in n for n in result.notes)
-    loha = convert_kohya('sdxl_train_network.py --network_module lycoris.kohya --network_args "algo=loha"').recipe
+    loha = convert_kohya(
+        'sdxl_train_network.py --network_module lycoris.kohya --network_args "algo=loha"'
+    ).recipe
     assert loha.algo == "loha" and not loha.dora_wd and not loha.wd_on_output
 
 
@@ -424,10 +472,10 @@ def test_kohya_network_args_pick_the_kind():
     ("settings", "says"),
     [
         (["use_tucker=true"], "use_tucker=true is not supported for algo locon"),
-        (["algo=\"loha\"", "factor=4"], "factor applies to algo lokr only"),
-        (["algo=\"lokr\"", "factor=0"], "factor must be -1"),
-        (["algo=\"boft\""], "algo 'boft' is not supported; use one of locon, loha, lokr"),
-        (["algo=\"loha\"", "use_scalar=true"], "use_scalar=true is not supported"),
+        (['algo="loha"', "factor=4"], "factor applies to algo lokr only"),
+        (['algo="lokr"', "factor=0"], "factor must be -1"),
+        (['algo="boft"'], "algo 'boft' is not supported; use one of locon, loha, lokr"),
+        (['algo="loha"', "use_scalar=true"], "use_scalar=true is not supported"),
     ],
 )
 def test_recipe_refuses_what_the_kinds_cannot_do(settings, says):

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loradrop.engine.caption import Existing, Outcome, TaggerSpec, VlmSpec, caption_folder, load_captioner, with_trigger
+from loradrop.engine.caption import (
+    Existing,
+    Outcome,
+    TaggerSpec,
+    VlmSpec,
+    caption_folder,
+    load_captioner,
+    with_trigger,
+)
 from loradrop.engine.caption.tiny import TINY_TAGS, make_tiny_tagger, make_tiny_vlm, write_tags_csv
 from loradrop.engine.caption.wd14 import caption_name, preprocess
 from loradrop.errors import UserError
@@ -75,14 +83,23 @@ def test_pads_to_a_white_square_centred():
 
 
 @pytest.mark.parametrize(
-    ("raw", "name"), [("long_hair", "long hair"), ("^_^", "^_^"), ("o_o", "o_o"), ("=_=", "=_="), ("one_(series)", "one (series)")]
+    ("raw", "name"),
+    [
+        ("long_hair", "long hair"),
+        ("^_^", "^_^"),
+        ("o_o", "o_o"),
+        ("=_=", "=_="),
+        ("one_(series)", "one (series)"),
+    ],
 )
 def test_underscores_become_spaces_except_in_kaomoji(raw, name):
     assert caption_name(raw) == name
 
 
 def test_character_threshold_exclusions_rating_and_trigger(tagger, dataset):
-    spec = TaggerSpec(tagger, character_threshold=0.85, exclude_tags=("solo", "white_background"), keep_rating=True)
+    spec = TaggerSpec(
+        tagger, character_threshold=0.85, exclude_tags=("solo", "white_background"), keep_rating=True
+    )
     caption_folder(dataset, spec, trigger="mychar")
     assert captions(dataset)["b.txt"] == "mychar, sensitive, 1girl, ^_^, kagamine rin\n"
 
@@ -103,7 +120,9 @@ def test_a_fixed_batch_model_takes_whole_batches(tmp_path, dataset, batch):
 
 def test_existing_captions_refused_kept_or_overwritten(tagger, dataset):
     (dataset / "a.txt").write_text("old\n")
-    with pytest.raises(UserError, match="1 of 2 images .* already have captions \\(a.txt\\); pass --overwrite") as e:
+    with pytest.raises(
+        UserError, match="1 of 2 images .* already have captions \\(a.txt\\); pass --overwrite"
+    ) as e:
         caption_folder(dataset, TaggerSpec(dataset / "no-such-model"))  # refused before the model loads
     assert sentence(str(e.value))
     result = caption_folder(dataset, TaggerSpec(tagger), existing=Existing.KEEP)
@@ -126,7 +145,9 @@ def test_unreadable_images_fail_alone(tagger, dataset):
     (dataset / "c.png").write_bytes(b"not a png")
     (dataset / "d.jpg").write_bytes(b"")
     seen = []
-    result = caption_folder(dataset, TaggerSpec(tagger, batch_size=3), progress=lambda done, total: seen.append((done, total)))
+    result = caption_folder(
+        dataset, TaggerSpec(tagger, batch_size=3), progress=lambda done, total: seen.append((done, total))
+    )
     assert captions(dataset) == {"a.txt": BLUE + "\n", "b.txt": RED_TALL + "\n"}
     failed = {r.image.name: r.reason for r in result.failed}
     assert set(failed) == {"c.png", "d.jpg"}
@@ -151,7 +172,12 @@ class _RefusesTallImages:
     an aspect ratio it refuses; no tiny model here fails on a readable image by itself."""
 
     def __init__(self, inner):
-        self.inner, self.batch_size, self.description, self.empty_hint = inner, 4, inner.description, inner.empty_hint
+        self.inner, self.batch_size, self.description, self.empty_hint = (
+            inner,
+            4,
+            inner.description,
+            inner.empty_hint,
+        )
 
     def caption(self, images):
         if any(im.height > im.width for im in images):
@@ -162,14 +188,17 @@ class _RefusesTallImages:
 def test_an_image_the_captioner_fails_on_fails_alone(tagger, dataset):
     result = caption_folder(dataset, _RefusesTallImages(load_captioner(TaggerSpec(tagger))))
     assert captions(dataset) == {"a.txt": BLUE + "\n"}
-    assert [r.reason for r in result.failed] == ["b.png could not be captioned (absolute aspect ratio must be smaller than 1)."]
+    assert [r.reason for r in result.failed] == [
+        "b.png could not be captioned (absolute aspect ratio must be smaller than 1)."
+    ]
 
 
 def test_no_tag_above_the_threshold_is_a_failure(tagger, dataset):
     result = caption_folder(dataset, TaggerSpec(tagger, threshold=0.99))
     assert captions(dataset) == {}
     assert [r.reason for r in result.failed] == [
-        f"{n} got an empty caption: no tag reached the threshold; lower --threshold." for n in ("a.png", "b.png")
+        f"{n} got an empty caption: no tag reached the threshold; lower --threshold."
+        for n in ("a.png", "b.png")
     ]
 
 
@@ -238,7 +267,9 @@ def test_vlm_captions_are_written(vlm, dataset):
         assert r.caption.startswith("mychar, ") and len(r.caption) > len("mychar, ")
         assert r.caption_file.read_text(encoding="utf-8") == r.caption + "\n"
     # the same captions one image at a time: batching (and its padding) changes nothing
-    again = caption_folder(dataset, VlmSpec(vlm, max_length=6, batch_size=1), trigger="mychar", existing=Existing.OVERWRITE)
+    again = caption_folder(
+        dataset, VlmSpec(vlm, max_length=6, batch_size=1), trigger="mychar", existing=Existing.OVERWRITE
+    )
     assert [r.caption for r in again.with_outcome(Outcome.WRITTEN)] == [r.caption for r in written]
 
 

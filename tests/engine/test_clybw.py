@@ -110,7 +110,9 @@ def test_matches_reference_bitwise(config, foreach):
     split = 6
     # The recipe's two groups: UNet at 3e-4, text encoders at 1e-4.
     opt = ClybW(
-        [{"params": ours[:split], "lr": 3e-4}, {"params": ours[split:], "lr": 1e-4}], foreach=foreach, **overrides
+        [{"params": ours[:split], "lr": 3e-4}, {"params": ours[split:], "lr": 1e-4}],
+        foreach=foreach,
+        **overrides,
     )
     state: dict = {}
     for step in range(4):
@@ -285,7 +287,8 @@ def test_sparse_gradients_are_refused_before_any_change():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"lr": -1.0}, {"eps": -1e-8}, {"betas": (1.0, 0.95)}, {"betas": (0.9,)}, {"weight_decay": -0.1}]
+    "kwargs",
+    [{"lr": -1.0}, {"eps": -1e-8}, {"betas": (1.0, 0.95)}, {"betas": (0.9,)}, {"weight_decay": -0.1}],
 )
 def test_bad_hyperparameters_are_refused(kwargs):
     with pytest.raises(ValueError, match="ClybW"):
@@ -301,7 +304,9 @@ def test_defaults_are_the_references():
 
 def test_closure_loss_is_returned_and_trains_a_real_module():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 1)
+    )
     x = torch.randn(32, 3, 4, 4)
     y = 0.1 * x.sum(dim=(1, 2, 3)).unsqueeze(1)
     opt = ClybW(model.parameters(), lr=1e-3)

@@ -38,7 +38,12 @@ def bomb_png() -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 # ------------------------------------------------------------------ captions
@@ -61,7 +66,9 @@ def test_process_caption_follows_kohyas_order():
     keep_tokens, then drop each of those with caption_tag_dropout_rate."""
     caption = "me, a, b, c, d, e"
     for seed in range(30):
-        mine = process_caption(caption, random.Random(seed), shuffle=True, keep_tokens=1, dropout_rate=0.3, tag_dropout_rate=0.5)
+        mine = process_caption(
+            caption, random.Random(seed), shuffle=True, keep_tokens=1, dropout_rate=0.3, tag_dropout_rate=0.5
+        )
         rng = random.Random(seed)  # the same steps, written out as kohya does them
         if rng.random() < 0.3:
             expected = ""
@@ -71,7 +78,10 @@ def test_process_caption_follows_kohyas_order():
             expected = ", ".join(["me"] + [t for t in rest if rng.random() >= 0.5])
         assert mine == expected
     assert process_caption(caption, random.Random(0), shuffle=False, dropout_rate=1.0) == ""
-    kept = {process_caption(caption, random.Random(s), shuffle=False, keep_tokens=2, tag_dropout_rate=1.0) for s in range(5)}
+    kept = {
+        process_caption(caption, random.Random(s), shuffle=False, keep_tokens=2, tag_dropout_rate=1.0)
+        for s in range(5)
+    }
     assert kept == {"me, a"}  # kept tags are never dropped, and without shuffle the order stays
     assert process_caption(" as,written ", random.Random(0), shuffle=False) == " as,written "
 
@@ -128,7 +138,10 @@ def test_scan_good_folder(tmp_path):
     assert ds.skipped == []
     assert ds.skipped_warning() is None
     assert ds.orphans == ["orphan.txt"]  # sample-prompts.txt is not a caption
-    assert ds.orphan_warning() == f"{tmp_path} has caption files with no image of the same name (orphan.txt); they are not used."
+    assert (
+        ds.orphan_warning()
+        == f"{tmp_path} has caption files with no image of the same name (orphan.txt); they are not used."
+    )
     assert [i.path.name for i in ds.items] == ["a.JPG", "b.png", "c.webp"]
     a, b, c = ds.items
     assert a.caption == "first, tags"
@@ -159,7 +172,11 @@ def test_scan_without_buckets_uses_the_square(tmp_path):
 def test_scan_follows_the_recipes_bucket_settings(tmp_path):
     write_pair(tmp_path, "wide", (300, 100))
     recipe = Recipe(resolution=256, min_bucket_reso=64, max_bucket_reso=512, bucket_reso_steps=64)
-    assert scan(tmp_path, recipe).items[0].bucket == pick_bucket(300, 100, make_buckets(256, 64, 512, 64)) == (384, 128)
+    assert (
+        scan(tmp_path, recipe).items[0].bucket
+        == pick_bucket(300, 100, make_buckets(256, 64, 512, 64))
+        == (384, 128)
+    )
 
 
 def make_bad_folder(folder):
@@ -289,10 +306,18 @@ def test_kohya_folders_repeat_n_times_and_caption_by_name(tmp_path):
     ds = scan(tmp_path, RECIPE.updated({"dataset_repeats": 2}))
     by_name = {i.path.name: i for i in ds.items}
     assert sorted(by_name) == ["a.png", "b.jpg", "c.png", "top.png"]
-    assert [(by_name[n].repeats, by_name[n].subset) for n in ("top.png", "a.png", "c.png")] == [(2, ""), (10, "10_cats"), (3, "3_my_char")]
+    assert [(by_name[n].repeats, by_name[n].subset) for n in ("top.png", "a.png", "c.png")] == [
+        (2, ""),
+        (10, "10_cats"),
+        (3, "3_my_char"),
+    ]
     assert by_name["c.png"].caption == "my_char" and by_name["a.png"].caption == "a photo, red, outdoors"
     # kohya's per-epoch count: sum of images x num_repeats; the loop lists each item `repeats` times
-    assert ds.images_per_epoch == 1 * 2 + 2 * 10 + 1 * 3 == len([i for i, item in enumerate(ds.items) for _ in range(item.repeats)])
+    assert (
+        ds.images_per_epoch
+        == 1 * 2 + 2 * 10 + 1 * 3
+        == len([i for i, item in enumerate(ds.items) for _ in range(item.repeats)])
+    )
     assert ds.scan_report() == [
         f"{tmp_path}: 4 images, 25 per epoch, from 3 folders (kohya's N_name layout)",
         "  the folder's own images: 1 image x 2 repeats = 2 per epoch, 0 skipped",
@@ -315,7 +340,10 @@ def test_kohya_folders_alone_and_empty(tmp_path):
     (tmp_path / "5_cats").mkdir()
     with pytest.raises(UserError) as e:
         scan(tmp_path, RECIPE)
-    assert str(e.value) == f"{tmp_path} and its N_name subfolders have no PNG, JPEG or WebP images; put images in them."
+    assert (
+        str(e.value)
+        == f"{tmp_path} and its N_name subfolders have no PNG, JPEG or WebP images; put images in them."
+    )
     write_image(tmp_path / "5_cats" / "a.png")  # no caption, no top-level images: trains as "cats"
     ds = scan(tmp_path, RECIPE)
     assert [(i.caption, i.repeats) for i in ds.items] == [("cats", 5)]
@@ -323,7 +351,10 @@ def test_kohya_folders_alone_and_empty(tmp_path):
     write_image(tmp_path / "2_" / "b.png")  # kohya's `2_`: no class tokens, the empty caption
     ds = scan(tmp_path, RECIPE)
     assert [(i.caption, i.repeats) for i in ds.items] == [("", 2), ("cats", 5)]  # subfolders in name order
-    assert ds.scan_report()[1] == "  2_/: 1 image x 2 repeats = 2 per epoch, 0 skipped, 1 without a caption file trained on the empty caption (the folder name has no class tokens)"
+    assert (
+        ds.scan_report()[1]
+        == "  2_/: 1 image x 2 repeats = 2 per epoch, 0 skipped, 1 without a caption file trained on the empty caption (the folder name has no class tokens)"
+    )
 
 
 def test_a_regularization_folder_is_refused_in_one_sentence(tmp_path):
@@ -333,8 +364,10 @@ def test_a_regularization_folder_is_refused_in_one_sentence(tmp_path):
     write_pair(tmp_path / "reg" / "1_woman", "w")
     with pytest.raises(UserError) as e:
         scan(tmp_path, RECIPE)
-    assert str(e.value) == (f"{tmp_path / 'reg'} looks like a kohya regularization set, which loradrop does not train with "
-                            "(no prior loss); move reg/ out of the dataset folder.")
+    assert str(e.value) == (
+        f"{tmp_path / 'reg'} looks like a kohya regularization set, which loradrop does not train with "
+        "(no prior loss); move reg/ out of the dataset folder."
+    )
 
 
 def test_a_huge_n_is_refused_naming_the_subfolder(tmp_path):
@@ -342,7 +375,9 @@ def test_a_huge_n_is_refused_naming_the_subfolder(tmp_path):
     write_pair(tmp_path / "20000000_x", "a")
     with pytest.raises(UserError) as e:
         scan(tmp_path, RECIPE)
-    assert "20000000_x/ repeats 20000000 times" in str(e.value) and "rename 20000000_x/ with a smaller N" in str(e.value)
+    assert "20000000_x/ repeats 20000000 times" in str(
+        e.value
+    ) and "rename 20000000_x/ with a smaller N" in str(e.value)
 
 
 def test_an_image_in_a_kohya_folder_is_followed_when_the_dataset_folder_is_renamed(tmp_path):
@@ -362,7 +397,9 @@ def test_a_caption_file_of_gigabytes_is_skipped_not_read(tmp_path):
         f.truncate(64 << 30)  # sparse: no disk used
     ds = scan(tmp_path, RECIPE)
     assert [i.path.name for i in ds.items] == ["good.png"]
-    assert ds.skipped == [(tmp_path / "huge.png", "caption file too large (huge.txt: 68,719,476,736 bytes; at most 1 MB)")]
+    assert ds.skipped == [
+        (tmp_path / "huge.png", "caption file too large (huge.txt: 68,719,476,736 bytes; at most 1 MB)")
+    ]
 
 
 def test_missing_folder(tmp_path):

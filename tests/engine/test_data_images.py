@@ -32,7 +32,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG that claims width x height but carries one row of data: a bomb's header."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 4)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 4))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def test_extensions():
@@ -126,7 +131,9 @@ def test_pa_and_ycbcr_modes():
     pa.putpixel((1, 0), (0, 255))
     out = to_rgb(pa)
     assert rgb_at(out, (0, 0)) == (255, 255, 255) and rgb_at(out, (1, 0)) == (250, 0, 0)
-    assert rgb_at(to_rgb(Image.new("RGB", (4, 4), (10, 200, 30)).convert("YCbCr"))) == pytest.approx((10, 200, 30), abs=2)
+    assert rgb_at(to_rgb(Image.new("RGB", (4, 4), (10, 200, 30)).convert("YCbCr"))) == pytest.approx(
+        (10, 200, 30), abs=2
+    )
 
 
 def test_cmyk_jpeg(tmp_path):
@@ -137,7 +144,11 @@ def test_cmyk_jpeg(tmp_path):
 
 def test_animated_images_use_the_first_frame(tmp_path):
     red, blue = Image.new("RGB", (64, 48), (255, 0, 0)), Image.new("RGB", (64, 48), (0, 0, 255))
-    for name, kw in [("a.png", {}), ("a.webp", {"lossless": True}), ("a.jpg", {"format": "MPO", "quality": 100})]:
+    for name, kw in [
+        ("a.png", {}),
+        ("a.webp", {"lossless": True}),
+        ("a.jpg", {"format": "MPO", "quality": 100}),
+    ]:
         path = saved(tmp_path, name, red, save_all=True, append_images=[blue], **kw)
         assert getattr(Image.open(path), "n_frames", 1) == 2
         assert check_image(path) == (64, 48)
@@ -150,7 +161,9 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # display = stored rotated 90° clockwise
     for name in ("o.jpg", "o.webp", "o.png"):
-        path = saved(tmp_path, name, stored, exif=exif.tobytes(), **({"quality": 95} if name.endswith("jpg") else {}))
+        path = saved(
+            tmp_path, name, stored, exif=exif.tobytes(), **({"quality": 95} if name.endswith("jpg") else {})
+        )
         assert check_image(path) == (100, 200)
         out = load_rgb(path)
         assert out.size == (100, 200)

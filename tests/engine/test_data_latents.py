@@ -108,7 +108,11 @@ def test_second_run_encodes_nothing(tiny_vae, dataset, tmp_path):
     assert again.encodes == 0
     for a, b in zip(first, second):
         assert torch.equal(a.latent, b.latent) and torch.equal(a.flipped, b.flipped)
-        assert (a.original_size, a.crop_top_left, a.target_size) == (b.original_size, b.crop_top_left, b.target_size)
+        assert (a.original_size, a.crop_top_left, a.target_size) == (
+            b.original_size,
+            b.crop_top_left,
+            b.target_size,
+        )
 
 
 def test_encoding_is_deterministic(tiny_vae, dataset, tmp_path):
@@ -146,7 +150,9 @@ def test_another_bucket_is_encoded_again(tiny_vae, dataset, tmp_path):
     vae, vae_id = tiny_vae
     root = tmp_path / "cache"
     LatentCache(root, vae, vae_id, "cpu").ensure(dataset.items)
-    regrouped = scan(dataset.folder, Recipe(resolution=48, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16))
+    regrouped = scan(
+        dataset.folder, Recipe(resolution=48, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
+    )
     cache = LatentCache(root, vae, vae_id, "cpu")
     out = cache.ensure(regrouped.items)
     assert cache.encodes == 3
@@ -203,7 +209,11 @@ def test_a_rename_after_the_scan_is_followed(tiny_vae, dataset, tmp_path, rename
         expected = [item.path for item in dataset.items]
         expected[1] = moved
     assert [item.current_path() for item in dataset.items] == expected
-    reference = LatentCache(tmp_path / "ref", vae, vae_id, "cpu").ensure(scan(expected[0].parent, RECIPE).items) if renamed == "folder" else None
+    reference = (
+        LatentCache(tmp_path / "ref", vae, vae_id, "cpu").ensure(scan(expected[0].parent, RECIPE).items)
+        if renamed == "folder"
+        else None
+    )
     latents = LatentCache(tmp_path / "cache", vae, vae_id, "cpu").ensure(dataset.items)
     assert len(latents) == 3
     if reference is not None:

@@ -38,17 +38,29 @@ def test_parse_prompt_file(tmp_path):
             cfg=6.5,
             sampler="euler_a",
         ),
-        SamplePrompt(prompt="a plain prompt with defaults", negative="", width=512, height=512, seed=None, steps=30, cfg=7.5, sampler=None),
+        SamplePrompt(
+            prompt="a plain prompt with defaults",
+            negative="",
+            width=512,
+            height=512,
+            seed=None,
+            steps=30,
+            cfg=7.5,
+            sampler=None,
+        ),
         SamplePrompt(prompt="odd sizes", width=1000, height=64, steps=150),  # floored to 8, at least 64
         SamplePrompt(prompt="UPPER CASE OPTIONS", width=640, height=768, seed=7, cfg=5.0),
     ]
 
 
-@pytest.mark.parametrize(("line", "words"), [
-    ("huge --w 4096 --h 4096 --s 20", "a sample of 4096x4096 is too large; ask for at most 4 megapixels"),
-    ("wide --w 100000 --h 64", "a sample of 100000x64 is too large"),
-    ("long --s 1000", "--s 1000 is too many sampling steps; ask for at most 150"),
-])
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("huge --w 4096 --h 4096 --s 20", "a sample of 4096x4096 is too large; ask for at most 4 megapixels"),
+        ("wide --w 100000 --h 64", "a sample of 100000x64 is too large"),
+        ("long --s 1000", "--s 1000 is too many sampling steps; ask for at most 150"),
+    ],
+)
 def test_samples_past_the_limits_are_refused_naming_the_line(tmp_path, line, words):
     """A training sample renders between two steps of its job: one of 4096² at 1,000 steps held
     the job for minutes and would not cancel; the same limits as previews hold."""
@@ -92,7 +104,9 @@ def test_only_comments_gives_no_prompts(tmp_path):
 
 def items(captions: list[str]) -> list[Item]:
     buckets = [(1024, 1024), (832, 1216), (1216, 832)]
-    return [Item(path=f"{i}.png", caption=c, size=(1, 1), bucket=buckets[i % 3]) for i, c in enumerate(captions)]
+    return [
+        Item(path=f"{i}.png", caption=c, size=(1, 1), bucket=buckets[i % 3]) for i, c in enumerate(captions)
+    ]
 
 
 def test_prompts_from_captions():

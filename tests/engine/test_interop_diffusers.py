@@ -24,11 +24,18 @@ from loradrop.engine.lora.resize import SCORES, resize
 from loradrop.engine.models.sdxl import load_sdxl
 from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.loop import train
-from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, conditioning_dims, make_dataset, diffusers_pipeline
+from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, conditioning_dims, diffusers_pipeline, make_dataset
 
 CPU = torch.device("cpu")
 # The seed's LoCon ranks (the twin's widths cap the 3x3 convs), one update.
-RECIPE = {**TINY_RECIPE, "min_bucket_reso": 32, "conv_dim": 256, "conv_alpha": 4.0, "max_train_steps": 1, "save_every_n_steps": 0}
+RECIPE = {
+    **TINY_RECIPE,
+    "min_bucket_reso": 32,
+    "conv_dim": 256,
+    "conv_alpha": 4.0,
+    "max_train_steps": 1,
+    "save_every_n_steps": 0,
+}
 EVERY_OTHER = "1," + ",".join("1" if i % 2 else "0" for i in range(20))
 FRACTIONAL = "1," + ",".join(("0.5", "1", "0", "0.25")[i % 4] for i in range(20))
 
@@ -39,7 +46,15 @@ def files(tiny_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interop")
     recipe = Recipe.from_mapping({**RECIPE, "output_name": "trained"})
     data = make_dataset(tmp / "data", images=2, sizes=BUCKET_SIZES)
-    trained = train(load_sdxl(tiny_path), scan(data, recipe), tmp / "out", recipe, device=CPU, cache_dir=tmp / "cache", emit=lambda _event: None).final
+    trained = train(
+        load_sdxl(tiny_path),
+        scan(data, recipe),
+        tmp / "out",
+        recipe,
+        device=CPU,
+        cache_dir=tmp / "cache",
+        emit=lambda _event: None,
+    ).final
     # 90% of the file's bytes: every score cuts hundreds of modules to a dozen different ranks.
     # (Not fewer: peft matches each module against every rank_pattern key with re.match, and
     # past re's 512-pattern cache each match recompiles: a load then takes a minute, not seconds.)
@@ -72,7 +87,11 @@ def engine_model(tiny_path):
 def unet_inputs(model):
     g = torch.Generator().manual_seed(0)
     width, pooled_width = conditioning_dims(model)
-    x, ctx, pooled = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, width, generator=g), torch.randn(2, pooled_width, generator=g)
+    x, ctx, pooled = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.randn(2, 77, width, generator=g),
+        torch.randn(2, pooled_width, generator=g),
+    )
     cond = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
     return x, torch.tensor([300, 600]), ctx, cond
 
@@ -102,7 +121,11 @@ def test_every_module_gets_its_own_strength_in_diffusers(kind, files, pipe, engi
                 name = by_layer[id(layer.base_layer)]
                 (adapter,) = layer.lora_A
                 with torch.no_grad():
-                    theirs = layer.scaling[adapter] * layer.lora_B[adapter].weight.flatten(1) @ layer.lora_A[adapter].weight.flatten(1)
+                    theirs = (
+                        layer.scaling[adapter]
+                        * layer.lora_B[adapter].weight.flatten(1)
+                        @ layer.lora_A[adapter].weight.flatten(1)
+                    )
                 ours = lf.module(name).delta()
                 assert float((theirs - ours).norm() / ours.norm().clamp_min(1e-30)) < 1e-4, name
                 seen.add(name)
@@ -125,7 +148,11 @@ def test_the_fixture_files_differ_in_rank_and_blocks(files):
     module, as resize_lora writes them, they would need alpha_pattern), chops that drop blocks."""
     for kind in KINDS:
         if kind.startswith("resized"):
-            ranks = {t.shape[0] for k, t in load_file(str(files[kind][0])).items() if k.endswith(".lora_down.weight")}
+            ranks = {
+                t.shape[0]
+                for k, t in load_file(str(files[kind][0])).items()
+                if k.endswith(".lora_down.weight")
+            }
             assert len(ranks) > 3, kind
     trained = layout(load_file(str(files["trained"][0])))
     assert len(layout(load_file(str(files["chopped"][0]))).blocks) == len(trained.blocks) // 2
@@ -151,12 +178,23 @@ def test_the_twin_loads_as_a_single_file_in_diffusers(tiny_path, tmp_path, monke
     for sub, (name, values) in parts.items():
         (folder / sub).mkdir(parents=True)
         (folder / sub / name).write_text(json.dumps(values))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": [None, None], "tokenizer_2": [None, None], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    }))
-    pipeline = StableDiffusionXLPipeline.from_single_file(str(tiny_path), config=str(folder), local_files_only=True, tokenizer=None, tokenizer_2=None)
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionXLPipeline",
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": [None, None],
+                "tokenizer_2": [None, None],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }
+        )
+    )
+    pipeline = StableDiffusionXLPipeline.from_single_file(
+        str(tiny_path), config=str(folder), local_files_only=True, tokenizer=None, tokenizer_2=None
+    )
     sd = load_file(str(tiny_path))
 
     def param(module, suffix):
@@ -165,12 +203,27 @@ def test_the_twin_loads_as_a_single_file_in_diffusers(tiny_path, tmp_path, monke
 
     te1, te2 = pipeline.text_encoder, pipeline.text_encoder_2
     checks = [
-        (param(te1, "encoder.layers.0.mlp.fc1.weight"), sd["conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight"]),
-        (param(te1, "encoder.layers.11.self_attn.q_proj.weight"), sd["conditioner.embedders.0.transformer.text_model.encoder.layers.11.self_attn.q_proj.weight"]),
-        (param(te2, "encoder.layers.0.mlp.fc1.weight"), sd["conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"]),
-        (param(te2, "encoder.layers.31.self_attn.q_proj.weight"), sd["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"].chunk(3)[0]),
+        (
+            param(te1, "encoder.layers.0.mlp.fc1.weight"),
+            sd["conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight"],
+        ),
+        (
+            param(te1, "encoder.layers.11.self_attn.q_proj.weight"),
+            sd["conditioner.embedders.0.transformer.text_model.encoder.layers.11.self_attn.q_proj.weight"],
+        ),
+        (
+            param(te2, "encoder.layers.0.mlp.fc1.weight"),
+            sd["conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"],
+        ),
+        (
+            param(te2, "encoder.layers.31.self_attn.q_proj.weight"),
+            sd["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"].chunk(3)[0],
+        ),
         (param(te2, "text_projection.weight"), sd["conditioner.embedders.1.model.text_projection"].T),
-        (param(pipeline.unet, "down_blocks.1.attentions.0.proj_in.weight"), sd["model.diffusion_model.input_blocks.4.1.proj_in.weight"]),
+        (
+            param(pipeline.unet, "down_blocks.1.attentions.0.proj_in.weight"),
+            sd["model.diffusion_model.input_blocks.4.1.proj_in.weight"],
+        ),
     ]
     for got, want in checks:
         assert got.shape == want.shape and torch.equal(got.to(want.dtype), want)

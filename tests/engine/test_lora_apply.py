@@ -14,10 +14,16 @@ from loradrop.testing import conditioning_dims, diffusers_pipeline
 # module → (diffusers component, module path); blocks in this file: input_blocks.4, output_blocks.1
 MODULES = {
     "lora_unet_input_blocks_4_1_proj_in": ("unet", "down_blocks.1.attentions.0.proj_in"),
-    "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_v": ("unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_v"),
+    "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_v": (
+        "unet",
+        "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_v",
+    ),
     "lora_unet_output_blocks_1_0_in_layers_2": ("unet", "up_blocks.0.resnets.1.conv1"),
     "lora_te1_text_model_encoder_layers_2_mlp_fc1": ("te1", "text_model.encoder.layers.2.mlp.fc1"),
-    "lora_te2_text_model_encoder_layers_7_self_attn_q_proj": ("te2", "text_model.encoder.layers.7.self_attn.q_proj"),
+    "lora_te2_text_model_encoder_layers_7_self_attn_q_proj": (
+        "te2",
+        "text_model.encoder.layers.7.self_attn.q_proj",
+    ),
 }
 NON_BLOCK = {"lora_unet_time_embed_0": ("unet", "time_embedding.linear_1")}
 # diffusers 0.42 cannot load a text encoder q/k/v adapter without its out_proj ("Could not
@@ -43,7 +49,9 @@ def write(path, model, names, rank=4):
     for name in names:
         w = weight(model, name)
         tensors[name + ".lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
-        tensors[name + ".lora_up.weight"] = torch.randn(w.shape[0], rank, *([1] * (w.dim() - 2)), generator=g) * 0.1
+        tensors[name + ".lora_up.weight"] = (
+            torch.randn(w.shape[0], rank, *([1] * (w.dim() - 2)), generator=g) * 0.1
+        )
         tensors[name + ".alpha"] = torch.tensor(2.0)
     save_file(tensors, str(path))
     return path
@@ -84,25 +92,44 @@ def test_all_ones_adds_delta_and_unapply_restores_exactly(model, lora, before):
 
 def test_entry_zero_is_base_and_blocks_follow_the_layout(model, lora, before):
     with apply_lora(model, lora, "0,0.5,1"):
-        check(model, lora, before, {
-            "lora_te1_text_model_encoder_layers_2_mlp_fc1": 0.0, "lora_te2_text_model_encoder_layers_7_self_attn_q_proj": 0.0,
-            "lora_unet_time_embed_0": 0.0,  # not in a block: BASE
-            "lora_unet_input_blocks_4_1_proj_in": 0.5, "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_v": 0.5,
-            "lora_unet_output_blocks_1_0_in_layers_2": 1.0,
-        })
+        check(
+            model,
+            lora,
+            before,
+            {
+                "lora_te1_text_model_encoder_layers_2_mlp_fc1": 0.0,
+                "lora_te2_text_model_encoder_layers_7_self_attn_q_proj": 0.0,
+                "lora_unet_time_embed_0": 0.0,  # not in a block: BASE
+                "lora_unet_input_blocks_4_1_proj_in": 0.5,
+                "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_v": 0.5,
+                "lora_unet_output_blocks_1_0_in_layers_2": 1.0,
+            },
+        )
 
 
 def test_inverse_and_strengths(model, lora, before):
     with apply_lora(model, lora, "0,0.5,1", inverse=True, strength_clip=2.0, strength_model=0.5):
-        check(model, lora, before, {
-            "lora_te1_text_model_encoder_layers_2_mlp_fc1": 2.0, "lora_unet_time_embed_0": 0.5,
-            "lora_unet_input_blocks_4_1_proj_in": 0.25, "lora_unet_output_blocks_1_0_in_layers_2": 0.0,
-        })
+        check(
+            model,
+            lora,
+            before,
+            {
+                "lora_te1_text_model_encoder_layers_2_mlp_fc1": 2.0,
+                "lora_unet_time_embed_0": 0.5,
+                "lora_unet_input_blocks_4_1_proj_in": 0.25,
+                "lora_unet_output_blocks_1_0_in_layers_2": 0.0,
+            },
+        )
 
 
 def test_a_short_vector_keeps_its_last_weight_and_presets_work(model, lora, before):
     with apply_lora(model, lora, "1,0.3"):
-        check(model, lora, before, {"lora_unet_input_blocks_4_1_proj_in": 0.3, "lora_unet_output_blocks_1_0_in_layers_2": 0.3})
+        check(
+            model,
+            lora,
+            before,
+            {"lora_unet_input_blocks_4_1_proj_in": 0.3, "lora_unet_output_blocks_1_0_in_layers_2": 0.3},
+        )
     with apply_lora(model, lora, "SDXL-LyC-NONE") as applied:
         assert not applied.originals  # nothing patched, nothing kept
 
@@ -137,13 +164,28 @@ def test_the_same_result_as_diffusers_load_lora_weights(model, tiny_path, tmp_pa
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49407, (1, 77), generator=g)
     width, pooled_width = conditioning_dims(other)
-    x, t, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300]), torch.randn(1, 77, width, generator=g)
-    cond = {"text_embeds": torch.randn(1, pooled_width, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    x, t, ctx = (
+        torch.randn(1, 4, 16, 16, generator=g),
+        torch.tensor([300]),
+        torch.randn(1, 77, width, generator=g),
+    )
+    cond = {
+        "text_embeds": torch.randn(1, pooled_width, generator=g),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
+    }
     with torch.no_grad():
-        theirs = (pipe.unet(x, t, ctx, added_cond_kwargs=cond).sample, pipe.text_encoder(ids)[0], pipe.text_encoder_2(ids)[0])
+        theirs = (
+            pipe.unet(x, t, ctx, added_cond_kwargs=cond).sample,
+            pipe.text_encoder(ids)[0],
+            pipe.text_encoder_2(ids)[0],
+        )
         plain = model.unet(x, t, ctx, added_cond_kwargs=cond).sample
         with apply_lora(model, path):
-            ours = (model.unet(x, t, ctx, added_cond_kwargs=cond).sample, model.te1(ids)[0], model.te2(ids)[0])
+            ours = (
+                model.unet(x, t, ctx, added_cond_kwargs=cond).sample,
+                model.te1(ids)[0],
+                model.te2(ids)[0],
+            )
     assert not torch.allclose(plain, ours[0], atol=1e-4)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -55,7 +55,11 @@ def seed_lora(tmp_path_factory, tiny_path):
     tensors = {}
     with pytest.MonkeyPatch.context() as mp:  # lycoris keeps its preset on the class
         for component, targets, kwargs in (
-            ("unet", ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"], {"conv_dim": 256, "conv_alpha": 4}),
+            (
+                "unet",
+                ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+                {"conv_dim": 256, "conv_alpha": 4},
+            ),
             ("te1", ["CLIPMLP"], {}),
             ("te2", ["CLIPMLP"], {}),
         ):
@@ -92,7 +96,28 @@ def test_the_blocks_command_shows_the_seed_layout(seed_lora, capsys):
 
 def test_energy_of_the_seed_layout(seed_lora, tiny_path):
     report = energy(seed_lora, tiny_path)
-    assert [b.tensors for b in report.blocks] == [9, 9, 3, 78, 75, 3, 318, 315, 9, 306, 9, 318, 318, 321, 78, 78, 81, 12, 12, 12]
+    assert [b.tensors for b in report.blocks] == [
+        9,
+        9,
+        3,
+        78,
+        75,
+        3,
+        318,
+        315,
+        9,
+        306,
+        9,
+        318,
+        318,
+        321,
+        78,
+        78,
+        81,
+        12,
+        12,
+        12,
+    ]
     assert report.relative and not report.no_base and report.passthrough.tensors == 264
     assert sum(report.shares) == pytest.approx(1.0)
     assert report.lines()[0] == "Blocks layout:" and "share=" in report.lines()[1]
@@ -129,13 +154,22 @@ def known_lora(tmp_path_factory, tiny_path):
 
 def test_energy_is_the_sum_of_frobenius_norms(known_lora, tiny_path):
     report = energy(known_lora)
-    assert [(b.name, round(b.energy, 4)) for b in report.blocks] == [("input_blocks.4", 18.0), ("output_blocks.1", 1.0)]
+    assert [(b.name, round(b.energy, 4)) for b in report.blocks] == [
+        ("input_blocks.4", 18.0),
+        ("output_blocks.1", 1.0),
+    ]
     assert report.passthrough.energy == pytest.approx(10.0, rel=1e-5) and report.relative is False
     assert report.shares == pytest.approx([18 / 19, 1 / 19], rel=1e-5)
 
     base = load_file(str(tiny_path))
-    norm = {n: float(base["model.diffusion_model." + k + ".weight"].double().norm()) for n, k in
-            (("proj_in", "input_blocks.4.1.proj_in"), ("conv", "input_blocks.4.0.in_layers.2"), ("out", "output_blocks.1.1.proj_out"))}
+    norm = {
+        n: float(base["model.diffusion_model." + k + ".weight"].double().norm())
+        for n, k in (
+            ("proj_in", "input_blocks.4.1.proj_in"),
+            ("conv", "input_blocks.4.0.in_layers.2"),
+            ("out", "output_blocks.1.1.proj_out"),
+        )
+    }
     rel = energy(known_lora, tiny_path)
     want = [5 / norm["proj_in"] + 13 / norm["conv"], 1 / norm["out"]]
     assert [b.relative for b in rel.blocks] == pytest.approx(want, rel=1e-5)
@@ -154,7 +188,13 @@ def test_suggest_takes_the_largest_blocks_first():
 
 def test_presets():
     lyc = {k: v for k, v in PRESETS.items() if "LyC" in k}
-    assert set(lyc) == {"SDXL-LyC-ALL", "SDXL-LyC-NONE", "SDXL-LyC-INALL", "SDXL-LyC-MIDALL", "SDXL-LyC-OUTALL"}
+    assert set(lyc) == {
+        "SDXL-LyC-ALL",
+        "SDXL-LyC-NONE",
+        "SDXL-LyC-INALL",
+        "SDXL-LyC-MIDALL",
+        "SDXL-LyC-OUTALL",
+    }
     assert all(len(parse_vector(k)) == 21 for k in lyc)
     assert all(len(parse_vector(k)) == 12 for k in PRESETS if k not in lyc)
     assert parse_vector("SDXL-LyC-INALL") == [1] + [1] * 8 + [0] * 12
@@ -179,7 +219,14 @@ def test_tokens_draw_like_the_inspire_loader():
 
 @pytest.mark.parametrize(
     ("text", "says"),
-    [("", "empty"), ("1,,0", "Entry 1 .*empty"), ("1,z,0", "Entry 1 .*'z'"), ("1,0 1", "sub-vectors"), ("NOPE", "neither a block vector nor a preset"), ("1,nan", "Entry 1")],
+    [
+        ("", "empty"),
+        ("1,,0", "Entry 1 .*empty"),
+        ("1,z,0", "Entry 1 .*'z'"),
+        ("1,0 1", "sub-vectors"),
+        ("NOPE", "neither a block vector nor a preset"),
+        ("1,nan", "Entry 1"),
+    ],
 )
 def test_malformed_vectors_name_the_problem(text, says):
     with pytest.raises(UserError, match=says):

@@ -18,8 +18,14 @@ from loradrop.errors import UserError
 from loradrop.testing import conditioning_dims, diffusers_pipeline
 
 # One module in each of the 20 blocks of an SDXL LoCon, plus pass-through modules.
-ONE_PER_BLOCK = re.compile(r"lora_unet_((input|output)_blocks_\d+_0_(in_layers_2|op)|middle_block_[02]_in_layers_2|middle_block_1_proj_in)")
-PASS_THROUGH = ["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_1_mlp_fc2", "lora_unet_time_embed_0"]
+ONE_PER_BLOCK = re.compile(
+    r"lora_unet_((input|output)_blocks_\d+_0_(in_layers_2|op)|middle_block_[02]_in_layers_2|middle_block_1_proj_in)"
+)
+PASS_THROUGH = [
+    "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+    "lora_te2_text_model_encoder_layers_1_mlp_fc2",
+    "lora_unet_time_embed_0",
+]
 META = {"ss_output_name": "blocks", "modelspec.title": "Blocks", "ss_training_comment": "kept"}
 
 
@@ -36,7 +42,9 @@ def lora(tmp_path_factory, tiny_path):
     for name, shape in shapes.items():
         dtype = torch.float32 if name.startswith("lora_te") else torch.float16
         tensors[name + ".lora_down.weight"] = torch.randn(4, *shape[1:], generator=g).to(dtype)
-        tensors[name + ".lora_up.weight"] = (torch.randn(shape[0], 4, *([1] * (len(shape) - 2)), generator=g) * 0.1).to(dtype)
+        tensors[name + ".lora_up.weight"] = (
+            torch.randn(shape[0], 4, *([1] * (len(shape) - 2)), generator=g) * 0.1
+        ).to(dtype)
         tensors[name + ".alpha"] = torch.tensor(2.0, dtype=dtype)
     path = tmp_path_factory.mktemp("chop") / "blocks.safetensors"
     save_file(tensors, str(path), metadata=META)
@@ -78,15 +86,25 @@ def test_the_guides_vector_keeps_output_blocks_1(lora, tmp_path):
     result = chop(lora, "1,0,0,0,0,0,0,0,0,0,0,0,0,1,0,0,0,0,0,0,0", tmp_path / "out1.safetensors")
     unet = {k for k in load_file(str(result.path)) if k.startswith("lora_unet_") and "time_embed" not in k}
     assert unet and all(k.startswith("lora_unet_output_blocks_1_") for k in unet)
-    assert [line for line in result.lines() if "weight=" in line] == ["  [12] output_blocks.1 layers=3   weight=1"]
+    assert [line for line in result.lines() if "weight=" in line] == [
+        "  [12] output_blocks.1 layers=3   weight=1"
+    ]
 
 
 def test_entry_zero_is_a_global_factor_for_the_unet_blocks_only(lora, tmp_path):
     out = load_file(str(chop(lora, vector(*range(20), g="0"), tmp_path / "none.safetensors").path))
-    assert set(out) == set(layout(load_file(str(lora))).passthrough)  # text encoders and time_embed pass through
+    assert set(out) == set(
+        layout(load_file(str(lora))).passthrough
+    )  # text encoders and time_embed pass through
 
 
-@pytest.mark.parametrize(("text", "scaled"), [(vector(*range(20), w="1").replace("1,1,", "1,0.5,", 1), {0}), (vector(*range(20), g="0.25"), set(range(20)))])
+@pytest.mark.parametrize(
+    ("text", "scaled"),
+    [
+        (vector(*range(20), w="1").replace("1,1,", "1,0.5,", 1), {0}),
+        (vector(*range(20), g="0.25"), set(range(20))),
+    ],
+)
 def test_a_fractional_weight_scales_delta_linearly(lora, tmp_path, text, scaled):
     src = load_file(str(lora))
     lay = layout(src)
@@ -122,11 +140,15 @@ def test_modules_of_other_alphas_get_the_files_alpha_and_keep_their_delta(lora, 
         want = (0.5 if name in lay.blocks[0].modules else 1.0) * delta(src, name)
         assert float((delta(out, name) - want).norm() / want.norm()) < 1e-3  # fp16 rounding of lora_up
     meta = tensorfile.read_metadata(result.path)
-    assert meta["ss_network_alpha"] == "2.0" and meta["ss_output_name"] == "named"  # a file named by the user keeps that name
+    assert (
+        meta["ss_network_alpha"] == "2.0" and meta["ss_output_name"] == "named"
+    )  # a file named by the user keeps that name
 
 
 def test_wrong_length_shows_the_layout(lora):
-    with pytest.raises(VectorLengthError, match=r"20 UNet blocks, so the vector needs 21 entries.*got 5") as e:
+    with pytest.raises(
+        VectorLengthError, match=r"20 UNet blocks, so the vector needs 21 entries.*got 5"
+    ) as e:
         chop(lora, "1,1,1,1,1")
     assert len(e.value.layout.blocks) == 20 and "Blocks layout:" in e.value.layout.lines()
 
@@ -136,14 +158,29 @@ def test_presets_and_named_vectors(lora, tmp_path):
     result = chop(lora, "SDXL-LyC-OUTALL", tmp_path / "outall.safetensors")
     kept = {k for k in load_file(str(result.path)) if k not in lay.passthrough}
     assert kept == {k for b in lay.blocks if b.section == "output_blocks" for k in b.keys}
-    assert tensorfile.read_metadata(result.path)["block_vector_string"] == "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"
+    assert (
+        tensorfile.read_metadata(result.path)["block_vector_string"]
+        == "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"
+    )
     named = chop(lora, "mine:" + vector(3, 12), tmp_path / "named.safetensors")
-    assert set(load_file(str(named.path))) == set(lay.passthrough) | set(lay.blocks[3].keys) | set(lay.blocks[12].keys)
+    assert set(load_file(str(named.path))) == set(lay.passthrough) | set(lay.blocks[3].keys) | set(
+        lay.blocks[12].keys
+    )
     with pytest.raises(VectorLengthError):
-        chop(lora, "SDXL-OUTALL", tmp_path / "short.safetensors")  # a 12-entry preset is for attention-only LoRAs
+        chop(
+            lora, "SDXL-OUTALL", tmp_path / "short.safetensors"
+        )  # a 12-entry preset is for attention-only LoRAs
 
 
-@pytest.mark.parametrize(("text", "says"), [("1,x" + ",1" * 19, "Entry 1"), ("1,,1" + ",1" * 18, "Entry 1 .* is empty"), ("SDXL-LyC-EVERYTHING", "neither a block vector nor a preset"), ("1,1 0" + ",1" * 19, "sub-vectors")])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("1,x" + ",1" * 19, "Entry 1"),
+        ("1,,1" + ",1" * 18, "Entry 1 .* is empty"),
+        ("SDXL-LyC-EVERYTHING", "neither a block vector nor a preset"),
+        ("1,1 0" + ",1" * 19, "sub-vectors"),
+    ],
+)
 def test_malformed_vectors_name_the_problem(lora, text, says):
     with pytest.raises(UserError, match=says):
         chop(lora, text)
@@ -158,7 +195,9 @@ def test_resize_then_chop_loads_in_diffusers(lora, tmp_path, tiny_path):
     chopped = chop(resized.path, vector(*range(0, 20, 2)))
     keys = load_file(str(chopped.path))
     modules = {k.split(".")[0] for k in keys}
-    assert any(m.startswith("lora_unet_output") for m in modules) and any(m.startswith("lora_te1") for m in modules)
+    assert any(m.startswith("lora_unet_output") for m in modules) and any(
+        m.startswith("lora_te1") for m in modules
+    )
 
     m = load_sdxl(tiny_path)
     pipe = diffusers_pipeline(m)
@@ -175,5 +214,7 @@ def test_resize_then_chop_loads_in_diffusers(lora, tmp_path, tiny_path):
         return sum(isinstance(x, BaseTunerLayer) for x in module.modules())
 
     assert adapted(pipe.unet) == sum(m.startswith("lora_unet_") for m in modules)
-    assert adapted(pipe.text_encoder) + adapted(pipe.text_encoder_2) == sum(m.startswith("lora_te") for m in modules)
+    assert adapted(pipe.text_encoder) + adapted(pipe.text_encoder_2) == sum(
+        m.startswith("lora_te") for m in modules
+    )
     assert not torch.allclose(before, after)

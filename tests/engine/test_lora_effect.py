@@ -32,7 +32,9 @@ def lora(tmp_path_factory, model):
         rank = 4
         tensors[name + ".lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g)
         # The quiet block's ΔW energy is made the larger by its width, then scaled down in up.
-        tensors[name + ".lora_up.weight"] = torch.randn(w.shape[0], rank, *([1] * (w.dim() - 2)), generator=g) * scale
+        tensors[name + ".lora_up.weight"] = (
+            torch.randn(w.shape[0], rank, *([1] * (w.dim() - 2)), generator=g) * scale
+        )
         tensors[name + ".alpha"] = torch.tensor(float(rank))
     path = tmp_path_factory.mktemp("effect") / "two-blocks.safetensors"
     save_file(tensors, str(path))
@@ -55,6 +57,10 @@ def test_the_suggestion_keeps_the_block_of_effect_and_the_model_is_left_as_it_wa
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     vector, report = suggest_by_effect(model, lora, PROMPTS, 0.9, steps=4)
     names = [b.name for b in report.layout.blocks]
-    assert vector[0] == 1 and vector[1 + names.index("output_blocks.1")] == 1 and vector[1 + names.index("input_blocks.4")] == 0
+    assert (
+        vector[0] == 1
+        and vector[1 + names.index("output_blocks.1")] == 1
+        and vector[1 + names.index("input_blocks.4")] == 0
+    )
     assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
     assert energy(lora).blocks[names.index("output_blocks.1")].energy > 0  # both blocks are in the file

@@ -24,14 +24,42 @@ from loradrop.errors import UserError
 
 # module → (base tensor, row block of a fused q/k/v tensor or None, rank)
 MODULES = {
-    "lora_unet_input_blocks_1_0_in_layers_2": ("model.diffusion_model.input_blocks.1.0.in_layers.2.weight", None, 16),
-    "lora_unet_input_blocks_4_0_skip_connection": ("model.diffusion_model.input_blocks.4.0.skip_connection.weight", None, 8),
+    "lora_unet_input_blocks_1_0_in_layers_2": (
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+        None,
+        16,
+    ),
+    "lora_unet_input_blocks_4_0_skip_connection": (
+        "model.diffusion_model.input_blocks.4.0.skip_connection.weight",
+        None,
+        8,
+    ),
     "lora_unet_input_blocks_4_1_proj_in": ("model.diffusion_model.input_blocks.4.1.proj_in.weight", None, 8),
-    "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k": ("model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight", None, 8),
-    "lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_0_proj": ("model.diffusion_model.output_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight", None, 8),
-    "lora_te1_text_model_encoder_layers_0_mlp_fc1": ("conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight", None, 8),
-    "lora_te2_text_model_encoder_layers_3_self_attn_k_proj": ("conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight", 1, 8),
-    "lora_te2_text_model_encoder_layers_5_mlp_fc2": ("conditioner.embedders.1.model.transformer.resblocks.5.mlp.c_proj.weight", None, 8),
+    "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k": (
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+        None,
+        8,
+    ),
+    "lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_0_proj": (
+        "model.diffusion_model.output_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
+        None,
+        8,
+    ),
+    "lora_te1_text_model_encoder_layers_0_mlp_fc1": (
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+        None,
+        8,
+    ),
+    "lora_te2_text_model_encoder_layers_3_self_attn_k_proj": (
+        "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight",
+        1,
+        8,
+    ),
+    "lora_te2_text_model_encoder_layers_5_mlp_fc2": (
+        "conditioner.embedders.1.model.transformer.resblocks.5.mlp.c_proj.weight",
+        None,
+        8,
+    ),
 }
 ALPHA = 4.0
 
@@ -66,7 +94,9 @@ def truth(base_weights):
 def write_lora(path, truth, *, dtype=torch.float32, metadata=None, extra=None):
     tensors = {}
     for name, (u, s, vh, in_shape) in truth.items():
-        tensors.update(kohya_tensors(name, u.float(), s.float(), vh.float(), in_shape, ALPHA / s.shape[0], dtype))
+        tensors.update(
+            kohya_tensors(name, u.float(), s.float(), vh.float(), in_shape, ALPHA / s.shape[0], dtype)
+        )
     tensors.update(extra or {})
     save_file(tensors, str(path), metadata=metadata)
     return path
@@ -126,11 +156,17 @@ RECIPES = [
 
 
 @pytest.mark.parametrize("weights", RECIPES, ids=lambda w: "+".join(w))
-def test_kept_ranks_follow_the_score_at_the_threshold(tmp_path, lora, truth, base_weights, tiny_path, weights):
+def test_kept_ranks_follow_the_score_at_the_threshold(
+    tmp_path, lora, truth, base_weights, tiny_path, weights
+):
     rescale = 0.5 if "params" in weights else 1.0
     scores = expected_scores(weights, rescale, truth, base_weights)
     thr = threshold_between(scores)
-    recipe = ",".join(f"{k}={v}" for k, v in weights.items()) + f",thr={thr}" + (f",rescale={rescale}" if rescale != 1 else "")
+    recipe = (
+        ",".join(f"{k}={v}" for k, v in weights.items())
+        + f",thr={thr}"
+        + (f",rescale={rescale}" if rescale != 1 else "")
+    )
     report = resize(tiny_path, lora, recipe, tmp_path)
     want = {name: int((s > thr).sum()) for name, s in scores.items()}
     assert {n: r[1] for n, r in report.ranks.items()} == want
@@ -153,7 +189,9 @@ def test_delta_is_the_truncated_svd(tmp_path, lora, truth, base_weights, tiny_pa
             keep = scores[name] > thr
             if not keep.any():
                 continue
-            assert out[name + ".lora_down.weight"].dtype == {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+            assert (
+                out[name + ".lora_down.weight"].dtype == {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+            )
             assert tuple(out[name + ".lora_down.weight"].shape[1:]) == in_shape  # convs stay convs
             assert out[name + ".lora_up.weight"].shape[2:] == (1, 1) * (len(in_shape) == 3)
             want = 0.5 * (u[:, keep] * s[keep]) @ vh[keep]
@@ -163,7 +201,14 @@ def test_delta_is_the_truncated_svd(tmp_path, lora, truth, base_weights, tiny_pa
 def test_size_mode_lands_within_one_dimension_of_the_target(tmp_path, lora, truth, base_weights, tiny_path):
     scores = expected_scores({"fro_ckpt": 1}, 1.0, truth, base_weights)
     # every dimension, best first: (score, bytes in fp16, module)
-    dims = sorted(((float(sc), 2 * (u.shape[0] + vh.shape[1]), name) for name, (u, s, vh, _) in truth.items() for sc in scores[name]), reverse=True)
+    dims = sorted(
+        (
+            (float(sc), 2 * (u.shape[0] + vh.shape[1]), name)
+            for name, (u, s, vh, _) in truth.items()
+            for sc in scores[name]
+        ),
+        reverse=True,
+    )
     target_mib = 0.01
     report = resize(tiny_path, lora, f"fro_ckpt=1,size={target_mib}", tmp_path)
     out = load_file(str(report.path))
@@ -172,7 +217,9 @@ def test_size_mode_lands_within_one_dimension_of_the_target(tmp_path, lora, trut
     budget = target_mib * 2**20
     assert kept_bytes == sum(d[1] for d in dims[:kept]) <= budget
     assert kept_bytes + dims[kept][1] >= budget  # one more dimension would not fit
-    assert collections.Counter(d[2] for d in dims[:kept]) == {n: r[1] for n, r in report.ranks.items() if r[1]}
+    assert collections.Counter(d[2] for d in dims[:kept]) == {
+        n: r[1] for n, r in report.ranks.items() if r[1]
+    }
     assert report.threshold == pytest.approx(dims[kept][0], abs=1e-5)
     assert report.path.name == f"known_frockpt1_size0.01_th{format_float(report.threshold)}.safetensors"
 
@@ -193,10 +240,16 @@ def test_size_threshold_at_a_modules_only_singular_value(tmp_path, truth, base_w
     x = "lora_unet_input_blocks_4_1_proj_in"
     others = {n: t for n, t in truth.items() if n != x}
     scores = expected_scores({"fro_ckpt": 1}, 1.0, others, base_weights)
-    cost = {n: 2 * (u.shape[0] + vh.shape[1]) for n, (u, _, vh, _) in truth.items()}  # fp16 bytes per dimension
+    cost = {
+        n: 2 * (u.shape[0] + vh.shape[1]) for n, (u, _, vh, _) in truth.items()
+    }  # fp16 bytes per dimension
     dims = sorted(((float(v), n) for n, sc in scores.items() for v in sc), reverse=True)
     # X's score goes midway into a wide gap near the middle, away from every other score.
-    i = next(i for i in range(len(dims) // 2, len(dims) - 2) if dims[i][0] - dims[i + 1][0] > 0.05 and dims[i + 1][0] - dims[i + 2][0] > 0.02)
+    i = next(
+        i
+        for i in range(len(dims) // 2, len(dims) - 2)
+        if dims[i][0] - dims[i + 1][0] > 0.05 and dims[i + 1][0] - dims[i + 2][0] > 0.02
+    )
     at = (dims[i][0] + dims[i + 1][0]) / 2
     fro = float(torch.linalg.vector_norm(base_weights[x]))
     u, _, vh, in_shape = truth[x]
@@ -210,7 +263,9 @@ def test_size_threshold_at_a_modules_only_singular_value(tmp_path, truth, base_w
         assert report.threshold == pytest.approx(dims[i + 1][0] if kept else at, abs=1e-5)
         assert {n: r[1] for n, r in report.ranks.items() if n != x and r[1]} == want
         out = load_file(str(report.path))
-        assert sum(2 * t.numel() for k, t in out.items() if not k.endswith(".alpha")) == fits - cost[x] * (not kept)
+        assert sum(2 * t.numel() for k, t in out.items() if not k.endswith(".alpha")) == fits - cost[x] * (
+            not kept
+        )
 
 
 def test_size_threshold_on_tied_scores_keeps_neither(tmp_path, truth, base_weights, tiny_path):
@@ -222,18 +277,35 @@ def test_size_threshold_on_tied_scores_keeps_neither(tmp_path, truth, base_weigh
     scores = expected_scores({"fro_ckpt": 1}, 1.0, others, base_weights)
     cost = {n: 2 * (u.shape[0] + vh.shape[1]) for n, (u, _, vh, _) in truth.items()}
     dims = sorted(((float(v), n) for n, sc in scores.items() for v in sc), reverse=True)
-    i = next(i for i in range(len(dims) // 2, len(dims) - 2) if dims[i][0] - dims[i + 1][0] > 0.05 and dims[i + 1][0] - dims[i + 2][0] > 0.02)
+    i = next(
+        i
+        for i in range(len(dims) // 2, len(dims) - 2)
+        if dims[i][0] - dims[i + 1][0] > 0.05 and dims[i + 1][0] - dims[i + 2][0] > 0.02
+    )
     at = (dims[i][0] + dims[i + 1][0]) / 2
     w = base_weights[x]
     rows, cols = w.shape[0], math.prod(w.shape[1:])
     # Axis-aligned factors: both columns of up and rows of down are the same number times a unit
     # vector, so QR and SVD give two bitwise-equal singular values, hence two equal scores.
     sigma = torch.full((2,), float(torch.linalg.vector_norm(w)) * 10**at, dtype=torch.float64)
-    tied = {**others, x: (torch.eye(rows, 2, dtype=torch.float64), sigma, torch.eye(2, cols, dtype=torch.float64), tuple(w.shape[1:]))}
+    tied = {
+        **others,
+        x: (
+            torch.eye(rows, 2, dtype=torch.float64),
+            sigma,
+            torch.eye(2, cols, dtype=torch.float64),
+            tuple(w.shape[1:]),
+        ),
+    }
     src = write_lora(tmp_path / "tied.safetensors", tied)
     before = sum(cost[n] for _, n in dims[: i + 1])  # bytes of every dimension scoring above the pair
     want = collections.Counter(n for _, n in dims[: i + 1])
-    for budget, rank in ((before + cost[x], 0), (before + cost[x] + 1, 0), (before + 2 * cost[x], 0), (before + 2 * cost[x] + 1, 2)):
+    for budget, rank in (
+        (before + cost[x], 0),
+        (before + cost[x] + 1, 0),
+        (before + 2 * cost[x], 0),
+        (before + 2 * cost[x] + 1, 2),
+    ):
         report = resize(tiny_path, src, f"fro_ckpt=1,size={budget / 2**20!r}", tmp_path / str(budget))
         assert report.ranks[x] == (2, rank), budget
         assert report.threshold == pytest.approx(dims[i + 1][0] if rank else at, abs=1e-5)
@@ -248,7 +320,13 @@ def test_size_above_the_whole_lora_keeps_everything(tmp_path, lora, tiny_path):
 
 
 def test_name_and_metadata(tmp_path, truth, tiny_path):
-    meta = {"ss_output_name": "known", "modelspec.title": "Known", "ss_network_dim": "8", "ss_network_alpha": "4", "sshs_model_hash": "stale"}
+    meta = {
+        "ss_output_name": "known",
+        "modelspec.title": "Known",
+        "ss_network_dim": "8",
+        "ss_network_alpha": "4",
+        "sshs_model_hash": "stale",
+    }
     src = write_lora(tmp_path / "my lora.safetensors", truth, metadata=meta)
     report = resize(tiny_path, src, "fro_ckpt=1,thr=-3.55")
     assert report.path == tmp_path / "my lora_frockpt1_th-3.55.safetensors"  # beside the input by default
@@ -258,7 +336,14 @@ def test_name_and_metadata(tmp_path, truth, tiny_path):
     assert out["ss_output_name"] == out["modelspec.title"] == "my lora_frockpt1_th-3.55"
     assert json.loads(out["resize_params"]) == {
         "recipe_str": "fro_ckpt=1,thr=-3.55",
-        "weights": {"spn_lora": 0.0, "spn_ckpt": 0.0, "subspace": 0.0, "fro_lora": 0.0, "fro_ckpt": 1.0, "params": 0.0},
+        "weights": {
+            "spn_lora": 0.0,
+            "spn_ckpt": 0.0,
+            "subspace": 0.0,
+            "fro_lora": 0.0,
+            "fro_ckpt": 1.0,
+            "params": 0.0,
+        },
         "target_size": None,
         "threshold": -3.55,
         "rescale": 1.0,
@@ -266,11 +351,16 @@ def test_name_and_metadata(tmp_path, truth, tiny_path):
     ranks = {r for r in (v[1] for v in report.ranks.values()) if r}
     assert out["ss_network_dim"] == ("Dynamic" if len(ranks) > 1 else str(ranks.pop()))
     data = report.path.read_bytes()
-    assert out["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    assert (
+        out["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+    )
     assert out["sshs_model_hash"] != "stale"
 
     report = resize(tiny_path, src, "spn_ckpt=1,subspace=1,rescale=0.8,size=0.01", tmp_path / "o")
-    assert report.path.name == f"my lora_spnckpt0.5_subspace0.5_scale0.8_size0.01_th{format_float(report.threshold)}.safetensors"
+    assert (
+        report.path.name
+        == f"my lora_spnckpt0.5_subspace0.5_scale0.8_size0.01_th{format_float(report.threshold)}.safetensors"
+    )
 
 
 def test_dim_and_alpha_describe_the_result(tmp_path, truth, tiny_path):
@@ -289,16 +379,22 @@ def test_kohya_hashes():
     meta = {"ss_network_dim": "8", "modelspec.title": "x"}
     model_hash, legacy_hash = lora_hashes(tensors, meta)
     data = save(tensors, {"ss_network_dim": "8"})  # kohya hashes the file with its ss_* metadata alone
-    assert model_hash == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    assert model_hash == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
     assert legacy_hash == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     assert lora_hashes(tensors, {**meta, "modelspec.title": "y"}) == (model_hash, legacy_hash)
-    assert lora_hashes(tensors, {**meta, "ss_training_comment": "x" * 100})[1] != legacy_hash  # moves the data
+    assert (
+        lora_hashes(tensors, {**meta, "ss_training_comment": "x" * 100})[1] != legacy_hash
+    )  # moves the data
 
 
 def test_layers_the_base_lacks_are_kept_unchanged_and_listed(tmp_path, truth, tiny_path, caplog):
     g = torch.Generator().manual_seed(3)
     stray = "lora_unet_output_blocks_9_0_in_layers_2"  # SDXL has output blocks 0-8
-    extra = {stray + ".lora_down.weight": torch.randn(4, 16, generator=g).half(), stray + ".lora_up.weight": torch.randn(16, 4, generator=g).half(), stray + ".alpha": torch.tensor(2.0).half()}
+    extra = {
+        stray + ".lora_down.weight": torch.randn(4, 16, generator=g).half(),
+        stray + ".lora_up.weight": torch.randn(16, 4, generator=g).half(),
+        stray + ".alpha": torch.tensor(2.0).half(),
+    }
     src = write_lora(tmp_path / "stray.safetensors", truth, extra=extra)
     with caplog.at_level(logging.WARNING):
         report = resize(tiny_path, src, "fro_ckpt=1,thr=-3")
@@ -308,7 +404,9 @@ def test_layers_the_base_lacks_are_kept_unchanged_and_listed(tmp_path, truth, ti
     for key, t in extra.items():
         assert out[key].dtype == t.dtype
     # The same ΔW, written with the file's one alpha (its scale folded into lora_up).
-    assert float(out[stray + ".alpha"]) == ALPHA and torch.equal(out[stray + ".lora_down.weight"], extra[stray + ".lora_down.weight"])
+    assert float(out[stray + ".alpha"]) == ALPHA and torch.equal(
+        out[stray + ".lora_down.weight"], extra[stray + ".lora_down.weight"]
+    )
     torch.testing.assert_close(delta(out, stray), delta(extra, stray), rtol=1e-3, atol=0)
 
 
@@ -351,7 +449,12 @@ def test_bad_recipes_name_the_problem(recipe, says):
 
 def test_recipe_reads_like_resize_lora():
     r = ResizeRecipe.parse("spn_ckpt, subspace=3, size=32")  # bare name = 1, spaces allowed
-    assert r.weights["spn_ckpt"] == 0.25 and r.weights["subspace"] == 0.75 and r.target_size == 32 and r.threshold is None
+    assert (
+        r.weights["spn_ckpt"] == 0.25
+        and r.weights["subspace"] == 0.75
+        and r.target_size == 32
+        and r.threshold is None
+    )
     assert ResizeRecipe.parse("fro_ckpt=1,thr=-3.55,size=8").fixed_threshold is None  # size wins
 
 
@@ -359,10 +462,22 @@ def test_recipe_reads_like_resize_lora():
     ("keys", "says"),
     [
         (["lora_unet_a.hada_w1_a", "lora_unet_a.hada_w1_b", "lora_unet_a.alpha"], "LoHa"),
-        (["lora_unet_a.lokr_w1", "lora_unet_a.alpha"], "LoKr"),  # incomplete: no lokr_w2 (a whole LoKr resizes, tests/engine/test_adapters.py)
-        (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.lora_mid.weight"], "Tucker"),
+        (
+            ["lora_unet_a.lokr_w1", "lora_unet_a.alpha"],
+            "LoKr",
+        ),  # incomplete: no lokr_w2 (a whole LoKr resizes, tests/engine/test_adapters.py)
+        (
+            ["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.lora_mid.weight"],
+            "Tucker",
+        ),
         (["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.dora_scale"], "DoRA"),
-        (["unet.down_blocks.1.attentions.0.proj_in.lora_A.weight", "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight"], "diffusers/PEFT"),
+        (
+            [
+                "unet.down_blocks.1.attentions.0.proj_in.lora_A.weight",
+                "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight",
+            ],
+            "diffusers/PEFT",
+        ),
         (["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "1.x"),
         (["lora_unet_a.lora_down.weight", "lora_unet_a.weight_norm"], "not part of a kohya LoRA"),
     ],
@@ -378,6 +493,13 @@ def test_other_adapter_formats_are_refused_in_one_sentence(tmp_path, tiny_path, 
 def test_a_lora_of_another_shape_is_refused(tmp_path, tiny_path):
     name = "lora_unet_input_blocks_4_1_proj_in"  # 32 × 32 in the twin
     path = tmp_path / "big.safetensors"
-    save_lora(path, {name + ".lora_down.weight": torch.ones(4, 640), name + ".lora_up.weight": torch.ones(640, 4), name + ".alpha": torch.tensor(4.0)})
+    save_lora(
+        path,
+        {
+            name + ".lora_down.weight": torch.ones(4, 640),
+            name + ".lora_up.weight": torch.ones(640, 4),
+            name + ".alpha": torch.tensor(4.0),
+        },
+    )
     with pytest.raises(UserError, match="another model family"):
         resize(tiny_path, path, "fro_ckpt=1,thr=-3")

@@ -44,8 +44,24 @@ def files(tiny_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("meta")
     data = make_dataset(tmp / "zkw thing", images=2)  # the dataset folder names the run
     out = tmp / "out"
-    code = main(["train", str(data), "-o", str(out), "--model", str(tiny_path), "--recipe", str(data / "loradrop.toml"),
-                 "--set", "max_train_steps=1", "--set", "conv_dim=256", "--cache-dir", str(tmp / "cache")])
+    code = main(
+        [
+            "train",
+            str(data),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_path),
+            "--recipe",
+            str(data / "loradrop.toml"),
+            "--set",
+            "max_train_steps=1",
+            "--set",
+            "conv_dim=256",
+            "--cache-dir",
+            str(tmp / "cache"),
+        ]
+    )
     assert code == 0
     trained = out / "zkw thing.safetensors"
     size = 0.9 * trained.stat().st_size / 2**20
@@ -68,8 +84,15 @@ def read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 def modules(tensors) -> dict[str, tuple[int, float, bool]]:
     """module → (rank, alpha, is a 3x3 conv)."""
-    return {k[: -len(".lora_down.weight")]: (t.shape[0], float(tensors[k.replace("lora_down.weight", "alpha")]), t.dim() == 4 and t.shape[-1] == 3)
-            for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    return {
+        k[: -len(".lora_down.weight")]: (
+            t.shape[0],
+            float(tensors[k.replace("lora_down.weight", "alpha")]),
+            t.dim() == 4 and t.shape[-1] == 3,
+        )
+        for k, t in tensors.items()
+        if k.endswith(".lora_down.weight")
+    }
 
 
 @pytest.mark.parametrize("kind", ["trained", "resized", "chopped", "bench"])
@@ -90,13 +113,19 @@ def test_fields_a_lora_browser_reads_say_what_the_file_is(kind, files, tiny_path
     args = json.loads(meta["ss_network_args"])
     assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == "locon"
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors)
-    preset = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in tomllib.loads(args["preset"]).items()})
-    rebuilt = seed_modules(True, preset, Recipe(conv_dim=int(args["conv_dim"])))  # module → (down shape, up shape, alpha)
+    preset = Preset(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in tomllib.loads(args["preset"]).items()}
+    )
+    rebuilt = seed_modules(
+        True, preset, Recipe(conv_dim=int(args["conv_dim"]))
+    )  # module → (down shape, up shape, alpha)
     if kind in ("trained", "bench"):
         assert set(mods) == set(rebuilt)
         for module, (rank, alpha, conv) in mods.items():
             down = rebuilt[module][0]
-            cap = min(rebuilt[module][1][0], int(torch.Size(down[1:]).numel()))  # a layer's rank is capped at what it allows
+            cap = min(
+                rebuilt[module][1][0], int(torch.Size(down[1:]).numel())
+            )  # a layer's rank is capped at what it allows
             assert rank == (min(int(args["conv_dim"]), cap) if conv else int(meta["ss_network_dim"])), module
             assert alpha == float(args["conv_alpha"] if conv else meta["ss_network_alpha"]), module
     else:
@@ -107,7 +136,9 @@ def test_fields_a_lora_browser_reads_say_what_the_file_is(kind, files, tiny_path
 
     # The hashes: kohya's sshs_* of the file, the base's ss_sd_model_* of the checkpoint.
     data = path.read_bytes()
-    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    assert (
+        meta["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+    )
     as_kohya_saves = save(load_file(str(path)), {k: v for k, v in meta.items() if k.startswith("ss_")})
     assert meta["sshs_legacy_hash"] == hashlib.sha256(as_kohya_saves[0x100000:0x110000]).hexdigest()[:8]
     base = tiny_path.read_bytes()
@@ -120,6 +151,13 @@ def test_derived_files_keep_the_training_facts(files):
     trained, _ = read(files["trained"][0])
     for kind in ("resized", "chopped"):
         meta, _ = read(files[kind][0])
-        for key in ("ss_session_id", "ss_steps", "ss_tag_frequency", "ss_dataset_dirs", "ss_network_args", "ss_learning_rate"):
+        for key in (
+            "ss_session_id",
+            "ss_steps",
+            "ss_tag_frequency",
+            "ss_dataset_dirs",
+            "ss_network_args",
+            "ss_learning_rate",
+        ):
             assert meta[key] == trained[key], (kind, key)
     assert "resize_params" in read(files["chopped"][0])[0]  # a chop of a resized file says both

@@ -36,7 +36,12 @@ def test_twin_runs_forward(tiny_model):
         context = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1)
         x = torch.randn(1, 4, 16, 16)
         ids = torch.tensor([[128.0, 128, 0, 0, 128, 128]])
-        eps = m.unet(x, torch.tensor([500]), context, added_cond_kwargs={"text_embeds": o2.text_embeds, "time_ids": ids}).sample
+        eps = m.unet(
+            x,
+            torch.tensor([500]),
+            context,
+            added_cond_kwargs={"text_embeds": o2.text_embeds, "time_ids": ids},
+        ).sample
         img = m.vae.decode(x).sample
         back = m.vae.encode(img).latent_dist.mean
     assert eps.shape == x.shape and torch.isfinite(eps).all() and eps.std() > 0
@@ -52,7 +57,14 @@ def test_twin_is_deterministic(tiny_path, tmp_path):
 
 def test_twin_has_sdxl_topology():
     full, tiny = sdxl_config(), tiny_config()
-    for key in ("down_block_types", "up_block_types", "layers_per_block", "transformer_layers_per_block", "addition_embed_type", "use_linear_projection"):
+    for key in (
+        "down_block_types",
+        "up_block_types",
+        "layers_per_block",
+        "transformer_layers_per_block",
+        "addition_embed_type",
+        "use_linear_projection",
+    ):
         assert full.unet[key] == tiny.unet[key], key
     assert full.te1["num_hidden_layers"] == tiny.te1["num_hidden_layers"] == 12
     assert full.te2["num_hidden_layers"] == tiny.te2["num_hidden_layers"] == 32
@@ -120,7 +132,9 @@ def test_full_size_sgm_names_are_ldm_names(full_maps):
         assert key in unet, key
     te2 = maps["te2"].by_sgm["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"]
     assert te2.op == "qkv" and [d.rsplit(".", 2)[1] for d in te2.diffusers] == ["q_proj", "k_proj", "v_proj"]
-    assert maps["vae"].by_sgm["first_stage_model.decoder.up.0.block.2.conv1.weight"].diffusers == ("decoder.up_blocks.3.resnets.2.conv1.weight",)
+    assert maps["vae"].by_sgm["first_stage_model.decoder.up.0.block.2.conv1.weight"].diffusers == (
+        "decoder.up_blocks.3.resnets.2.conv1.weight",
+    )
 
 
 def test_te2_fused_projection_splits_in_qkv_order():
@@ -128,12 +142,14 @@ def test_te2_fused_projection_splits_in_qkv_order():
         [f"text_model.encoder.layers.0.self_attn.{p}_proj.weight" for p in "qkv"] + ["text_projection.weight"]
     )
     fused = torch.arange(12.0).reshape(6, 2)
-    parts = dict(cmap.to_diffusers("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", fused))
+    parts = dict(
+        cmap.to_diffusers("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", fused)
+    )
     assert torch.equal(parts["text_model.encoder.layers.0.self_attn.q_proj.weight"], fused[:2])
     assert torch.equal(parts["text_model.encoder.layers.0.self_attn.k_proj.weight"], fused[2:4])
     assert torch.equal(parts["text_model.encoder.layers.0.self_attn.v_proj.weight"], fused[4:])
     proj = torch.arange(6.0).reshape(2, 3)
-    (_, t), = cmap.to_diffusers("conditioner.embedders.1.model.text_projection", proj)
+    ((_, t),) = cmap.to_diffusers("conditioner.embedders.1.model.text_projection", proj)
     assert torch.equal(t, proj.t())
 
 
@@ -146,7 +162,9 @@ def _layout(names):
     for n in names:
         m = re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_", n)
         if m:
-            blocks[(["input_blocks", "middle_block", "output_blocks"].index(m.group(1)), int(m.group(2)))] += 3
+            blocks[
+                (["input_blocks", "middle_block", "output_blocks"].index(m.group(1)), int(m.group(2)))
+            ] += 3
         else:
             passthrough += 3
     return [blocks[k] for k in sorted(blocks)], passthrough
@@ -160,7 +178,12 @@ def test_locon_module_set_has_the_seed_layout(tiny_model):
     comps = collections.Counter(net.components.values())
     assert comps == {"unet": 788, "te1": 24, "te2": 64}
     assert _layout(net.loras.keys()) == (SEED_LAYOUT, 264)
-    assert all(n.startswith(("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_")) and n.endswith(("mlp_fc1", "mlp_fc2")) for n, c in net.components.items() if c != "unet")
+    assert all(
+        n.startswith(("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_"))
+        and n.endswith(("mlp_fc1", "mlp_fc2"))
+        for n, c in net.components.items()
+        if c != "unet"
+    )
 
 
 def test_full_size_locon_names_have_the_seed_layout(full_maps):
@@ -194,11 +217,32 @@ def _write(path, keys, metadata=None):
 @pytest.mark.parametrize(
     "keys, words",
     [
-        (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"], "Stable Diffusion 1.x"),
-        (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.model.ln_final.weight"], "Stable Diffusion 2.x"),
+        (
+            [
+                "model.diffusion_model.input_blocks.0.0.weight",
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+            ],
+            "Stable Diffusion 1.x",
+        ),
+        (
+            ["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.model.ln_final.weight"],
+            "Stable Diffusion 2.x",
+        ),
         (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "Flux"),
-        (["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight", "lora_unet_input_blocks_1_0_in_layers_2.alpha"], "LoRA"),
-        (["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.model.ln_final.weight"], "refiner"),
+        (
+            [
+                "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight",
+                "lora_unet_input_blocks_1_0_in_layers_2.alpha",
+            ],
+            "LoRA",
+        ),
+        (
+            [
+                "model.diffusion_model.input_blocks.0.0.weight",
+                "conditioner.embedders.0.model.ln_final.weight",
+            ],
+            "refiner",
+        ),
         (["some.other.weight"], "not an SDXL checkpoint"),
     ],
 )
@@ -215,7 +259,7 @@ def test_not_safetensors_truncated_and_missing(tmp_path, tiny_path):
     pickle_ckpt = tmp_path / "model.ckpt"
     pickle_ckpt.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     truncated = tmp_path / "cut.safetensors"
-    truncated.write_bytes(tiny_path.read_bytes()[: 5_000_000])
+    truncated.write_bytes(tiny_path.read_bytes()[:5_000_000])
     cases = {
         text: "not a safetensors file",
         pickle_ckpt: "pickle checkpoint",
@@ -246,8 +290,19 @@ def test_bad_model_on_the_command_line_is_one_sentence(tmp_path):
     bad = _write(tmp_path / "flux.safetensors", ["double_blocks.0.img_attn.qkv.weight"])
     data = make_dataset(tmp_path / "data")
     r = subprocess.run(
-        [sys.executable, "-m", "loradrop", "train", str(data), "-o", str(tmp_path / "out"), "--model", str(bad)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "loradrop",
+            "train",
+            str(data),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("loradrop:")]
@@ -261,8 +316,13 @@ def test_diffusers_folder_loads(tmp_path, tiny_model):
 
     tok1, tok2 = tokenizers()
     pipe = StableDiffusionXLPipeline(
-        vae=tiny_model.vae, text_encoder=tiny_model.te1, text_encoder_2=tiny_model.te2,
-        tokenizer=tok1, tokenizer_2=tok2, unet=tiny_model.unet, scheduler=_scheduler(tiny_model),
+        vae=tiny_model.vae,
+        text_encoder=tiny_model.te1,
+        text_encoder_2=tiny_model.te2,
+        tokenizer=tok1,
+        tokenizer_2=tok2,
+        unet=tiny_model.unet,
+        scheduler=_scheduler(tiny_model),
     )
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = load_sdxl(tmp_path / "pipe")
@@ -283,18 +343,28 @@ def test_read_all_takes_any_layout_and_refuses_a_cut_file(tmp_path):
     import json
     import struct
 
-    parts = {"a": torch.tensor([1.5], dtype=torch.float16), "b": torch.arange(3, dtype=torch.float32) / 7, "c": torch.zeros(0, 4)}
+    parts = {
+        "a": torch.tensor([1.5], dtype=torch.float16),
+        "b": torch.arange(3, dtype=torch.float32) / 7,
+        "c": torch.zeros(0, 4),
+    }
     header, payload = {"__metadata__": {"k": "v"}}, b""
     for key, t in parts.items():
         data = t.numpy().tobytes()
-        header[key] = {"dtype": {torch.float16: "F16", torch.float32: "F32"}[t.dtype], "shape": list(t.shape), "data_offsets": [len(payload), len(payload) + len(data)]}
+        header[key] = {
+            "dtype": {torch.float16: "F16", torch.float32: "F32"}[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [len(payload), len(payload) + len(data)],
+        }
         payload += data
     head = json.dumps(header).encode()
     path = tmp_path / "odd.safetensors"
     path.write_bytes(struct.pack("<Q", len(head)) + head + payload)
     with tensorfile.TensorFile(path) as tf:
         got = tf.read_all()
-    assert got.keys() == parts.keys() and all(torch.equal(got[k], parts[k]) and got[k].dtype == parts[k].dtype for k in parts)
+    assert got.keys() == parts.keys() and all(
+        torch.equal(got[k], parts[k]) and got[k].dtype == parts[k].dtype for k in parts
+    )
     with tensorfile.TensorFile(path) as tf:
         assert tf.read_all(torch.float64)["b"].dtype == torch.float64
     path.write_bytes(path.read_bytes()[:-5])

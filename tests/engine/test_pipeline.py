@@ -8,18 +8,22 @@ import math
 import pytest
 import torch
 
-from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, make_dataset
 from loradrop.engine import tensorfile
+from loradrop.engine.events import encode
 from loradrop.engine.jobspec import JobSpec
 from loradrop.engine.session import Session
-from loradrop.engine.events import encode
+from loradrop.testing import BUCKET_SIZES, TINY_RECIPE, make_dataset
 
 
 def _spec(tmp_path, data, job_id, **extra):
     return JobSpec(
-        job_id=job_id, name="demo", dataset=data, out_dir=tmp_path / job_id,
+        job_id=job_id,
+        name="demo",
+        dataset=data,
+        out_dir=tmp_path / job_id,
         recipe={**TINY_RECIPE, "max_train_steps": 2, "sample_every_n_steps": 0},
-        cache_dir=tmp_path / "cache", **extra,
+        cache_dir=tmp_path / "cache",
+        **extra,
     )
 
 
@@ -32,7 +36,9 @@ def test_a_job_trains_resizes_analyses_and_chops(session, tmp_path):
     data = make_dataset(tmp_path / "data", images=3, sizes=BUCKET_SIZES)
     events = []
     vector = "1,0,0,0,0,0,0,0,0,0,0,0,0,1,0,0,0,0,0,0,0"  # the guide's example: OUT01 only
-    result = session.run(_spec(tmp_path, data, "job1", block_vector=vector), lambda e: events.append(encode(e)))
+    result = session.run(
+        _spec(tmp_path, data, "job1", block_vector=vector), lambda e: events.append(encode(e))
+    )
     stages = [p["stage"] for k, p in events if k == "stage"]
     assert stages == ["scan", "cache", "train", "resize", "analyze", "chop", "done"]
     kinds = [p["kind"] for k, p in events if k == "artifact"]
@@ -62,8 +68,17 @@ class PreviewEachStep:
         self.session, self.lora, self.out_dir, self.paths = session, lora, out_dir, []
 
     def poll(self, lend=None):
-        render = self.session.start_preview(self.lora, "1," + ",".join(["0"] * 12 + ["1"] * 8), ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir)
-        render.advance(math.inf, lambda: None, lend)  # the job's adapters, lent by the loop, set aside meanwhile
+        render = self.session.start_preview(
+            self.lora,
+            "1," + ",".join(["0"] * 12 + ["1"] * 8),
+            ["a circle --w 64 --h 64 --s 2"],
+            3,
+            None,
+            self.out_dir,
+        )
+        render.advance(
+            math.inf, lambda: None, lend
+        )  # the job's adapters, lent by the loop, set aside meanwhile
         self.paths += render.paths
         return set()
 
@@ -81,7 +96,9 @@ class PreviewInSlices(PreviewEachStep):
 
     def poll(self, lend=None):
         if self.render is None:
-            self.render = self.session.start_preview(self.lora, None, ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir, steps=2)
+            self.render = self.session.start_preview(
+                self.lora, None, ["a circle --w 64 --h 64 --s 2"], 3, None, self.out_dir, steps=2
+            )
         if not self.render.finished:
             self.render.advance(0.0, lambda: None, lend)
             self.slices += 1
@@ -98,21 +115,34 @@ def test_previews_between_steps_leave_training_unchanged(session, tmp_path):
         ta, tb = a.read_all(), b.read_all()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     # a preview between jobs renders the same picture as one during a job
-    again = session.preview(plain.final, "1," + ",".join(["0"] * 12 + ["1"] * 8), ["a circle --w 64 --h 64 --s 2"], 3, None, tmp_path / "again")
+    again = session.preview(
+        plain.final,
+        "1," + ",".join(["0"] * 12 + ["1"] * 8),
+        ["a circle --w 64 --h 64 --s 2"],
+        3,
+        None,
+        tmp_path / "again",
+    )
     assert again[0].read_bytes() == control.paths[0].read_bytes()
 
 
-def test_a_preview_in_slices_between_steps_is_the_same_picture_and_leaves_training_unchanged(session, tmp_path):
+def test_a_preview_in_slices_between_steps_is_the_same_picture_and_leaves_training_unchanged(
+    session, tmp_path
+):
     data = make_dataset(tmp_path / "data", images=2, sizes=BUCKET_SIZES)
     plain = session.run(_spec(tmp_path, data, "plain"), lambda *a: None)
     control = PreviewInSlices(session, plain.final, tmp_path / "sliced")
     busy = session.run(_spec(tmp_path, data, "busy"), lambda *a: None, control)
-    assert control.slices == 2 and control.render.finished  # the job's two steps, one denoising step after each
+    assert (
+        control.slices == 2 and control.render.finished
+    )  # the job's two steps, one denoising step after each
     with tensorfile.TensorFile(plain.final) as a, tensorfile.TensorFile(busy.final) as b:
         ta, tb = a.read_all(), b.read_all()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     (sliced,) = control.render.paths
-    (whole,) = session.preview(plain.final, None, ["a circle --w 64 --h 64 --s 2"], 3, None, tmp_path / "whole", steps=2)
+    (whole,) = session.preview(
+        plain.final, None, ["a circle --w 64 --h 64 --s 2"], 3, None, tmp_path / "whole", steps=2
+    )
     assert sliced.read_bytes() == whole.read_bytes()
 
 
@@ -126,8 +156,11 @@ def test_a_written_lora_with_inf_or_nan_is_refused_and_never_listed(tmp_path):
     def write(bad: float):
         def into(staging):
             path = staging / "x-chop.safetensors"
-            save_file({"m.lora_up.weight": torch.tensor([[1.0, bad]]), "m.alpha": torch.tensor(1.0)}, str(path))
+            save_file(
+                {"m.lora_up.weight": torch.tensor([[1.0, bad]]), "m.alpha": torch.tensor(1.0)}, str(path)
+            )
             return path
+
         return into
 
     for bad in (float("inf"), float("nan")):
@@ -139,7 +172,9 @@ def test_a_written_lora_with_inf_or_nan_is_refused_and_never_listed(tmp_path):
 
 
 def test_the_analysis_suggests_blocks_by_their_effect_on_the_sample_prompts(session, tmp_path):
-    data = make_dataset(tmp_path / "data", images=2, sizes=BUCKET_SIZES, prompts=["a circle --w 64 --h 64 --s 4 --d 1"])
+    data = make_dataset(
+        tmp_path / "data", images=2, sizes=BUCKET_SIZES, prompts=["a circle --w 64 --h 64 --s 4 --d 1"]
+    )
     spec = _spec(tmp_path, data, "job-effect")
     spec.recipe = {**spec.recipe, "suggest_by": "effect", "resize_recipe": ""}
     events = []
@@ -151,5 +186,7 @@ def test_the_analysis_suggests_blocks_by_their_effect_on_the_sample_prompts(sess
     kept = sum(s for s, v in zip(analysis["effect_shares"], vector[1:]) if v)
     assert vector[0] == 1 and kept >= 0.9 - 1e-9
     measured = [p for k, p in events if k == "progress" and p["stage"] == "analyze"]
-    assert measured and measured[-1]["done"] == measured[-1]["total"] == 22  # every block off, then all on and all off
+    assert (
+        measured and measured[-1]["done"] == measured[-1]["total"] == 22
+    )  # every block off, then all on and all off
     assert any("most effect on the sample prompts" in p["text"] for k, p in events if k == "log")

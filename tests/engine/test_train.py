@@ -12,14 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from loradrop.testing import BUCKET_SIZES as SIZES, TINY_RECIPE, conditioning_dims, free_port, make_dataset, diffusers_pipeline
 from loradrop.engine import tensorfile
 from loradrop.engine.data.dataset import scan
+from loradrop.engine.events import Cancelled, encode
 from loradrop.engine.models.sdxl import load_sdxl
 from loradrop.engine.recipe import Recipe
 from loradrop.engine.train.loop import train
 from loradrop.errors import UserError
-from loradrop.engine.events import Cancelled, encode
+from loradrop.testing import (
+    BUCKET_SIZES as SIZES,
+)
+from loradrop.testing import (
+    TINY_RECIPE,
+    conditioning_dims,
+    diffusers_pipeline,
+    free_port,
+    make_dataset,
+)
 
 CPU = torch.device("cpu")
 PROMPTS = ["a circle, plain background --w 64 --h 64 --s 3 --d 5"]
@@ -31,8 +40,17 @@ RECIPE = {**TINY_RECIPE, "train_batch_size": 2, "min_bucket_reso": 32, "conv_dim
 def _train(model, data: Path, out, cache, events=None, *, control=None, resume=False, **overrides):
     recipe = Recipe.from_mapping({**RECIPE, **overrides})
     log = events if events is not None else []
-    return train(model, scan(data, recipe), out, recipe, device=CPU, cache_dir=cache, emit=lambda e: log.append(encode(e)), control=control, resume=resume)
-
+    return train(
+        model,
+        scan(data, recipe),
+        out,
+        recipe,
+        device=CPU,
+        cache_dir=cache,
+        emit=lambda e: log.append(encode(e)),
+        control=control,
+        resume=resume,
+    )
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -62,7 +80,12 @@ def _eval_loss(model, dataset_dir, cache_dir) -> float:
             x0, noise = x0.expand(3, -1, -1, -1), noise.expand(3, -1, -1, -1)
             ctx, pooled = encode_text(model, *tokenize(model, [item.caption] * 3, CPU))
             ids = size_ids([lat.original_size] * 3, [lat.crop_top_left] * 3, [lat.target_size] * 3, CPU)
-            pred = model.unet(add_noise(x0, noise, t, alphas_cumprod()), t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+            pred = model.unet(
+                add_noise(x0, noise, t, alphas_cumprod()),
+                t,
+                ctx,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+            ).sample
             total += torch.nn.functional.mse_loss(pred, noise).item()
     return total / len(ds.items)
 
@@ -103,22 +126,58 @@ def trained(tiny_path, tmp_path_factory):
     model = load_sdxl(tiny_path)
     data = make_dataset(tmp / "data", images=4, sizes=SIZES, prompts=PROMPTS)
     events = []
-    result = _train(model, data, tmp / "out", tmp / "cache", events, max_train_steps=3, sample_every_n_steps=2, log_with="tensorboard", output_name="mylora")
+    result = _train(
+        model,
+        data,
+        tmp / "out",
+        tmp / "cache",
+        events,
+        max_train_steps=3,
+        sample_every_n_steps=2,
+        log_with="tensorboard",
+        output_name="mylora",
+    )
     return result, events, tmp / "out", model
 
 
 def test_step_files_names_and_metadata(trained):
     result, events, out, _ = trained
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["mylora-step00000001.safetensors", "mylora-step00000002.safetensors", "mylora.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "mylora-step00000001.safetensors",
+        "mylora-step00000002.safetensors",
+        "mylora.safetensors",
+    ]
     with tensorfile.TensorFile(result.final) as tf:
         meta = tf.metadata
         assert {tf.infos[k].dtype for k in tf.keys()} == {"F16"}  # save_precision fp16
-    for key in ("ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_optimizer", "ss_max_grad_norm",
-                "ss_base_model_version", "ss_multires_noise_iterations", "ss_tag_frequency", "ss_bucket_info", "ss_dataset_dirs",
-                "ss_sd_model_name", "ss_steps", "ss_network_args", "ss_session_id", "ss_training_started_at"):
+    for key in (
+        "ss_output_name",
+        "ss_network_module",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_optimizer",
+        "ss_max_grad_norm",
+        "ss_base_model_version",
+        "ss_multires_noise_iterations",
+        "ss_tag_frequency",
+        "ss_bucket_info",
+        "ss_dataset_dirs",
+        "ss_sd_model_name",
+        "ss_steps",
+        "ss_network_args",
+        "ss_session_id",
+        "ss_training_started_at",
+    ):
         assert key in meta, key
-    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_steps"] == "3" and meta["ss_output_name"] == "mylora"
-    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora" and meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert (
+        meta["ss_base_model_version"] == "sdxl_base_v1-0"
+        and meta["ss_steps"] == "3"
+        and meta["ss_output_name"] == "mylora"
+    )
+    assert (
+        meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+        and meta["modelspec.sai_model_spec"] == "1.0.1"
+    )
     assert json.loads(meta["ss_network_args"])["conv_dim"] == "256"
     from loradrop.engine.lora.lorafile import lora_hashes
 
@@ -146,7 +205,28 @@ def test_seed_layout_on_the_trained_file(trained):
 
     result, *_ = trained
     lay = layout(_tensors(result.final))
-    assert [len(b.keys) for b in lay.blocks] == [9, 9, 3, 78, 75, 3, 318, 315, 9, 306, 9, 318, 318, 321, 78, 78, 81, 12, 12, 12]
+    assert [len(b.keys) for b in lay.blocks] == [
+        9,
+        9,
+        3,
+        78,
+        75,
+        3,
+        318,
+        315,
+        9,
+        306,
+        9,
+        318,
+        318,
+        321,
+        78,
+        78,
+        81,
+        12,
+        12,
+        12,
+    ]
     assert len(lay.passthrough) == 264
 
 
@@ -229,7 +309,9 @@ def test_sampling_does_not_change_training(tiny_path, tmp_path):
     model = load_sdxl(tiny_path)
     data = make_dataset(tmp_path / "data", images=3, sizes=SIZES, prompts=PROMPTS)
     plain = _train(model, data, tmp_path / "a", tmp_path / "cache", max_train_steps=3)
-    sampled = _train(model, data, tmp_path / "b", tmp_path / "cache", max_train_steps=3, sample_every_n_steps=1)
+    sampled = _train(
+        model, data, tmp_path / "b", tmp_path / "cache", max_train_steps=3, sample_every_n_steps=1
+    )
     a, b = _tensors(plain.final), _tensors(sampled.final)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(sampled.samples) == 3
@@ -257,7 +339,16 @@ def test_a_cancel_stops_a_sample_between_denoising_steps(tiny_path, tmp_path):
     control = CancelWhileSampling(at=5)
     events = []
     with pytest.raises(Cancelled):
-        _train(load_sdxl(tiny_path), data, tmp_path / "out", tmp_path / "cache", events, control=control, max_train_steps=3, sample_every_n_steps=1)
+        _train(
+            load_sdxl(tiny_path),
+            data,
+            tmp_path / "out",
+            tmp_path / "cache",
+            events,
+            control=control,
+            max_train_steps=3,
+            sample_every_n_steps=1,
+        )
     assert control.checks == 5, "sampling went on past the cancel"
     assert not any(k == "sample" for k, _ in events), "the sample was finished anyway"
     assert (tmp_path / "out" / "state" / "training-state.safetensors").is_file()
@@ -269,15 +360,34 @@ def test_a_diverging_run_stops_with_a_reason_and_writes_no_non_finite_file(tiny_
     import dataclasses
 
     data = make_dataset(tmp_path / "data", images=2)
-    recipe = dataclasses.replace(Recipe.from_mapping({**RECIPE, "max_train_steps": 4}), learning_rate=1e308, unet_lr=1e308, text_encoder_lr=1e308, max_grad_norm=0.0)
+    recipe = dataclasses.replace(
+        Recipe.from_mapping({**RECIPE, "max_train_steps": 4}),
+        learning_rate=1e308,
+        unet_lr=1e308,
+        text_encoder_lr=1e308,
+        max_grad_norm=0.0,
+    )
     events = []
     with pytest.raises(UserError) as e:
-        train(load_sdxl(tiny_path), scan(data, recipe), tmp_path / "out", recipe, device=CPU, cache_dir=tmp_path / "cache",
-              emit=lambda e: events.append(encode(e)))
-    assert str(e.value).startswith("training diverged: ") and "NaN detected" in str(e.value) and "lower the learning rate" in str(e.value), str(e.value)
+        train(
+            load_sdxl(tiny_path),
+            scan(data, recipe),
+            tmp_path / "out",
+            recipe,
+            device=CPU,
+            cache_dir=tmp_path / "cache",
+            emit=lambda e: events.append(encode(e)),
+        )
+    assert (
+        str(e.value).startswith("training diverged: ")
+        and "NaN detected" in str(e.value)
+        and "lower the learning rate" in str(e.value)
+    ), str(e.value)
     listed = [p["path"] for k, p in events if k == "artifact"]
     for path in [*listed, *(tmp_path / "out").glob("*.safetensors")]:
-        assert all(bool(t.isfinite().all()) for t in _tensors(Path(path)).values()), f"{path} holds inf or NaN"
+        assert all(bool(t.isfinite().all()) for t in _tensors(Path(path)).values()), (
+            f"{path} holds inf or NaN"
+        )
 
 
 def _cli_train(data, out, cache, steps, accum, env_extra=None):
@@ -297,13 +407,28 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_path):
     assert single.wait(timeout=300) == 0, single.stderr.read()
     port = str(free_port())
     procs = [
-        _cli_train(data, tmp_path / "ddp", cache, steps=3, accum=1, env_extra={
-            "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        _cli_train(
+            data,
+            tmp_path / "ddp",
+            cache,
+            steps=3,
+            accum=1,
+            env_extra={
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
         for r in range(2)
     ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
-    a, b = _tensors(tmp_path / "single" / "data.safetensors"), _tensors(tmp_path / "ddp" / "data.safetensors")  # named after the dataset folder
+    a, b = (
+        _tensors(tmp_path / "single" / "data.safetensors"),
+        _tensors(tmp_path / "ddp" / "data.safetensors"),
+    )  # named after the dataset folder
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), atol=2e-3, rtol=1e-2, msg=k)
@@ -324,7 +449,9 @@ def test_bad_files_are_skipped_and_listed(tiny_path, tmp_path):
     (data / "badtext.png").write_bytes((data / "img1.png").read_bytes())
     (data / "badtext.txt").write_bytes(b"\xff\xfe\xfa caption")
     events = []
-    result = _train(load_sdxl(tiny_path), data, tmp_path / "out", tmp_path / "cache", events, max_train_steps=1)
+    result = _train(
+        load_sdxl(tiny_path), data, tmp_path / "out", tmp_path / "cache", events, max_train_steps=1
+    )
     warnings = [p["text"] for k, p in events if k == "log" and p["level"] == "warning"]
     assert len(warnings) == 1
     for name in ("empty.png", "broken.png", "nocaption.png", "badtext"):
@@ -340,11 +467,23 @@ def test_a_kohya_folder_trains_each_subfolder_n_times(tiny_path, tmp_path):
     make_dataset(data / "3_plain thing", images=1, sizes=SIZES)
     (data / "3_plain thing" / "img0.txt").unlink()
     events = []
-    result = _train(load_sdxl(tiny_path), data, tmp_path / "out", tmp_path / "cache", events, max_train_steps=2,
-                    caption_dropout_rate=0.5, caption_tag_dropout_rate=0.5, keep_tokens=1)
+    result = _train(
+        load_sdxl(tiny_path),
+        data,
+        tmp_path / "out",
+        tmp_path / "cache",
+        events,
+        max_train_steps=2,
+        caption_dropout_rate=0.5,
+        caption_tag_dropout_rate=0.5,
+        keep_tokens=1,
+    )
     with tensorfile.TensorFile(result.final) as tf:
         meta = tf.metadata
-    assert json.loads(meta["ss_dataset_dirs"]) == {"10_zkw": {"n_repeats": 10, "img_count": 2}, "3_plain thing": {"n_repeats": 3, "img_count": 1}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {
+        "10_zkw": {"n_repeats": 10, "img_count": 2},
+        "3_plain thing": {"n_repeats": 3, "img_count": 1},
+    }
     assert meta["ss_num_train_images"] == "23" and meta["ss_caption_dropout_rate"] == "0.5"
     assert "plain thing" in json.loads(meta["ss_tag_frequency"])["img"]  # the class tokens, as a caption
 
@@ -356,7 +495,11 @@ def test_unusable_dataset_fails_in_one_sentence(tmp_path, make):
     if make == "only-bad":
         (data / "a.png").write_bytes(b"not a png")
         (data / "a.txt").write_text("caption")
-    r = subprocess.run([sys.executable, "-m", "loradrop", "train", str(data), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "loradrop", "train", str(data), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0 and str(data) in r.stderr
 
@@ -384,7 +527,9 @@ def test_gradient_checkpointing_path_gives_the_same_gradients(tiny_path):
         for p in params:
             p.grad = None
         context, pooled = encode_text(model, *tokenize(model, ["a", "b"], CPU))
-        model.unet(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample.square().mean().backward()
+        model.unet(
+            x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}
+        ).sample.square().mean().backward()
         return [None if p.grad is None else p.grad.clone() for p in params]  # TE1's last layer: None
 
     try:
@@ -407,11 +552,20 @@ def test_bf16_mixed_precision_path_trains(tiny_path, tmp_path, monkeypatch):
     the CPU, which supports bf16 autocast too: every dtype meets where it should."""
     from loradrop.engine.train.precision import Precision
 
-    monkeypatch.setattr(Precision, "for_run_settings", classmethod(lambda cls, mp, device: cls(torch.bfloat16, torch.bfloat16)))
+    monkeypatch.setattr(
+        Precision,
+        "for_run_settings",
+        classmethod(lambda cls, mp, device: cls(torch.bfloat16, torch.bfloat16)),
+    )
     model = load_sdxl(tiny_path, dtype=torch.bfloat16)
     data = make_dataset(tmp_path / "data", images=2, sizes=SIZES, prompts=PROMPTS)
     events = []
-    result = _train(model, data, tmp_path / "out", tmp_path / "cache", events, max_train_steps=2, sample_every_n_steps=2)
+    result = _train(
+        model, data, tmp_path / "out", tmp_path / "cache", events, max_train_steps=2, sample_every_n_steps=2
+    )
     losses = [p["loss"] for k, p in events if k == "progress" and p["stage"] == "train"]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert result.samples and _tensors(result.final)["lora_unet_output_blocks_1_1_proj_in.lora_up.weight"].abs().sum() > 0
+    assert (
+        result.samples
+        and _tensors(result.final)["lora_unet_output_blocks_1_1_proj_in.lora_up.weight"].abs().sum() > 0
+    )

@@ -41,12 +41,25 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def huge_png(width: int, height: int) -> bytes:
     """A valid PNG header that claims width x height, with almost no data: a decompression bomb's face."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 4)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 4))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def animated(fmt: str, seed: int) -> bytes:
     frames = [rgb(seed + i) for i in range(3)]
-    return _save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0, **({"lossless": True} if fmt == "WEBP" else {}))
+    return _save(
+        frames[0],
+        fmt,
+        save_all=True,
+        append_images=frames[1:],
+        duration=50,
+        loop=0,
+        **({"lossless": True} if fmt == "WEBP" else {}),
+    )
 
 
 def png16(seed: int) -> bytes:
@@ -82,20 +95,32 @@ KINDS: dict[str, Kind] = {
     "animated_png": Kind(lambda s: animated("PNG", s), ".png", "item"),
     "animated_webp": Kind(lambda s: animated("WEBP", s), ".webp", "item"),
     "odd_size": Kind(lambda s: _save(rgb(s, (1, 300)), "PNG"), ".png", "item"),
-    "png_named_jpg": Kind(lambda s: _save(rgb(s), "PNG"), ".jpg", "item"),  # the content decides, not the name
-    "gif_named_png": Kind(lambda s: _save(rgb(s).convert("P"), "GIF"), ".png", "skipped", "not a PNG, JPEG or WebP"),
+    "png_named_jpg": Kind(
+        lambda s: _save(rgb(s), "PNG"), ".jpg", "item"
+    ),  # the content decides, not the name
+    "gif_named_png": Kind(
+        lambda s: _save(rgb(s).convert("P"), "GIF"), ".png", "skipped", "not a PNG, JPEG or WebP"
+    ),
     "bmp_named_webp": Kind(lambda s: _save(rgb(s), "BMP"), ".webp", "skipped", "not a PNG, JPEG or WebP"),
     "huge_png": Kind(lambda s: huge_png(100_000, 100_000 + s % 7), ".png", "skipped", "too large"),
     "big_png": Kind(lambda s: huge_png(12_000, 12_000), ".png", "skipped", "too large"),
     "empty": Kind(lambda s: b"", ".png", "skipped", "empty file"),
     "garbage": Kind(lambda s: np.random.default_rng(s).bytes(500), ".jpg", "skipped", ""),
-    "truncated_png": Kind(lambda s: truncated(_save(rgb(s), "PNG"), 0.1 + (s % 80) / 100), ".png", "skipped", ""),
-    "truncated_jpeg": Kind(lambda s: truncated(_save(rgb(s), "JPEG"), 0.3 + (s % 60) / 100), ".jpg", "either"),
-    "truncated_webp": Kind(lambda s: truncated(_save(rgb(s), "WEBP"), 0.2 + (s % 70) / 100), ".webp", "skipped", ""),
+    "truncated_png": Kind(
+        lambda s: truncated(_save(rgb(s), "PNG"), 0.1 + (s % 80) / 100), ".png", "skipped", ""
+    ),
+    "truncated_jpeg": Kind(
+        lambda s: truncated(_save(rgb(s), "JPEG"), 0.3 + (s % 60) / 100), ".jpg", "either"
+    ),
+    "truncated_webp": Kind(
+        lambda s: truncated(_save(rgb(s), "WEBP"), 0.2 + (s % 70) / 100), ".webp", "skipped", ""
+    ),
 }
 
 
-def write_kind(folder: Path, stem: str | bytes, kind: str, seed: int, caption: bytes | None = b"a photo of zkw thing") -> Path:
+def write_kind(
+    folder: Path, stem: str | bytes, kind: str, seed: int, caption: bytes | None = b"a photo of zkw thing"
+) -> Path:
     """Write one file of `kind` named stem + its suffix, with a caption (None: no caption file).
     A bytes stem makes a name that is not UTF-8."""
     k = KINDS[kind]

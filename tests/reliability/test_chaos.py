@@ -31,6 +31,10 @@ def test_jobs_survive_random_kills_of_the_worker_and_the_daemon():
     print(report)
     assert not report.violations, "\n".join(report.violations)
     assert report.done + report.failed == jobs
-    assert report.worker_kills + report.worker_freezes + report.daemon_kills + report.daemon_stops >= 1, "no kill happened: the run tested nothing"
-    assert report.done >= 1, f"no job finished, so none was compared with its uninterrupted run: {report.failures}"
+    assert report.worker_kills + report.worker_freezes + report.daemon_kills + report.daemon_stops >= 1, (
+        "no kill happened: the run tested nothing"
+    )
+    assert report.done >= 1, (
+        f"no job finished, so none was compared with its uninterrupted run: {report.failures}"
+    )
     assert report.listed_files > 0 and report.events_followed > 0

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from loradrop.testing import free_port, make_dataset, pid_alive, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -18,8 +19,12 @@ pytestmark = pytest.mark.timeout(240)
 
 def _daemon(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """`loradrop daemon` expected to refuse to start."""
-    return subprocess.run([sys.executable, "-m", "loradrop", "daemon", "--home", str(home), "--workers", "0", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "loradrop", "daemon", "--home", str(home), "--workers", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _one_sentence(result: subprocess.CompletedProcess, *words: str) -> None:
@@ -60,7 +65,14 @@ def test_listening_on_another_live_daemons_socket_is_refused(home, daemons, tmp_
     with first.client() as c:
         assert c.status().pid == first.pid
     first.kill()  # a dead daemon's socket may be taken
-    second = daemons(tmp_path / "second", "--workers", "0", "--listen", f"unix:{home / 'daemon.sock'}", connect=f"unix:{home / 'daemon.sock'}")
+    second = daemons(
+        tmp_path / "second",
+        "--workers",
+        "0",
+        "--listen",
+        f"unix:{home / 'daemon.sock'}",
+        connect=f"unix:{home / 'daemon.sock'}",
+    )
     with second.client() as c:
         assert c.status().pid == second.pid
 
@@ -69,13 +81,18 @@ def test_tls_files_that_are_missing_swapped_or_unmatched_are_one_sentence_each(h
     """A missing file was a traceback; a swapped or unmatched pair said "in use, or not allowed"."""
     cert, key, token = tls
     other_key = tmp_path / "other-key.pem"
-    subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True, timeout=60
+    )
     listen = ["--listen", f"localhost:{free_port()}"]
     cases = [
         ((tmp_path / "nope.pem", key, token), ["--tls-cert", "nope.pem cannot be read"]),
         ((cert, tmp_path / "nope.pem", token), ["--tls-key", "nope.pem cannot be read"]),
         ((key, cert, token), ["holds a private key", "swap them"]),
-        ((cert, other_key, token), ["do not make a working pair", "the key does not belong to the certificate"]),
+        (
+            (cert, other_key, token),
+            ["do not make a working pair", "the key does not belong to the certificate"],
+        ),
         ((token, key, token), ["is not a PEM certificate"]),
         ((cert, key, tmp_path / "no-token"), ["cannot read the token file", "no-token"]),
     ]
@@ -87,8 +104,21 @@ def test_tls_files_that_are_missing_swapped_or_unmatched_are_one_sentence_each(h
 def test_a_client_given_missing_tls_or_token_files_says_which_option_in_one_sentence(home, tmp_path):
     """Reading them was a FileNotFoundError traceback from the client's constructor."""
     for option in ("--tls-ca", "--token-file"):
-        result = subprocess.run([sys.executable, "-m", "loradrop", "status", "--connect", f"localhost:{free_port()}", option, str(tmp_path / "gone.pem")],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loradrop",
+                "status",
+                "--connect",
+                f"localhost:{free_port()}",
+                option,
+                str(tmp_path / "gone.pem"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         _one_sentence(result, f"cannot read {option}", "gone.pem")
 
 
@@ -96,11 +126,26 @@ def test_a_token_file_others_can_read_is_warned_about(home, daemons, tls):
     cert, key, token = tls
     token.chmod(0o644)
     port = free_port()
-    d = daemons(home, "--workers", "0", "--listen", f"localhost:{port}", "--tls-cert", str(cert), "--tls-key", str(key),
-                "--token-file", str(token), connect=f"localhost:{port}", client_args={"tls_ca": cert, "token_file": token})
+    d = daemons(
+        home,
+        "--workers",
+        "0",
+        "--listen",
+        f"localhost:{port}",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--token-file",
+        str(token),
+        connect=f"localhost:{port}",
+        client_args={"tls_ca": cert, "token_file": token},
+    )
     with d.client() as c:
         c.status()
-    warning = f"the token file {token} can be read by other users (mode 0644); make it private: chmod 600 {token}"
+    warning = (
+        f"the token file {token} can be read by other users (mode 0644); make it private: chmod 600 {token}"
+    )
     assert warning in d.log() and warning in (home / "daemon.log").read_text()
 
 
@@ -111,16 +156,27 @@ def test_job_end_commands_are_bounded_in_time_and_end_with_the_daemon(home, daem
     make_dataset(home / "inbox" / "cats")
 
     def started(n: int) -> int:
-        found = wait_for(lambda: pids.exists() and len(listed := [int(p) for p in pids.read_text().split()]) >= n and listed,
-                         timeout=30, what=f"{n} job-end commands")
+        found = wait_for(
+            lambda: (
+                pids.exists() and len(listed := [int(p) for p in pids.read_text().split()]) >= n and listed
+            ),
+            timeout=30,
+            what=f"{n} job-end commands",
+        )
         return found[n - 1]
 
-    d = daemons(home, "--workers", "0", "--quiet-seconds", "3600", "--on-job-end", hook, "--on-job-end-seconds", "3")
+    d = daemons(
+        home, "--workers", "0", "--quiet-seconds", "3600", "--on-job-end", hook, "--on-job-end-seconds", "3"
+    )
     with d.client() as c:
         c.cancel(c.submit("cats", name="one").id)
         first = started(1)
         wait_for(lambda: not pid_alive(first), timeout=20, what="the command to be ended after its 3 s")
-        wait_for(lambda: "ran past 3 s and was ended" in (home / "daemon.log").read_text(), timeout=10, what="the log to say so")
+        wait_for(
+            lambda: "ran past 3 s and was ended" in (home / "daemon.log").read_text(),
+            timeout=10,
+            what="the log to say so",
+        )
     assert d.stop() == 0
 
     d = daemons(home, "--workers", "0", "--quiet-seconds", "3600", "--on-job-end", hook)  # 300 s to run

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loradrop.testing import make_dataset, wait_for
 
 from loradrop.engine.tensorfile import TensorFile
 from loradrop.proto.client import ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.testing import make_dataset, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -25,7 +25,11 @@ ENV = {"OMP_NUM_THREADS": "1"}
 def _tmpfs(folder: Path):
     """`folder` on its own 64 MB tmpfs while the fixture lives (needs root, as CI and this sandbox run)."""
     folder.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(folder)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); this test needs root")
     yield folder
@@ -59,7 +63,11 @@ def test_a_full_disk_fails_the_job_clearly_and_keeps_its_last_checkpoint(home, d
         job = c.submit("big")
         wait_for(lambda: c.job(job.id).progress.done >= 3, timeout=120, interval=0.05, what="three steps")
         filler = _fill(small_outputs)
-        failed = wait_for(lambda: (j := c.job(job.id)).state in (pb.DONE, pb.FAILED) and j, timeout=60, what="the job to fail")
+        failed = wait_for(
+            lambda: (j := c.job(job.id)).state in (pb.DONE, pb.FAILED) and j,
+            timeout=60,
+            what="the job to fail",
+        )
         assert failed.state == pb.FAILED
         assert "no space left" in failed.error.lower() and "free" in failed.error, failed.error
         assert c.status().pid == d.pid
@@ -79,15 +87,28 @@ def test_a_full_disk_fails_the_job_clearly_and_keeps_its_last_checkpoint(home, d
         _fill(small_outputs)  # what the failed job cleaned up (its partial files) is taken too
         with pytest.raises(ClientError) as e:  # a tool that writes a file says the same
             c.chop(steps[0].path, "SDXL-LyC-MIDALL")
-        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no space left" in str(e.value).lower(), (e.value.code, str(e.value))
+        assert (
+            e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no space left" in str(e.value).lower()
+        ), (e.value.code, str(e.value))
 
         filler.unlink()  # space is back
         assert c.retry(job.id).state == pb.QUEUED
-        wait_for(lambda: any("resuming after step" in e.log.text for e in c.events(job.id, follow=False) if e.HasField("log")),
-                 timeout=120, what="the retry to resume from the kept checkpoint")
+        wait_for(
+            lambda: any(
+                "resuming after step" in e.log.text
+                for e in c.events(job.id, follow=False)
+                if e.HasField("log")
+            ),
+            timeout=120,
+            what="the retry to resume from the kept checkpoint",
+        )
         c.cancel(job.id)
         after = c.submit("next")
-        done = wait_for(lambda: (j := c.job(after.id)).state in (pb.DONE, pb.FAILED) and j, timeout=120, what="the next job")
+        done = wait_for(
+            lambda: (j := c.job(after.id)).state in (pb.DONE, pb.FAILED) and j,
+            timeout=120,
+            what="the next job",
+        )
         assert done.state == pb.DONE, done.error
         assert Path(c.chop(steps[0].path, "SDXL-LyC-MIDALL").path).is_file()
     assert os.path.ismount(small_outputs)
@@ -110,20 +131,32 @@ def test_a_full_home_never_loses_a_jobs_end_and_refuses_uploads_clearly(small_ho
         job = c.submit("big")
         wait_for(lambda: c.job(job.id).progress.done >= 2, timeout=120, interval=0.05, what="two steps")
         filler = _fill(home)
-        failed = wait_for(lambda: (j := c.job(job.id)).state != pb.RUNNING and j, timeout=90, what="the job to end")
-        assert failed.state == pb.FAILED and failed.error.startswith("disk full: ") and failed.error.count(". ") == 0, failed.error
+        failed = wait_for(
+            lambda: (j := c.job(job.id)).state != pb.RUNNING and j, timeout=90, what="the job to end"
+        )
+        assert (
+            failed.state == pb.FAILED
+            and failed.error.startswith("disk full: ")
+            and failed.error.count(". ") == 0
+        ), failed.error
         assert c.status().pid == d.pid
 
         more = _fill(home / "inbox")  # what the failed write and the store's reserve gave back
         with pytest.raises(ClientError) as e:
             c.upload(make_dataset(tmp_path / "sent"))
-        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and str(e.value).startswith("disk full: "), (e.value.code, str(e.value))
-        assert not [p for p in (home / "inbox").iterdir() if p.name not in ("big", "filler")], "a refused upload left files behind"
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and str(e.value).startswith(
+            "disk full: "
+        ), (e.value.code, str(e.value))
+        assert not [p for p in (home / "inbox").iterdir() if p.name not in ("big", "filler")], (
+            "a refused upload left files behind"
+        )
 
         filler.unlink()
         more.unlink()  # space is back: the job can be retried and cancelled like any other
         assert c.retry(job.id).state == pb.QUEUED
         wait_for(lambda: c.job(job.id).state == pb.RUNNING, timeout=60, what="the retry to start")
         c.cancel(job.id)
-        cancelled = wait_for(lambda: (j := c.job(job.id)).state == pb.CANCELLED and j, timeout=60, what="the cancel")
+        cancelled = wait_for(
+            lambda: (j := c.job(job.id)).state == pb.CANCELLED and j, timeout=60, what="the cancel"
+        )
         assert cancelled.state == pb.CANCELLED

@@ -12,16 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+from hostile import KINDS, write_kind
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hostile import KINDS, write_kind
 
 from loradrop.engine.data.dataset import scan
 from loradrop.engine.data.images import BadImage, load_rgb
 from loradrop.engine.recipe import Recipe
 from loradrop.errors import UserError
 
-RECIPE = Recipe.from_mapping({"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_reso_steps": 32})
+RECIPE = Recipe.from_mapping(
+    {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_reso_steps": 32}
+)
 
 # Names: spaces, accents, CJK, emoji, newlines and tabs, and the ones no UTF-8 can spell.
 _ALPHABET = st.sampled_from(list("abcXYZ019 _-.,'()[]&é漢字🙂\n\t\r"))
@@ -29,7 +31,9 @@ _STEMS = st.one_of(
     st.text(_ALPHABET, min_size=1, max_size=30),
     st.just("L" * 200),  # long: 200 bytes + suffix, near the file system's 255
     st.just("🙂" * 50),  # 200 bytes of 4-byte characters
-    st.binary(min_size=1, max_size=12).map(lambda b: b"\xff" + b.replace(b"/", b"_").replace(b"\0", b"_")),  # not UTF-8
+    st.binary(min_size=1, max_size=12).map(
+        lambda b: b"\xff" + b.replace(b"/", b"_").replace(b"\0", b"_")
+    ),  # not UTF-8
 )
 _CAPTIONS = st.one_of(
     st.just(b"a photo of zkw thing, red, outdoors"),
@@ -38,7 +42,11 @@ _CAPTIONS = st.one_of(
     st.binary(max_size=64).map(lambda b: b"\xff" + b),  # binary: never UTF-8
     st.none(),  # no caption file at all
 )
-_ENTRIES = st.lists(st.tuples(_STEMS, st.sampled_from(sorted(KINDS)), _CAPTIONS, st.integers(0, 10_000)), min_size=1, max_size=8)
+_ENTRIES = st.lists(
+    st.tuples(_STEMS, st.sampled_from(sorted(KINDS)), _CAPTIONS, st.integers(0, 10_000)),
+    min_size=1,
+    max_size=8,
+)
 _EXTRAS = st.sets(st.sampled_from(["dir_named_png", "dangling_link", "link_out", "nested", "hidden"]))
 
 
@@ -89,17 +97,23 @@ def test_scan_sorts_every_hostile_file_into_items_or_skipped(entries, extras):
         try:
             dataset = scan(folder, RECIPE)
         except UserError as e:  # only when nothing is usable, and then it says so in one sentence
-            assert not any(what == "item" for what, _ in expected.values()), f"a usable image was refused: {e}"
+            assert not any(what == "item" for what, _ in expected.values()), (
+                f"a usable image was refused: {e}"
+            )
             return
         items = {item.path: item for item in dataset.items}
         skipped = dict(dataset.skipped)
         assert not items.keys() & skipped.keys()
-        assert items.keys() | skipped.keys() == expected.keys(), "every candidate is an item or skipped, nothing else"
+        assert items.keys() | skipped.keys() == expected.keys(), (
+            "every candidate is an item or skipped, nothing else"
+        )
         for path, (what, reason) in expected.items():
             if what == "item":
                 assert path in items, f"{path.name!r} should train, but was skipped: {skipped.get(path)}"
             elif what == "skipped":
-                assert path in skipped and reason in skipped[path], f"{path.name!r}: expected skipped for {reason!r}, got {skipped.get(path, 'an item')}"
+                assert path in skipped and reason in skipped[path], (
+                    f"{path.name!r}: expected skipped for {reason!r}, got {skipped.get(path, 'an item')}"
+                )
             assert skipped.get(path, "reason") != "", "a skipped file always has a reason"
         for path, item in items.items():
             try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from hostile import KINDS, write_kind
-from loradrop.testing import make_dataset, wait_for
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.testing import make_dataset, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -63,7 +63,9 @@ def test_hostile_drops_are_each_judged_and_the_good_ones_train(home, daemons, tm
     non_utf8 = os.path.join(os.fsencode(staging), b"not-utf8-\xff\xfe")
     make_dataset(Path(os.fsdecode(non_utf8)), settings=QUICK)
     _nest(staging / "deep", 1500)
-    (staging / "deep" / "readme.txt").write_text("the images are further down")  # a folder with no file never starts
+    (staging / "deep" / "readme.txt").write_text(
+        "the images are further down"
+    )  # a folder with no file never starts
 
     (inbox / "loop").symlink_to(inbox / "loop")  # a symlink loop at the top of the inbox
     (inbox / "empty").mkdir()  # never starts
@@ -72,15 +74,26 @@ def test_hostile_drops_are_each_judged_and_the_good_ones_train(home, daemons, tm
     for entry in os.listdir(os.fsencode(staging)):
         shutil.move(os.path.join(os.fsencode(staging), entry), os.path.join(os.fsencode(inbox), entry))
     good = {"mixed", "caf\u00e9 \U0001f642 new\nline", "L" * 240}
-    refused = {"linked": "symlinks pointing outside the inbox", "looped": "symlink", "loop": "symlink",
-               os.fsdecode(b"not-utf8-\xff\xfe"): "not valid UTF-8", "deep": "subfolders are not searched", "nested": "subfolders are not searched"}
+    refused = {
+        "linked": "symlinks pointing outside the inbox",
+        "looped": "symlink",
+        "loop": "symlink",
+        os.fsdecode(b"not-utf8-\xff\xfe"): "not valid UTF-8",
+        "deep": "subfolders are not searched",
+        "nested": "subfolders are not searched",
+    }
 
     with d.client() as c:
+
         def judged():
             status = c.status()  # answers all along, also while folders with odd names wait
             assert status.pid == d.pid
             jobs = c.jobs()
-            return len(jobs) == len(good) + len(refused) and all(j.state in (pb.DONE, pb.FAILED) for j in jobs) and jobs
+            return (
+                len(jobs) == len(good) + len(refused)
+                and all(j.state in (pb.DONE, pb.FAILED) for j in jobs)
+                and jobs
+            )
 
         jobs = wait_for(judged, timeout=200, interval=0.3, what="every folder to end as a job")
         by_folder = {}
@@ -97,7 +110,11 @@ def test_hostile_drops_are_each_judged_and_the_good_ones_train(home, daemons, tm
 
         events = list(c.events(follow=False))  # every stored event, each one sendable
         assert [e.global_seq for e in events] == list(range(1, len(events) + 1))
-        warnings = [e.log.text for e in c.events(by_folder["mixed"].id, follow=False) if e.HasField("log") and e.log.level == "warning"]
+        warnings = [
+            e.log.text
+            for e in c.events(by_folder["mixed"].id, follow=False)
+            if e.HasField("log") and e.log.level == "warning"
+        ]
         skipped = next(w for w in warnings if w.startswith("Skipped"))
         assert f"Skipped {bad_files} of {bad_files + 3}" in skipped
         assert "img9.png: caption not UTF-8" in skipped
@@ -106,7 +123,11 @@ def test_hostile_drops_are_each_judged_and_the_good_ones_train(home, daemons, tm
 
         # After all that, the inbox still takes a new folder.
         shutil.move(make_dataset(tmp_path / "after", settings=QUICK), inbox / "after")
-        after = wait_for(lambda: [j for j in c.jobs() if j.dataset.endswith("/after") and j.state in (pb.DONE, pb.FAILED)], timeout=60, what="a folder dropped after")
+        after = wait_for(
+            lambda: [j for j in c.jobs() if j.dataset.endswith("/after") and j.state in (pb.DONE, pb.FAILED)],
+            timeout=60,
+            what="a folder dropped after",
+        )
         assert after[0].state == pb.DONE, after[0].error
 
     log = (home / "daemon.log").read_text(errors="replace")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loradrop.testing import Daemon, make_dataset, wait_for
 
 from loradrop.proto.client import ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.testing import Daemon, make_dataset, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 QUIET = 0.5
@@ -37,20 +37,29 @@ def _dropped(d: Daemon, folder: Path, timeout: float = 30) -> pb.Job:
     target = d.home / "inbox" / folder.name
     shutil.move(folder, target)
     with d.client() as c:
-        return wait_for(lambda: next((j for j in c.jobs() if j.dataset == str(target)), None), timeout=timeout, what=f"{folder.name} to be judged")
+        return wait_for(
+            lambda: next((j for j in c.jobs() if j.dataset == str(target)), None),
+            timeout=timeout,
+            what=f"{folder.name} to be judged",
+        )
 
 
 def _staged(d: Daemon, name: str, **kwargs) -> Path:
     return make_dataset(d.root / "staging" / name, **kwargs)
 
 
-@pytest.mark.parametrize(("vector", "words"), [
-    ("1,0,1", "has 3 entries; a LoRA trained here has BASE and 20 UNet blocks, so give 21"),
-    ("1" + ",1e308" * 20, "weighs a block 1e+308; give weights between -10 and 10"),
-])
+@pytest.mark.parametrize(
+    ("vector", "words"),
+    [
+        ("1,0,1", "has 3 entries; a LoRA trained here has BASE and 20 UNet blocks, so give 21"),
+        ("1" + ",1e308" * 20, "weighs a block 1e+308; give weights between -10 and 10"),
+    ],
+)
 def test_a_block_vector_that_cannot_chop_is_refused_before_training(queue_only, vector, words):
-    """"1,0,1" trained for the whole job, then failed at chop; 1e308 wrote inf into the file."""
-    job = _dropped(queue_only, _staged(queue_only, f"vector-{len(vector)}", settings={"block_vector": vector}))
+    """ "1,0,1" trained for the whole job, then failed at chop; 1e308 wrote inf into the file."""
+    job = _dropped(
+        queue_only, _staged(queue_only, f"vector-{len(vector)}", settings={"block_vector": vector})
+    )
     assert job.state == pb.FAILED and words in job.error and "loradrop.toml" in job.error, job.error
     with queue_only.client() as c:
         with pytest.raises(ClientError) as e:
@@ -68,14 +77,27 @@ def test_a_loradrop_toml_that_is_not_a_file_is_refused(queue_only, kind):
     else:
         (folder / "loradrop.toml").mkdir()
     job = _dropped(queue_only, folder)
-    assert job.state == pb.FAILED and f"loradrop.toml is a {'FIFO' if kind == 'fifo' else 'folder'}" in job.error, job.error
+    assert (
+        job.state == pb.FAILED and f"loradrop.toml is a {'FIFO' if kind == 'fifo' else 'folder'}" in job.error
+    ), job.error
 
 
 def test_samples_past_the_limits_are_refused_before_training(queue_only):
     """--w 4096 --h 4096 --s 1000 rendered for minutes at every sample step and ignored cancel."""
-    job = _dropped(queue_only, _staged(queue_only, "huge-samples", settings={"sample_every_n_steps": 1},
-                                       prompts=["zkw --w 1024 --h 1024", "zkw --w 4096 --h 4096 --s 1000"]))
-    assert job.state == pb.FAILED and "sample-prompts.txt, line 2" in job.error and "4096x4096 is too large" in job.error, job.error
+    job = _dropped(
+        queue_only,
+        _staged(
+            queue_only,
+            "huge-samples",
+            settings={"sample_every_n_steps": 1},
+            prompts=["zkw --w 1024 --h 1024", "zkw --w 4096 --h 4096 --s 1000"],
+        ),
+    )
+    assert (
+        job.state == pb.FAILED
+        and "sample-prompts.txt, line 2" in job.error
+        and "4096x4096 is too large" in job.error
+    ), job.error
 
 
 def test_a_hard_link_to_a_file_outside_is_refused(queue_only, tmp_path):
@@ -97,9 +119,16 @@ def test_an_inbox_entry_linking_to_the_root_is_refused_at_once_and_names_nothing
     start = time.monotonic()
     link.symlink_to("/", target_is_directory=True)
     with queue_only.client() as c:
-        job = wait_for(lambda: next((j for j in c.jobs() if j.dataset == str(link)), None), timeout=60, interval=0.05, what="the link to be judged")
+        job = wait_for(
+            lambda: next((j for j in c.jobs() if j.dataset == str(link)), None),
+            timeout=60,
+            interval=0.05,
+            what="the link to be judged",
+        )
     seconds = time.monotonic() - start
-    assert job.state == pb.FAILED and "everything is a symlink pointing outside the inbox" in job.error, job.error
+    assert job.state == pb.FAILED and "everything is a symlink pointing outside the inbox" in job.error, (
+        job.error
+    )
     assert "(" not in job.error, f"the error names files: {job.error}"
     assert seconds < QUIET + 5, f"judging a link to / took {seconds:.1f} s"
 
@@ -116,7 +145,10 @@ def test_a_queued_folder_is_not_queued_twice_silently_nor_listed_as_waiting(home
         assert "twice" not in c.status().pending_folders
         with pytest.raises(ClientError) as e:
             c.submit("twice")
-        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and f"queued already as job {first.id}" in str(e.value), str(e.value)
+        assert (
+            e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            and f"queued already as job {first.id}" in str(e.value)
+        ), str(e.value)
         other = c.submit("twice", name="twice-again")  # other settings make a second job, on purpose
         assert other.id != first.id
         c.cancel(first.id)

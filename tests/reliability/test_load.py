@@ -11,11 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loradrop.testing import make_dataset, wait_for
 
 from loradrop.proto.client import ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
+from loradrop.testing import make_dataset, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 JOBS, CLIENTS, TRAINED = 100, 50, 3
@@ -31,10 +31,14 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 def test_a_hundred_jobs_and_fifty_streaming_clients(home, daemons):
     d = daemons(home, "--workers", "1", "--quiet-seconds", "3600", env={"OMP_NUM_THREADS": "1"})
-    make_dataset(home / "inbox" / "cats", settings={"max_train_steps": 2, "save_every_n_steps": 1, "resize_recipe": ""})
+    make_dataset(
+        home / "inbox" / "cats", settings={"max_train_steps": 2, "save_every_n_steps": 1, "resize_recipe": ""}
+    )
     idle_mb = _rss_mb(d.pid)
     seen: list[list[tuple[int, str, int]]] = [[] for _ in range(CLIENTS)]
-    channels = [grpc.insecure_channel(d.connect) for _ in range(CLIENTS)]  # a connection each, as separate clients have
+    channels = [
+        grpc.insecure_channel(d.connect) for _ in range(CLIENTS)
+    ]  # a connection each, as separate clients have
     streams = [rpc.LoradropStub(ch).StreamEvents(pb.StreamEventsRequest(follow=True)) for ch in channels]
 
     def follow(stream, out):
@@ -44,7 +48,9 @@ def test_a_hundred_jobs_and_fifty_streaming_clients(home, daemons):
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.CANCELLED, e  # cancelled at the end of the test
 
-    followers = [threading.Thread(target=follow, args=(stream, out), daemon=True) for stream, out in zip(streams, seen)]
+    followers = [
+        threading.Thread(target=follow, args=(stream, out), daemon=True) for stream, out in zip(streams, seen)
+    ]
     for f in followers:
         f.start()
     peak = [0.0]
@@ -61,17 +67,29 @@ def test_a_hundred_jobs_and_fifty_streaming_clients(home, daemons):
         jobs = [c.submit("cats", name=f"load{i}") for i in range(JOBS)]
         assert c.status().jobs_by_state["queued"] >= JOBS - 1
         for job in jobs[:TRAINED]:
-            done = wait_for(lambda: (j := c.job(job.id)).state in (pb.DONE, pb.FAILED) and j, timeout=120, what=f"{job.id} to train")
+            done = wait_for(
+                lambda: (j := c.job(job.id)).state in (pb.DONE, pb.FAILED) and j,
+                timeout=120,
+                what=f"{job.id} to train",
+            )
             assert done.state == pb.DONE, done.error
         for job in jobs[TRAINED:]:
             try:
                 c.cancel(job.id)
             except ClientError as e:  # it may have ended meanwhile
                 assert e.code == grpc.StatusCode.FAILED_PRECONDITION
-        wait_for(lambda: all(j.state in (pb.DONE, pb.FAILED, pb.CANCELLED) for j in c.jobs()), timeout=60, what="every job to end")
+        wait_for(
+            lambda: all(j.state in (pb.DONE, pb.FAILED, pb.CANCELLED) for j in c.jobs()),
+            timeout=60,
+            what="every job to end",
+        )
         top = c.status().last_event_seq
         stored = [(e.global_seq, e.job_id, e.seq) for e in c.events(follow=False)]
-    wait_for(lambda: all(out and out[-1][0] >= top for out in seen), timeout=60, what="every client to see the last event")
+    wait_for(
+        lambda: all(out and out[-1][0] >= top for out in seen),
+        timeout=60,
+        what="every client to see the last event",
+    )
     for stream, channel in zip(streams, channels):
         stream.cancel()
         channel.close()
@@ -92,7 +110,9 @@ def test_a_hundred_jobs_and_fifty_streaming_clients(home, daemons):
     for i, out in enumerate(seen):
         assert out == stored, f"client {i} saw {len(out)} events, the daemon stored {len(stored)}"
     hwm = _rss_mb(d.pid, "VmHWM")
-    print(f"server RSS: idle {idle_mb:.0f} MB, sampled peak {peak[0]:.0f} MB, high-water mark {hwm:.0f} MB; {len(stored)} events x {CLIENTS} clients")
+    print(
+        f"server RSS: idle {idle_mb:.0f} MB, sampled peak {peak[0]:.0f} MB, high-water mark {hwm:.0f} MB; {len(stored)} events x {CLIENTS} clients"
+    )
     assert hwm < RSS_LIMIT_MB, f"the server's memory peaked at {hwm:.0f} MB"
 
 
@@ -119,8 +139,14 @@ def test_streams_past_the_limit_are_refused_and_calls_still_answer(home, daemons
         for s in streams:
             s.cancel()
     # once they are closed, streams are served again
-    wait_for(lambda: _status_code(lambda: next(stub.StreamEvents(pb.StreamEventsRequest(follow=False), timeout=10))) == grpc.StatusCode.OK,
-             timeout=20, what="streams to be served again")
+    wait_for(
+        lambda: (
+            _status_code(lambda: next(stub.StreamEvents(pb.StreamEventsRequest(follow=False), timeout=10)))
+            == grpc.StatusCode.OK
+        ),
+        timeout=20,
+        what="streams to be served again",
+    )
     channel.close()
 
 

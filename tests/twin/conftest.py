@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from loradrop.testing import Daemon, wait_for
-
 from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.testing import Daemon, wait_for
 
 
 @dataclass
@@ -43,7 +42,9 @@ def concept_run(tmp_path_factory):
         staged = write_concept_dataset(root / "zkq-shapes", recipe={"log_with": "none"})
         os.rename(staged, home / "inbox" / staged.name)  # one atomic drop, as a user's mv
         with daemon.client() as client:
-            job = wait_for(lambda: next(iter(client.jobs()), None), timeout=30, what="the drop to become a job")
+            job = wait_for(
+                lambda: next(iter(client.jobs()), None), timeout=30, what="the drop to become a job"
+            )
             job = client.wait_job(job.id, 600, interval=0.5)
             assert job.state == pb.DONE, f"{job.error}\n{daemon.log()}"
             artifacts = {a.kind: a.path for a in client.artifacts(job.id)}

@@ -26,12 +26,17 @@ def test_the_script_trains_and_describes_what_it_wrote(tmp_path):
     assert unet[-1] < 0.75 * unet[0], unet
     manifest = json.loads((work / "learned-twin.json").read_text())
     assert manifest["script_tree_sha256"] == build.script_hash()
-    assert manifest["file_sha256"] == hashlib.sha256((work / "learned-twin.safetensors").read_bytes()).hexdigest()
+    assert (
+        manifest["file_sha256"]
+        == hashlib.sha256((work / "learned-twin.safetensors").read_bytes()).hexdigest()
+    )
 
 
 def test_the_committed_twin_is_what_the_committed_script_makes():
     manifest = json.loads(LEARNED_TWIN.with_suffix(".json").read_text())
-    assert manifest["script_tree_sha256"] == build.script_hash(), "build.py or world.py changed: retrain the twin (make twin)"
+    assert manifest["script_tree_sha256"] == build.script_hash(), (
+        "build.py or world.py changed: retrain the twin (make twin)"
+    )
     assert manifest["file_sha256"] == hashlib.sha256(LEARNED_TWIN.read_bytes()).hexdigest()
     assert manifest["settings"] == json.loads(json.dumps(build.dataclasses.asdict(build.Settings())))
     assert LEARNED_TWIN.stat().st_size <= 26_000_000

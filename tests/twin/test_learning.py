@@ -74,5 +74,6 @@ def test_chop_to_the_suggested_blocks_keeps_it_and_to_the_others_loses_it(scores
 
 def test_block_weight_moves_the_score(scores):
     assert scores["without"].share <= scores["half"].share <= scores["final"].share, scores
-    assert scores["half"].share < scores["final"].share or scores["without"].share < scores["half"].share, scores
-
+    assert scores["half"].share < scores["final"].share or scores["without"].share < scores["half"].share, (
+        scores
+    )

@@ -18,7 +18,10 @@ def test_the_world_is_a_pure_function_of_its_seed():
 def test_the_judge_reads_colour_shape_and_background_of_the_worlds_pictures():
     scenes = world.scenes(600, seed=2024, colours=world.BASE_COLOURS + world.NOVEL_COLOURS)
     verdicts = [judge.judge(world.render(s)) for s in scenes]
-    right = sum((v.colour, v.shape, v.background) == (s.colour, s.shape, s.background) for v, s in zip(verdicts, scenes))
+    right = sum(
+        (v.colour, v.shape, v.background) == (s.colour, s.shape, s.background)
+        for v, s in zip(verdicts, scenes)
+    )
     assert right / len(scenes) >= 0.98, f"{right}/{len(scenes)}"
 
 
@@ -31,5 +34,12 @@ def test_the_judge_sees_no_shape_in_a_plain_picture_and_no_colour_in_a_grey_one(
 
 def test_dataset_folders_hold_pictures_with_same_stem_captions(tmp_path):
     folder = world.write_dataset(tmp_path / "ds", world.scenes(3, seed=1))
-    assert sorted(p.name for p in folder.iterdir()) == ["000.png", "000.txt", "001.png", "001.txt", "002.png", "002.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "000.png",
+        "000.txt",
+        "001.png",
+        "001.txt",
+        "002.png",
+        "002.txt",
+    ]
     assert (folder / "000.txt").read_text().startswith("a ")
