@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test eval twin proto bench chaos clean
+.PHONY: setup demo test lint eval twin proto bench chaos clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml constraints-dev.txt
 demo: setup
 	$(PY) -m loradrop.demo
 
-test: setup
+# ruff first: the format and the lint are part of the tests.
+test: setup lint
 	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 # The learned twin's known-answer figures (a concept LoRA trained, resized, chopped, judged).
 eval: setup

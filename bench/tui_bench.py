@@ -9,7 +9,7 @@
   montage CPU           the TUI's CPU time per second of wall time while the montage plays
                         (8 frames of 256 px, 4 a second), halfcell and sixel         lower is better
 
-    python bench/tui_bench.py [--runs 5] [--keys 30] [--rate 1000] [--load 2] [--image-protocol auto]
+    python bench/tui_bench.py [--runs 5] [--keys 30] [--rate 1000] [--load 2] [--image-protocol auto] [--first-frame-only]
 
 The first frame is measured against a real daemon (no workers). For the rest, a small gRPC server
 speaking the daemon's API stands in for one: one running job whose StreamEvents sends log lines
@@ -61,10 +61,14 @@ class Terminal:
 
     def __init__(self, command: list[str]):
         self.master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, COLUMNS * CELL[0], ROWS * CELL[1]))
+        fcntl.ioctl(
+            slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, COLUMNS * CELL[0], ROWS * CELL[1])
+        )
         env = {**os.environ, "TERM": "xterm-256color", "COLORTERM": "truecolor"}
         self.started = time.monotonic()
-        self.process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
+        )
         os.close(slave)
         self.output = bytearray()
         self._lock = threading.Lock()
@@ -121,7 +125,17 @@ class Terminal:
 
 
 def tui(connect: str, protocol: str, nice: int = 0) -> list[str]:
-    return [*(["nice", "-n", str(nice)] if nice else []), sys.executable, "-m", "loradrop", "tui", "--connect", connect, "--image-protocol", protocol]
+    return [
+        *(["nice", "-n", str(nice)] if nice else []),
+        sys.executable,
+        "-m",
+        "loradrop",
+        "tui",
+        "--connect",
+        connect,
+        "--image-protocol",
+        protocol,
+    ]
 
 
 # ---------------------------------------------------------------------------- first frame
@@ -138,7 +152,9 @@ def first_frame(connect: str, protocol: str, nice: int = 0) -> float:
 def loaded_first_frames(connect: str, protocol: str, runs: int, load: int) -> list[float]:
     """First frames while `load` processes keep a core busy each (niced 10, the TUI too: a
     training job and a login shell on the same server get the same share)."""
-    burners = [subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    burners = [
+        subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", "while True: pass"]) for _ in range(load)
+    ]
     try:
         time.sleep(0.5)
         return sorted(first_frame(connect, protocol, nice=10) for _ in range(runs))
@@ -158,7 +174,13 @@ class Chatty(rpc.LoradropServicer):
     def __init__(self, rate: float, samples: int = 0):
         self.rate, self.samples = rate, samples
         state = pb.DONE if samples else pb.RUNNING
-        self.job = pb.Job(id="0001-chatty", number=1, name="chatty", state=state, progress=pb.Progress(stage="train", done=1, total=80))
+        self.job = pb.Job(
+            id="0001-chatty",
+            number=1,
+            name="chatty",
+            state=state,
+            progress=pb.Progress(stage="train", done=1, total=80),
+        )
         self.started = time.monotonic()
 
     def Status(self, request, context):
@@ -180,7 +202,14 @@ class Chatty(rpc.LoradropServicer):
         image.paste((250, 250 - 25 * step % 256, 40), (size // 4, size // 4, size // 2 + 6 * step, size // 2))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return pb.Image(path=request.path, png=buffer.getvalue(), width=size, height=size, original_width=256, original_height=256)
+        return pb.Image(
+            path=request.path,
+            png=buffer.getvalue(),
+            width=size,
+            height=size,
+            original_width=256,
+            original_height=256,
+        )
 
     def StreamEvents(self, request, context):
         seq = request.since
@@ -188,8 +217,20 @@ class Chatty(rpc.LoradropServicer):
             if request.job_id and not request.kinds:
                 for step in range(1, self.samples + 1):
                     if step > seq:
-                        sample = pb.SampleReady(path=f"/bench/samples/step-{step}.png", step=step, prompt_index=0, prompt="a bench thing")
-                        yield pb.Event(seq=step, global_seq=step, job_id=self.job.id, time=time.time(), kind="sample", sample=sample)
+                        sample = pb.SampleReady(
+                            path=f"/bench/samples/step-{step}.png",
+                            step=step,
+                            prompt_index=0,
+                            prompt="a bench thing",
+                        )
+                        yield pb.Event(
+                            seq=step,
+                            global_seq=step,
+                            job_id=self.job.id,
+                            time=time.time(),
+                            kind="sample",
+                            sample=sample,
+                        )
                 return
             while request.follow and context.is_active():  # the daemon's stream: quiet, and open
                 time.sleep(0.05)
@@ -202,7 +243,14 @@ class Chatty(rpc.LoradropServicer):
             due = int((time.monotonic() - self.started) * self.rate)
             while seq < due:
                 seq += 1
-                yield pb.Event(seq=seq, global_seq=seq, job_id=self.job.id, time=time.time(), kind="log", log=pb.LogLine(level="info", text=f"line {seq}: {'x' * 40}"))
+                yield pb.Event(
+                    seq=seq,
+                    global_seq=seq,
+                    job_id=self.job.id,
+                    time=time.time(),
+                    kind="log",
+                    log=pb.LogLine(level="info", text=f"line {seq}: {'x' * 40}"),
+                )
             time.sleep(0.005)
 
 
@@ -248,21 +296,42 @@ def montage_cpu(connect: str, protocol: str, seconds: float = 6.0) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5, help="starts to time")
     parser.add_argument("--keys", type=int, default=30, help="key presses to time")
-    parser.add_argument("--rate", type=float, default=1000.0, help="log lines per second while keys are timed")
-    parser.add_argument("--rtt", type=float, default=0.0, metavar="MS", help="the terminal answers queries this late, as over ssh (default: 0)")
-    parser.add_argument("--load", type=int, default=2, help="busy processes beside the TUI for the loaded first frame (default: 2, a core each; 0: skip it)")
-    parser.add_argument("--image-protocol", default="auto", help="as `loradrop tui --image-protocol` (default: auto)")
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="log lines per second while keys are timed"
+    )
+    parser.add_argument(
+        "--rtt",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="the terminal answers queries this late, as over ssh (default: 0)",
+    )
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=2,
+        help="busy processes beside the TUI for the loaded first frame (default: 2, a core each; 0: skip it)",
+    )
+    parser.add_argument(
+        "--image-protocol", default="auto", help="as `loradrop tui --image-protocol` (default: auto)"
+    )
     parser.add_argument("--json", type=Path, help="also write the result rows as JSON here")
+    parser.add_argument(
+        "--first-frame-only", action="store_true", help="measure the first frame (alone and loaded) and stop"
+    )
     args = parser.parse_args()
     Terminal.rtt = args.rtt / 1000
 
     root = Path(tempfile.mkdtemp(prefix="ld-tui-bench-", dir="/tmp"))
     daemon = subprocess.Popen(
         [sys.executable, "-m", "loradrop", "daemon", "--home", str(root / "home"), "--workers", "0"],
-        stdout=open(root / "daemon.out", "wb"), stderr=subprocess.STDOUT,
+        stdout=open(root / "daemon.out", "wb"),
+        stderr=subprocess.STDOUT,
     )
     chatty = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     servers = [chatty]
@@ -275,6 +344,9 @@ def main() -> int:
             time.sleep(0.1)
         starts = sorted(first_frame(connect, args.image_protocol) for _ in range(args.runs))
         loaded = loaded_first_frames(connect, args.image_protocol, args.runs, args.load) if args.load else []
+        if args.first_frame_only:
+            write_rows(first_frame_report(args, starts, loaded), args.json)
+            return 0
 
         rpc.add_LoradropServicer_to_server(Chatty(args.rate), chatty)
         chatty_socket = f"unix:{root / 'chatty.sock'}"
@@ -291,16 +363,29 @@ def main() -> int:
         montage = {protocol: montage_cpu(album_socket, protocol) for protocol in ("halfcell", "sixel")}
 
         p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-        print(f"start → first frame   median {statistics.median(starts):.3f} s, max {starts[-1]:.3f} s over {len(starts)} starts (target < 1 s; --image-protocol {args.image_protocol}, rtt {args.rtt:g} ms)")
-        if loaded:
-            print(f"  with {args.load} busy    median {statistics.median(loaded):.3f} s, max {loaded[-1]:.3f} s over {len(loaded)} starts")
-        print(f"key latency           p50 {statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms over {len(latencies)} keys at {args.rate:g} log lines/s (target < 100 ms)")
-        print("montage CPU           " + ", ".join(f"{protocol} {100 * share:.0f}% of a core" for protocol, share in montage.items()) + " while it plays")
-        rows = [row("TUI start → first frame (median)", statistics.median(starts), "s", "< 1 s")]
-        if loaded:
-            rows.append(row(f"TUI start → first frame beside {args.load} busy processes (median)", statistics.median(loaded), "s", "< 1 s"))
-        rows.append(row(f"TUI key latency p95 at {args.rate:g} lines/s", p95, "ms", "< 100 ms", statistics.median(latencies), "p50"))
-        rows += [row(f"TUI montage playing, {protocol}", 100 * share, "% of a core", "lower") for protocol, share in montage.items()]
+        rows = first_frame_report(args, starts, loaded)
+        print(
+            f"key latency           p50 {statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms over {len(latencies)} keys at {args.rate:g} log lines/s (target < 100 ms)"
+        )
+        print(
+            "montage CPU           "
+            + ", ".join(f"{protocol} {100 * share:.0f}% of a core" for protocol, share in montage.items())
+            + " while it plays"
+        )
+        rows.append(
+            row(
+                f"TUI key latency p95 at {args.rate:g} lines/s",
+                p95,
+                "ms",
+                "< 100 ms",
+                statistics.median(latencies),
+                "p50",
+            )
+        )
+        rows += [
+            row(f"TUI montage playing, {protocol}", 100 * share, "% of a core", "lower")
+            for protocol, share in montage.items()
+        ]
         write_rows(rows, args.json)
     finally:
         for server in servers:
@@ -309,6 +394,27 @@ def main() -> int:
         daemon.wait(60)
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def first_frame_report(args, starts: list[float], loaded: list[float]) -> list[dict]:
+    """Print the first-frame figures; their result rows."""
+    print(
+        f"start → first frame   median {statistics.median(starts):.3f} s, max {starts[-1]:.3f} s over {len(starts)} starts (target < 1 s; --image-protocol {args.image_protocol}, rtt {args.rtt:g} ms)"
+    )
+    rows = [row("TUI start → first frame (median)", statistics.median(starts), "s", "< 1 s")]
+    if loaded:
+        print(
+            f"  with {args.load} busy    median {statistics.median(loaded):.3f} s, max {loaded[-1]:.3f} s over {len(loaded)} starts"
+        )
+        rows.append(
+            row(
+                f"TUI start → first frame beside {args.load} busy processes (median)",
+                statistics.median(loaded),
+                "s",
+                "< 1 s",
+            )
+        )
+    return rows
 
 
 def _answers(connect: str) -> bool:

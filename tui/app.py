@@ -25,7 +25,7 @@ from .facts import Seen
 from .images import Pictures
 from .keys import KeysInOrder
 from .link import EventFeed, Link, Target
-from .messages import EventsArrived, EventBatch, JobUpdated, LinkChanged, PreviewProgressed
+from .messages import EventBatch, EventsArrived, JobUpdated, LinkChanged, PreviewProgressed
 from .screens.dialogs import Confirm
 from .screens.queue import QueueScreen
 
@@ -136,7 +136,9 @@ class LoradropApp(KeysInOrder):
         for job_id in job_ids:
             recalled = Seen()
             try:
-                for event in self.link.client.events(job_id, follow=False, reconnect=False, kinds=("stage", "progress")):
+                for event in self.link.client.events(
+                    job_id, follow=False, reconnect=False, kinds=("stage", "progress")
+                ):
                     recalled.learn(event, 0.0, 0.0)
             except ClientError:
                 continue  # gone, or the daemon is away: the queue shows less, nothing wrong
@@ -264,7 +266,13 @@ class LoradropApp(KeysInOrder):
         waiting = self._waiting.setdefault(key, [])
         waiting.append((node, done))
         if len(waiting) == 1:
-            self.call(node, "sample", lambda c: c.sample(path, max_size=size).png, partial(self._fetched, key), failed=lambda e: self._waiting.pop(key, None))
+            self.call(
+                node,
+                "sample",
+                lambda c: c.sample(path, max_size=size).png,
+                partial(self._fetched, key),
+                failed=lambda e: self._waiting.pop(key, None),
+            )
 
     def _fetched(self, key: tuple[str, int], png: bytes) -> None:
         self._images[key] = png
@@ -279,26 +287,39 @@ class LoradropApp(KeysInOrder):
     def cancel_job(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is None or job.state not in (pb.QUEUED, pb.RUNNING, pb.REVIEW):
-            self.notify(f"job {job_id} is not queued or running; there is nothing to cancel.", severity="warning")
+            self.notify(
+                f"job {job_id} is not queued or running; there is nothing to cancel.", severity="warning"
+            )
             return
 
         def answered(yes: bool | None) -> None:
             if yes:
                 self.call(self, "cancel", lambda c: c.cancel(job_id), self._update)
 
-        self.push_screen(Confirm(f"Cancel job {job_id}? A running job stops at the next step; its checkpoints stay.", yes="Cancel job"), answered)
+        self.push_screen(
+            Confirm(
+                f"Cancel job {job_id}? A running job stops at the next step; its checkpoints stay.",
+                yes="Cancel job",
+            ),
+            answered,
+        )
 
     def retry_job(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is None or job.state not in (pb.FAILED, pb.CANCELLED):
-            self.notify(f"job {job_id} has not failed or been cancelled; only those can be retried.", severity="warning")
+            self.notify(
+                f"job {job_id} has not failed or been cancelled; only those can be retried.",
+                severity="warning",
+            )
             return
 
         def answered(yes: bool | None) -> None:
             if yes:
                 self.call(self, "retry", lambda c: c.retry(job_id), self._update)
 
-        self.push_screen(Confirm(f"Retry job {job_id}? It continues from its last full checkpoint.", yes="Retry"), answered)
+        self.push_screen(
+            Confirm(f"Retry job {job_id}? It continues from its last full checkpoint.", yes="Retry"), answered
+        )
 
 
 def _get_job(job_id: str, client: Client) -> pb.Job:

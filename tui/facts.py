@@ -94,7 +94,11 @@ def eta_text(job: pb.Job, seen: Seen, now: float) -> str:
 
 def outputs(job: pb.Job) -> list[tuple[str, str]]:
     """A job's LoRA files, the one to use first: (kind, path)."""
-    return [(kind, path) for kind, path in (("chopped", job.chopped), ("resized", job.resized), ("final", job.final)) if path]
+    return [
+        (kind, path)
+        for kind, path in (("chopped", job.chopped), ("resized", job.resized), ("final", job.final))
+        if path
+    ]
 
 
 def title_parts(job: pb.Job, seen: Seen, now: float) -> list[str]:

@@ -10,7 +10,14 @@ from loradrop.proto.client import state_name
 # 16-colour terminal (TERM=xterm) the theme's "yellow" comes out bright red and its "magenta" as
 # its red. Each of these comes out as the colour it names in 16 colours too (tests/tui/test_parts.py).
 OK, BUSY, WARNING, ERROR, MUTED = "#98e024", "#58d1eb", "#f0e060", "#ff5555", "#a0a0a0"
-STATE_STYLES = {"queued": "", "running": f"bold {BUSY}", "done": OK, "failed": f"bold {ERROR}", "cancelled": MUTED, "review": f"bold {WARNING}"}
+STATE_STYLES = {
+    "queued": "",
+    "running": f"bold {BUSY}",
+    "done": OK,
+    "failed": f"bold {ERROR}",
+    "cancelled": MUTED,
+    "review": f"bold {WARNING}",
+}
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 
 

@@ -44,7 +44,12 @@ def image_widget_class(protocol: str) -> type[Widget] | None:
         return None
     from textual_image import widget
 
-    return {"auto": widget.Image, "sixel": widget.SixelImage, "tgp": widget.TGPImage, "halfcell": widget.HalfcellImage}[protocol]
+    return {
+        "auto": widget.Image,
+        "sixel": widget.SixelImage,
+        "tgp": widget.TGPImage,
+        "halfcell": widget.HalfcellImage,
+    }[protocol]
 
 
 def choose_pictures(protocol: str, colour_system: str | None, term: str = "") -> Pictures:
@@ -53,7 +58,11 @@ def choose_pictures(protocol: str, colour_system: str | None, term: str = "") ->
     Half-cell pictures are coloured character cells: with 16 colours (TERM=xterm) they are noise,
     so `auto` gives them up there for the image's path and a hint; a forced `halfcell` is kept."""
     widget = image_widget_class(protocol)
-    if protocol == "auto" and protocol_name(widget) in ("halfcell", "unicode") and colour_system in FEW_COLOURS:
+    if (
+        protocol == "auto"
+        and protocol_name(widget) in ("halfcell", "unicode")
+        and colour_system in FEW_COLOURS
+    ):
         colours = "no colours" if colour_system is None else "16 colours"
         why = f"this terminal shows {colours}{f' (TERM={term})' if term else ''}: pictures need sixel (--image-protocol sixel) or TERM=xterm-256color"
         return Pictures(None, why)
@@ -109,7 +118,9 @@ class Picture(Container):
     Picture > .picture-image { width: auto; height: 100%; }
     """
 
-    def __init__(self, pictures: Pictures, text: str = "", *, id: str | None = None, classes: str | None = None):
+    def __init__(
+        self, pictures: Pictures, text: str = "", *, id: str | None = None, classes: str | None = None
+    ):
         super().__init__(id=id, classes=classes)
         self.pictures = pictures
         self.text = text

@@ -52,7 +52,9 @@ class KeysInOrder(App):
             focused = self.focused
             if isinstance(focused, Input) and event.is_printable:
                 await self._typed_into(focused, event)
-            elif not (await self._check_bindings(event.key, priority=True) or await self._check_bindings(event.key)):
+            elif not (
+                await self._check_bindings(event.key, priority=True) or await self._check_bindings(event.key)
+            ):
                 await super().on_event(event)  # no binding: to the widget with focus, as Textual does
         finally:
             if self._keys:
@@ -88,7 +90,9 @@ class KeysInOrder(App):
         """A character for a text field: forwarded to it, and waited for, so the key after it
         (enter, say) sees the text with it."""
         handled = asyncio.Event()
-        field.message_signal.subscribe(self, lambda message: message is event and handled.set(), immediate=True)
+        field.message_signal.subscribe(
+            self, lambda message: message is event and handled.set(), immediate=True
+        )
         try:
             await super().on_event(event)
             await asyncio.wait_for(handled.wait(), timeout)

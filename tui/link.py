@@ -68,8 +68,16 @@ class EventFeed:
     `deliver(event)` gets each event once, in order; `link_changed(up, detail)` tells when the daemon
     went away ("reconnecting") and when it answers again."""
 
-    def __init__(self, target: Target, job_id: str = "", since: int = 0, *, kinds: tuple[str, ...] = (),
-                 retry_delay: float = 0.2, max_delay: float = 2.0):
+    def __init__(
+        self,
+        target: Target,
+        job_id: str = "",
+        since: int = 0,
+        *,
+        kinds: tuple[str, ...] = (),
+        retry_delay: float = 0.2,
+        max_delay: float = 2.0,
+    ):
         self.target, self.job_id, self.since, self.kinds = target, job_id, since, kinds
         self.retry_delay, self.max_delay = retry_delay, max_delay
         self._stopped = threading.Event()
@@ -94,7 +102,9 @@ class EventFeed:
                 return
             ended = False
             try:
-                for event in client.events(self.job_id, self.since, follow=True, reconnect=False, kinds=self.kinds):
+                for event in client.events(
+                    self.job_id, self.since, follow=True, reconnect=False, kinds=self.kinds
+                ):
                     if down:
                         down, delay = False, self.retry_delay
                         link_changed(True, "")

@@ -26,7 +26,9 @@ def parse_weights(text: str) -> list[float]:
         try:
             value = float(token)
         except ValueError:
-            raise UserError(f"entry {i} of the vector ({token.strip()!r}) is not a number; give numbers like 1,0,0.5,…") from None
+            raise UserError(
+                f"entry {i} of the vector ({token.strip()!r}) is not a number; give numbers like 1,0,0.5,…"
+            ) from None
         if not math.isfinite(value):
             raise UserError(f"entry {i} of the vector ({token.strip()!r}) is not a finite number.")
         values.append(value)
@@ -42,7 +44,9 @@ class BlockVector:
         if not self.weights:
             self.weights = [1.0] * len(self.labels)
         if len(self.weights) != len(self.labels):
-            raise UserError(f"the vector has {len(self.weights)} entries, but this LoRA needs {len(self.labels)}: {','.join(['1', *self.labels[1:]])}.")
+            raise UserError(
+                f"the vector has {len(self.weights)} entries, but this LoRA needs {len(self.labels)}: {','.join(['1', *self.labels[1:]])}."
+            )
 
     @classmethod
     def for_blocks(cls, block_labels: list[str], text: str = "") -> "BlockVector":

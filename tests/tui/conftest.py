@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,9 +18,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from loradrop.testing import Daemon, make_dataset, wait_for  # noqa: E402
-
 from loradrop.proto.v1 import loradrop_pb2 as pb  # noqa: E402
+from loradrop.testing import Daemon, make_dataset, wait_for  # noqa: E402
 
 QUIET = 0.5  # seconds an inbox folder must be still before it becomes a job
 # Two steps on the tiny twin, a sample of each prompt after each: the least a montage needs.
@@ -139,7 +137,14 @@ class Pilot:
 
     size = (80, 24)
 
-    def run(self, connect: str, scenario: Callable[..., Awaitable[None]], *, size: tuple[int, int] | None = None, protocol: str = "halfcell") -> None:
+    def run(
+        self,
+        connect: str,
+        scenario: Callable[..., Awaitable[None]],
+        *,
+        size: tuple[int, int] | None = None,
+        protocol: str = "halfcell",
+    ) -> None:
         from loradrop.tui.app import LoradropApp
         from loradrop.tui.images import Pictures, image_widget_class
         from loradrop.tui.link import Target
@@ -183,4 +188,3 @@ def tui() -> Pilot:
 def dataset():
     """`dataset(folder)`: a tiny captioned dataset with the test recipe (no samples)."""
     return make_dataset
-

@@ -30,7 +30,11 @@ def test_edit_preset_preview_and_chop(trained, tui):
         await tui.until(pilot, lambda: screen.vector is not None, timeout=120, what="the block layout")
         table = screen.query_one(BlockTable)
         assert table.row_count == len(layout.blocks) + 1 == len(screen.vector.weights)
-        assert [str(table.get_row_at(i)[0]) for i in range(3)] == ["BASE", layout.blocks[0].label, layout.blocks[1].label]
+        assert [str(table.get_row_at(i)[0]) for i in range(3)] == [
+            "BASE",
+            layout.blocks[0].label,
+            layout.blocks[1].label,
+        ]
         entry0 = str(screen.query_one("#entry0").render())
         assert "factor on every UNet block" in entry0 and "BASE" in entry0  # both meanings, side by side
 
@@ -50,9 +54,15 @@ def test_edit_preset_preview_and_chop(trained, tui):
         full = screen.query_one("#preview-full", Picture)
         weighted = screen.query_one("#preview-vector", Picture)
         await pilot.press("v")  # it says what it renders and for how long; v again cancels it
-        await tui.until(pilot, lambda: "rendering full strength" in str(full.query_one(".picture-text").render()), what="the preview's progress")
+        await tui.until(
+            pilot,
+            lambda: "rendering full strength" in str(full.query_one(".picture-text").render()),
+            what="the preview's progress",
+        )
         await pilot.press("v")
-        await tui.until(pilot, lambda: screen.rendering is None, timeout=30, what="the preview to be cancelled")
+        await tui.until(
+            pilot, lambda: screen.rendering is None, timeout=30, what="the preview to be cancelled"
+        )
         assert "preview cancelled" in str(weighted.query_one(".picture-text").render()) and full.image is None
 
         await pilot.press("v")

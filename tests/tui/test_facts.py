@@ -20,7 +20,9 @@ def test_a_new_stage_shows_before_its_first_step():
     seen = Seen()
     seen.learn(event(5, progress=job.progress), now=0.0, wall=1005.0)
     assert steps_text(job, seen) == "cache 8/8"
-    seen.learn(event(6, stage=pb.StageChange(stage="train")), now=1.0, wall=1006.0)  # the first step takes a while
+    seen.learn(
+        event(6, stage=pb.StageChange(stage="train")), now=1.0, wall=1006.0
+    )  # the first step takes a while
     assert steps_text(job, seen) == "train …"
     title = "  ·  ".join(title_parts(job, seen, now=2.0))
     assert "cache" not in title and "train …" in title
@@ -43,8 +45,13 @@ def test_one_loss_the_running_average_labelled_and_an_eta_that_counts_down():
 
 def test_a_done_job_says_done_its_final_loss_and_its_files():
     last_train = train(80, loss=0.2, avg=0.0931, eta=0.0)
-    job = pb.Job(id="0001-cats", state=pb.DONE, progress=pb.Progress(stage="resize", done=876, total=876),
-                 final="/o/0001-cats/cats.safetensors", resized="/o/0001-cats/cats-resized.safetensors")
+    job = pb.Job(
+        id="0001-cats",
+        state=pb.DONE,
+        progress=pb.Progress(stage="resize", done=876, total=876),
+        final="/o/0001-cats/cats.safetensors",
+        resized="/o/0001-cats/cats-resized.safetensors",
+    )
     seen = Seen()
     for seq, p in enumerate([last_train, job.progress], start=90):
         seen.learn(event(seq, progress=p), now=1.0, wall=1100.0)
@@ -52,10 +59,30 @@ def test_a_done_job_says_done_its_final_loss_and_its_files():
     title = title_parts(job, seen, now=2.0)
     assert title[1:] == ["done", "80 steps", "avg loss 0.0931", "cats-resized.safetensors"]
     line = job_line(job, seen)
-    assert line == "0001-cats done: 80 steps, avg loss 0.0931  ·  cats-resized.safetensors (resized), cats.safetensors (final)"
+    assert (
+        line
+        == "0001-cats done: 80 steps, avg loss 0.0931  ·  cats-resized.safetensors (resized), cats.safetensors (final)"
+    )
 
 
 def test_a_long_stage_count_fits_the_queue_column():
     job = pb.Job(id="0001-cats", state=pb.RUNNING, progress=pb.Progress(stage="resize", done=438, total=876))
     assert steps_text(job, Seen()) == "resize 50%"
-    assert steps_text(pb.Job(state=pb.RUNNING, progress=pb.Progress(stage="resize", done=4, total=8)), Seen()) == "resize 4/8"
+    assert (
+        steps_text(pb.Job(state=pb.RUNNING, progress=pb.Progress(stage="resize", done=4, total=8)), Seen())
+        == "resize 4/8"
+    )
+
+
+def test_loradrop_jobs_labels_the_same_loss_as_the_queue():
+    """`loradrop jobs` printed the step's own loss as "loss" while the queue showed the running
+    average: one word, two numbers."""
+    from loradrop.commands.jobs import job_line as jobs_line
+
+    p = train(12, loss=0.31, avg=0.12, eta=65.0)
+    job = pb.Job(id="0007-cats", state=pb.RUNNING, progress=p)
+    listed = jobs_line(job).split()
+    assert listed == ["0007-cats", "running", "train", "12/80", "avg", "loss", "0.1200", "ETA", "01:05"]
+    seen = Seen()
+    seen.learn(event(20, progress=p), now=50.0, wall=1020.0)
+    assert "avg loss 0.1200" in title_parts(job, seen, now=50.0)  # the header's words and number

@@ -32,27 +32,44 @@ def test_a_job_trains_live_in_its_screen(start_daemon, dataset, tui):
         screen = app.screen
         assert isinstance(screen, JobScreen)
         log = screen.query_one("#job-log")
-        await tui.until(pilot, lambda: app.jobs["0001-zkw"].state == pb.RUNNING, timeout=120, what="the job to run")
+        await tui.until(
+            pilot, lambda: app.jobs["0001-zkw"].state == pb.RUNNING, timeout=120, what="the job to run"
+        )
         seen = len(log.lines)
-        await tui.until(pilot, lambda: len(log.lines) > seen, timeout=120, what="the log to grow while it trains")
-        await tui.until(pilot, lambda: len(screen.query_one("#loss").points) >= 2, timeout=300, what="two losses on the plot")
+        await tui.until(
+            pilot, lambda: len(log.lines) > seen, timeout=120, what="the log to grow while it trains"
+        )
+        await tui.until(
+            pilot,
+            lambda: len(screen.query_one("#loss").points) >= 2,
+            timeout=300,
+            what="two losses on the plot",
+        )
         assert table.cell_text("0001-zkw", "state") == "running"
-        await tui.until(pilot, lambda: app.jobs["0001-zkw"].state == pb.DONE, timeout=300, what="the job to finish")
+        await tui.until(
+            pilot, lambda: app.jobs["0001-zkw"].state == pb.DONE, timeout=300, what="the job to finish"
+        )
         bar = screen.query_one("#job-progress")
         assert sorted(screen.query_one("#loss").points) == [1, 2, 3, 4]
         assert bar.total and bar.progress == bar.total
         await tui.until(pilot, lambda: len(log.lines) == log.received, what="every line received in the log")
         assert log.received > seen
-        title = str(screen.query_one("#job-title").render())  # what a done job is: done, its final loss, its file
+        title = str(
+            screen.query_one("#job-title").render()
+        )  # what a done job is: done, its final loss, its file
         assert "done" in title and "4 steps" in title and "avg loss" in title and "resize" not in title, title
         assert table.cell_text("0001-zkw", "step") == "4/4" and table.cell_text("0001-zkw", "loss")
 
         await pilot.press("a")
         files = screen.query_one(ArtifactsTable)
         job = app.jobs["0001-zkw"]
-        await tui.until(pilot, lambda: job.resized in files.artifacts, timeout=30, what="the resized LoRA among the files")
+        await tui.until(
+            pilot, lambda: job.resized in files.artifacts, timeout=30, what="the resized LoRA among the files"
+        )
         assert files.artifacts[job.final].bytes > 0 and files.artifacts[job.final].kind == "final"
-        assert str(files.get_row(job.resized)[0]) == "resized"  # LoRA files first, not buried under the step files
+        assert (
+            str(files.get_row(job.resized)[0]) == "resized"
+        )  # LoRA files first, not buried under the step files
 
     tui.run(daemon.connect, scenario)
 
@@ -70,7 +87,11 @@ def test_the_gallery_moves_by_step_and_prompt_and_plays_the_montage(trained, tui
 
         async def shows(step: int, prompt: int) -> None:
             expected = trained.colours(step, prompt)
-            await tui.until(pilot, lambda: picture.image is not None and colours(picture) == expected, what=f"the sample of step {step}, prompt {prompt}")
+            await tui.until(
+                pilot,
+                lambda: picture.image is not None and colours(picture) == expected,
+                what=f"the sample of step {step}, prompt {prompt}",
+            )
 
         await shows(newest, 0)  # newest first
         await pilot.press("left")
@@ -87,7 +108,9 @@ def test_the_gallery_moves_by_step_and_prompt_and_plays_the_montage(trained, tui
             await pilot.pause(0.1)
             frames.append(colours(picture))
         shown = [c for i, c in enumerate(frames) if i == 0 or c != frames[i - 1]]
-        assert set(shown) == {trained.colours(older, 1), trained.colours(newest, 1)} and len(shown) >= 4, shown
+        assert set(shown) == {trained.colours(older, 1), trained.colours(newest, 1)} and len(shown) >= 4, (
+            shown
+        )
         await pilot.press("space")
         assert not gallery.playing
 

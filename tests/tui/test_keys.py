@@ -4,9 +4,9 @@ acts on the state the key before it left, on the queue, across screens and on th
 from __future__ import annotations
 
 import pytest
-from loradrop.testing import wait_for
 from textual.widgets import TabbedContent
 
+from loradrop.testing import wait_for
 from loradrop.tui.screens.blocks import BlocksScreen
 from loradrop.tui.screens.dialogs import Ask
 from loradrop.tui.screens.job import JobScreen
@@ -35,19 +35,27 @@ def test_keys_sent_together_act_in_order(start_daemon, dataset, tui, lora):
         await tui.type_ahead(pilot, "down", "enter")  # the row below, then open it
         assert isinstance(app.screen, JobScreen) and app.screen.job_id == "0002-dogs"
 
-        await tui.type_ahead(pilot, "escape", "down", "enter", "a")  # back, the next row, open it, its files tab
+        await tui.type_ahead(
+            pilot, "escape", "down", "enter", "a"
+        )  # back, the next row, open it, its files tab
         assert isinstance(app.screen, JobScreen) and app.screen.job_id == "0003-owls"
         assert app.screen.query_one(TabbedContent).active == "artifacts"
 
         await tui.type_ahead(pilot, "escape", "up", "up", "c", "y")  # the first job, cancel it, yes
         assert isinstance(app.screen, QueueScreen)
-        await tui.until(pilot, lambda: table.cell_text("0001-cats", "state") == "cancelled", what="the first job cancelled")
+        await tui.until(
+            pilot,
+            lambda: table.cell_text("0001-cats", "state") == "cancelled",
+            what="the first job cancelled",
+        )
         assert [table.cell_text(j, "state") for j in ("0002-dogs", "0003-owls")] == ["queued", "queued"]
 
         await tui.type_ahead(pilot, "s", *"owls", "enter")  # a dialog, typed into at once
         await tui.until(pilot, lambda: app._notifications, what="the answer to the submit")
         assert not isinstance(app.screen, Ask)
-        refusal = str(list(app._notifications)[-1].message)  # owls is queued already: the daemon says as which job
+        refusal = str(
+            list(app._notifications)[-1].message
+        )  # owls is queued already: the daemon says as which job
         assert "0003-owls" in refusal and table.row_count == 3, refusal
 
         app.push_screen(BlocksScreen("0002-dogs", str(lora_path)))

@@ -13,7 +13,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def montage(trained, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "loradrop", "montage", trained.job.id, "--connect", trained.daemon.connect, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "loradrop",
+        "montage",
+        trained.job.id,
+        "--connect",
+        trained.daemon.connect,
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -30,7 +39,11 @@ def test_frames_are_the_prompts_samples_oldest_first(trained, tmp_path, suffix):
         left, right = trained.colours(step, 1)
         assert frame.width == 64 and frame.height > 64  # the sample, and the caption bar below it
         for got, want in ((frame.getpixel((16, 32)), left), (frame.getpixel((48, 32)), right)):
-            assert max(abs(a - b) for a, b in zip(got, want)) <= 12, (step, got, want)  # lossy WebP, GIF palette
+            assert max(abs(a - b) for a, b in zip(got, want)) <= 12, (
+                step,
+                got,
+                want,
+            )  # lossy WebP, GIF palette
     durations = [d for _, d in frames]
     assert durations[0] == 200 and durations[-1] > durations[0]  # 5 fps; the last frame is held
 

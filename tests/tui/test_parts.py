@@ -18,7 +18,16 @@ from loradrop.tui.widgets.loss_plot import braille_plot
 
 def _dots(lines: list[str]) -> set[tuple[int, int]]:
     """(column, row) of every dot drawn, in dot units (2 per cell across, 4 down)."""
-    bits = ((0, 0, 0x01), (0, 1, 0x02), (0, 2, 0x04), (1, 0, 0x08), (1, 1, 0x10), (1, 2, 0x20), (0, 3, 0x40), (1, 3, 0x80))
+    bits = (
+        (0, 0, 0x01),
+        (0, 1, 0x02),
+        (0, 2, 0x04),
+        (1, 0, 0x08),
+        (1, 1, 0x10),
+        (1, 2, 0x20),
+        (0, 3, 0x40),
+        (1, 3, 0x80),
+    )
     out = set()
     for r, line in enumerate(lines):
         for c, ch in enumerate(line):
@@ -51,7 +60,13 @@ def test_bars_and_sizes():
 
 
 def _sample(seq: int, step: int, prompt: int) -> pb.Event:
-    return pb.Event(seq=seq, kind="sample", sample=pb.SampleReady(path=f"/o/s{step}_p{prompt}.png", step=step, prompt_index=prompt, prompt=f"prompt {prompt}"))
+    return pb.Event(
+        seq=seq,
+        kind="sample",
+        sample=pb.SampleReady(
+            path=f"/o/s{step}_p{prompt}.png", step=step, prompt_index=prompt, prompt=f"prompt {prompt}"
+        ),
+    )
 
 
 def test_the_sample_index_orders_steps_newest_first_and_series_oldest_first():
@@ -91,7 +106,9 @@ def test_each_forced_protocol_gets_its_widget():
     assert image_widget_class("none") is None and protocol_name(None) == "none"
     for protocol in ("sixel", "tgp", "halfcell"):
         assert protocol_name(image_widget_class(protocol)) == protocol
-    assert protocol_name(image_widget_class("auto")) == "unicode"  # no terminal under pytest: textual-image's text fallback
+    assert (
+        protocol_name(image_widget_class("auto")) == "unicode"
+    )  # no terminal under pytest: textual-image's text fallback
     with pytest.raises(ValueError, match="kitty"):
         image_widget_class("kitty")
 
@@ -152,9 +169,9 @@ def test_state_colours_say_the_same_in_a_16_colour_terminal():
     from rich.color import ColorSystem
     from rich.segment import Segment
     from rich.style import Style
+    from textual._ansi_theme import DEFAULT_TERMINAL_THEME
     from textual.color import Color
     from textual.filter import ANSIToTruecolor
-    from textual._ansi_theme import DEFAULT_TERMINAL_THEME
 
     from loradrop.tui.formatting import state_text
 
@@ -163,11 +180,22 @@ def test_state_colours_say_the_same_in_a_16_colour_terminal():
 
     def in_16_colours(state: int) -> str:
         style = Style.parse(state_text(state).style or "none")
-        segment = ANSIToTruecolor(DEFAULT_TERMINAL_THEME).apply([Segment("x", style)], Color.parse("black"))[0]
+        segment = ANSIToTruecolor(DEFAULT_TERMINAL_THEME).apply([Segment("x", style)], Color.parse("black"))[
+            0
+        ]
         colour = segment.style.color if segment.style else None
         return "default" if colour is None else names[colour.downgrade(ColorSystem.STANDARD).number]
 
-    seen = {name: in_16_colours(code) for name, code in (("queued", pb.QUEUED), ("running", pb.RUNNING), ("done", pb.DONE), ("failed", pb.FAILED), ("cancelled", pb.CANCELLED))}
+    seen = {
+        name: in_16_colours(code)
+        for name, code in (
+            ("queued", pb.QUEUED),
+            ("running", pb.RUNNING),
+            ("done", pb.DONE),
+            ("failed", pb.FAILED),
+            ("cancelled", pb.CANCELLED),
+        )
+    }
     assert seen["queued"] == "default"
     assert seen["failed"] in ("red", "bright_red")
     assert seen["done"] in ("green", "bright_green")
@@ -178,7 +206,9 @@ def test_state_colours_say_the_same_in_a_16_colour_terminal():
 def test_auto_pictures_give_way_to_their_path_where_the_terminal_has_16_colours():
     from loradrop.tui.images import choose_pictures
 
-    few = choose_pictures("auto", "standard", "xterm")  # no terminal under pytest: auto would be unicode cells
+    few = choose_pictures(
+        "auto", "standard", "xterm"
+    )  # no terminal under pytest: auto would be unicode cells
     assert few.widget is None and "16 colours (TERM=xterm)" in few.why_not and "sixel" in few.why_not
     assert choose_pictures("auto", "truecolor").widget is not None
     assert choose_pictures("halfcell", "standard").widget is not None  # asked for by name: kept
@@ -190,14 +220,22 @@ def test_long_log_lines_wrap_at_the_width_breaking_at_spaces():
 
     path = "warning: skipped /srv/loradrop/inbox/bad-dataset/orphan-caption-without-image.txt"
     rows = wrap(path, 40)
-    assert "".join(r.strip() if i else r for i, r in enumerate(rows)).replace(" ", "") == path.replace(" ", "")
+    assert "".join(r.strip() if i else r for i, r in enumerate(rows)).replace(" ", "") == path.replace(
+        " ", ""
+    )
     assert all(len(r) <= 40 for r in rows) and all(r.startswith(" " * INDENT) for r in rows[1:])
     assert rows[0] == path[:40]  # a path breaks at the edge: no space near enough
     prose = wrap("warning: this caption file has no image beside it, so it is skipped", 40)
-    assert prose[0] == "warning: this caption file has no image " and prose[1] == " " * INDENT + "beside it, so it is skipped"
+    assert (
+        prose[0] == "warning: this caption file has no image "
+        and prose[1] == " " * INDENT + "beside it, so it is skipped"
+    )
     assert wrap("short", 40) == ["short"]
     wide = "图" * 30  # two cells each
-    assert all(len(r.strip()) * 2 <= 40 for r in wrap(wide, 40)) and "".join(r.strip() for r in wrap(wide, 40)) == wide
+    assert (
+        all(len(r.strip()) * 2 <= 40 for r in wrap(wide, 40))
+        and "".join(r.strip() for r in wrap(wide, 40)) == wide
+    )
 
 
 def test_the_log_draws_every_row_of_a_wrapped_warning_in_its_colour():
@@ -222,8 +260,13 @@ def test_the_log_draws_every_row_of_a_wrapped_warning_in_its_colour():
             rows = [log.render_line(y) for y in range(6)]
             drawn = ["".join(segment.text for segment in row) for row in rows]
             assert drawn[0].startswith("12:00:00 [2] job running")
-            assert "".join(d.strip() for d in drawn[1:]).replace(" ", "") == text.replace(" ", "")  # nothing cut
+            assert "".join(d.strip() for d in drawn[1:]).replace(" ", "") == text.replace(
+                " ", ""
+            )  # nothing cut
             warned = [row for row, d in zip(rows, drawn) if d.strip() and row is not rows[0]]
-            assert all(any(seg.style and seg.style.color and seg.style.color.triplet.hex == WARNING for seg in row) for row in warned)
+            assert all(
+                any(seg.style and seg.style.color and seg.style.color.triplet.hex == WARNING for seg in row)
+                for row in warned
+            )
 
     asyncio.run(scenario())

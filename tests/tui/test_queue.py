@@ -32,19 +32,29 @@ def test_a_dropped_folder_appears_and_cancel_and_retry_ask_first(start_daemon, d
         assert table.cell_text("0001-cats", "state") == "queued"
 
         await pilot.press("c", "y")
-        await tui.until(pilot, lambda: table.cell_text("0001-cats", "state") == "cancelled", what="the job to show cancelled")
+        await tui.until(
+            pilot,
+            lambda: table.cell_text("0001-cats", "state") == "cancelled",
+            what="the job to show cancelled",
+        )
         with daemon.client() as c:
             assert c.job("0001-cats").error == "cancelled by request"
 
         await pilot.press("r")
         assert isinstance(app.screen, Confirm)
         await pilot.press("y")
-        await tui.until(pilot, lambda: table.cell_text("0001-cats", "state") == "queued", what="the retried job to be queued again")
+        await tui.until(
+            pilot,
+            lambda: table.cell_text("0001-cats", "state") == "queued",
+            what="the retried job to be queued again",
+        )
 
         await pilot.press("enter")
         assert isinstance(app.screen, JobScreen) and app.screen.job_id == "0001-cats"
         log = app.screen.query_one("#job-log")
-        await tui.until(pilot, lambda: any("job cancelled" in line for line in log.lines), what="the job's log")
+        await tui.until(
+            pilot, lambda: any("job cancelled" in line for line in log.lines), what="the job's log"
+        )
 
     tui.run(daemon.connect, scenario)
 

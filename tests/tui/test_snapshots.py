@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from loradrop.testing import wait_for
 from PIL import Image
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
+from loradrop.testing import wait_for
 from loradrop.tui.images import Picture
 from loradrop.tui.messages import EventBatch
 from loradrop.tui.screens.blocks import BlocksScreen
@@ -55,7 +55,9 @@ async def check(app, pilot, name: str, tmp_path: Path, settle: float = 3.0) -> N
         return
     if actual != expected:
         (tmp_path / path.name).write_text(actual)
-        pytest.fail(f"{name} differs from {path}; the new screenshot is {tmp_path / path.name} (UPDATE_SNAPSHOTS=1 to accept it)")
+        pytest.fail(
+            f"{name} differs from {path}; the new screenshot is {tmp_path / path.name} (UPDATE_SNAPSHOTS=1 to accept it)"
+        )
 
 
 def coloured(path: Path, left: tuple, right: tuple) -> Path:
@@ -76,8 +78,16 @@ def test_queue_and_job_log(start_daemon, dataset, tui, tmp_path):
 
     async def scenario(app, pilot):
         table = app.screen.query_one(JobsTable)
-        await tui.until(pilot, lambda: table.row_count == 3 and table.cell_text("0002-dogs", "state") == "cancelled", what="the queue")
-        await tui.until(pilot, lambda: "workers" in str(app.screen.query_one("#daemon-line").render()), what="the daemon's line")
+        await tui.until(
+            pilot,
+            lambda: table.row_count == 3 and table.cell_text("0002-dogs", "state") == "cancelled",
+            what="the queue",
+        )
+        await tui.until(
+            pilot,
+            lambda: "workers" in str(app.screen.query_one("#daemon-line").render()),
+            what="the daemon's line",
+        )
         await check(app, pilot, "queue", tmp_path)
         await pilot.press("down", "enter")
         log = app.screen.query_one("#job-log")
@@ -93,12 +103,37 @@ def test_job_samples_and_blocks(start_daemon, dataset, tui, lora, tmp_path):
     out = daemon.home / "outputs" / "0001-cats"
     out.mkdir(parents=True)
     lora_path = lora(out / "cats.safetensors")
-    samples = [coloured(out / "samples" / f"s{step}_p{p}.png", left, right) for step, p, left, right in (
-        (2, 0, (255, 0, 0), (0, 0, 255)), (2, 1, (0, 160, 0), (255, 255, 0)), (4, 0, (255, 128, 0), (0, 200, 200)), (4, 1, (255, 255, 255), (128, 0, 128)))]
-    events = [pb.Event(seq=10 + i, job_id="0001-cats", kind="progress", progress=pb.Progress(stage="train", done=i, total=4, loss=loss, avg_loss=loss + 0.01, eta_s=4.0 - i))
-              for i, loss in enumerate((0.31, 0.22, 0.26, 0.12), start=1)]
-    events += [pb.Event(seq=20 + i, job_id="0001-cats", kind="sample", sample=pb.SampleReady(path=str(path), step=2 + 2 * (i // 2), prompt_index=i % 2, prompt=f"prompt {i % 2}"))
-               for i, path in enumerate(samples)]
+    samples = [
+        coloured(out / "samples" / f"s{step}_p{p}.png", left, right)
+        for step, p, left, right in (
+            (2, 0, (255, 0, 0), (0, 0, 255)),
+            (2, 1, (0, 160, 0), (255, 255, 0)),
+            (4, 0, (255, 128, 0), (0, 200, 200)),
+            (4, 1, (255, 255, 255), (128, 0, 128)),
+        )
+    ]
+    events = [
+        pb.Event(
+            seq=10 + i,
+            job_id="0001-cats",
+            kind="progress",
+            progress=pb.Progress(
+                stage="train", done=i, total=4, loss=loss, avg_loss=loss + 0.01, eta_s=4.0 - i
+            ),
+        )
+        for i, loss in enumerate((0.31, 0.22, 0.26, 0.12), start=1)
+    ]
+    events += [
+        pb.Event(
+            seq=20 + i,
+            job_id="0001-cats",
+            kind="sample",
+            sample=pb.SampleReady(
+                path=str(path), step=2 + 2 * (i // 2), prompt_index=i % 2, prompt=f"prompt {i % 2}"
+            ),
+        )
+        for i, path in enumerate(samples)
+    ]
 
     async def scenario(app, pilot):
         table = app.screen.query_one(JobsTable)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loradrop.testing import wait_for
 from PIL import Image, ImageGrab
+
+from loradrop.testing import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 COLUMNS, ROWS = 100, 30
@@ -27,14 +28,24 @@ def tui_command(connect: str, protocol: str) -> list[str]:
 def needs(*programs: str):
     """Skip (before any fixture is set up) when a program is missing."""
     missing = [p for p in programs if shutil.which(p) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (Debian packages xterm, xvfb, xdotool, tmux)")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"needs {', '.join(missing)} (Debian packages xterm, xvfb, xdotool, tmux)"
+    )
 
 
 @pytest.fixture
 def display():
     """A private X display (Xvfb), stopped at the end."""
-    number = next(n for n in range(90, 400) if not Path(f"/tmp/.X{n}-lock").exists() and not Path(f"/tmp/.X11-unix/X{n}").exists())
-    server = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "800x600x24", "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    number = next(
+        n
+        for n in range(90, 400)
+        if not Path(f"/tmp/.X{n}-lock").exists() and not Path(f"/tmp/.X11-unix/X{n}").exists()
+    )
+    server = subprocess.Popen(
+        ["Xvfb", f":{number}", "-screen", "0", "800x600x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: Path(f"/tmp/.X11-unix/X{number}").exists(), timeout=15, what="Xvfb to start")
         yield f":{number}"
@@ -49,7 +60,9 @@ def screenshot(env: dict, path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def region(image: Image.Image, colour: tuple[int, int, int], tolerance: int = 24) -> tuple[int, tuple[int, int, int, int] | None]:
+def region(
+    image: Image.Image, colour: tuple[int, int, int], tolerance: int = 24
+) -> tuple[int, tuple[int, int, int, int] | None]:
     """How many pixels have about `colour`, and their bounding box (left, top, right, bottom)."""
     mask = (np.abs(np.asarray(image, dtype=np.int16) - np.array(colour)) <= tolerance).all(axis=2)
     if not mask.any():
@@ -64,11 +77,17 @@ def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
     left, right = trained.colours(newest, 0)
     env = {**os.environ, "DISPLAY": display}
     command = tui_command(trained.daemon.connect, "sixel")
-    xterm = subprocess.Popen(["xterm", "-ti", "vt340", "-geometry", f"{COLUMNS}x{ROWS}+0+0", "-e", *command], env=env, stderr=subprocess.DEVNULL)
+    xterm = subprocess.Popen(
+        ["xterm", "-ti", "vt340", "-geometry", f"{COLUMNS}x{ROWS}+0+0", "-e", *command],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     shot = tmp_path / "xterm.png"
     try:
         time.sleep(1)
-        subprocess.run(["xdotool", "mousemove", "40", "40"], env=env, check=True)  # keys go to the window under the pointer
+        subprocess.run(
+            ["xdotool", "mousemove", "40", "40"], env=env, check=True
+        )  # keys go to the window under the pointer
 
         def queue_drawn() -> bool:
             return region(screenshot(env, shot), (0, 0, 0))[0] < 0.95 * 800 * 600  # more than a black screen
@@ -82,11 +101,18 @@ def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
             (n_left, box_left), (n_right, box_right) = region(image, left), region(image, right)
             return (image, box_left, box_right) if n_left > 400 and n_right > 400 else None
 
-        image, box_left, box_right = wait_for(picture, timeout=60, interval=0.5, what=f"the sample's colours on the screen (last screenshot: {shot})")
+        image, box_left, box_right = wait_for(
+            picture,
+            timeout=60,
+            interval=0.5,
+            what=f"the sample's colours on the screen (last screenshot: {shot})",
+        )
 
         # A smaller window: soon the whole picture again, square, inside the window (not a strip
         # of it, and not the old, bigger one left behind).
-        window = subprocess.run(["xdotool", "search", "--pid", str(xterm.pid)], env=env, capture_output=True, text=True).stdout.split()[0]
+        window = subprocess.run(
+            ["xdotool", "search", "--pid", str(xterm.pid)], env=env, capture_output=True, text=True
+        ).stdout.split()[0]
         subprocess.run(["xdotool", "windowsize", window, "600", "450"], env=env, check=True)
 
         def whole_in(width: int, height: int):
@@ -97,7 +123,12 @@ def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
             w, h = right_box[2] - left_box[0], max(left_box[3], right_box[3]) - min(left_box[1], right_box[1])
             return got if right_box[2] <= width and left_box[3] <= height and abs(w - h) <= 0.1 * h else None
 
-        wait_for(lambda: whole_in(600, 450), timeout=3, interval=0.1, what=f"the whole picture after the resize (last screenshot: {shot})")
+        wait_for(
+            lambda: whole_in(600, 450),
+            timeout=3,
+            interval=0.1,
+            what=f"the whole picture after the resize (last screenshot: {shot})",
+        )
     finally:
         xterm.terminate()
         xterm.wait(10)
@@ -107,7 +138,9 @@ def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
     window = (0, 0, 800, 600)
     assert box_left[2] <= box_right[0] + 2 and box_right[2] <= window[2]
     assert abs((box_left[3] - box_left[1]) - (box_right[3] - box_right[1])) <= 2
-    assert abs((box_left[2] - box_left[0]) - (box_right[2] - box_right[0])) <= 0.2 * (box_right[2] - box_right[0])
+    assert abs((box_left[2] - box_left[0]) - (box_right[2] - box_right[0])) <= 0.2 * (
+        box_right[2] - box_right[0]
+    )
     for box, colour in ((box_left, left), (box_right, right)):
         middle = ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)
         got = image.getpixel(middle)
@@ -119,15 +152,35 @@ def test_tmux_shows_the_queue_and_a_growing_log(start_daemon, dataset):
     daemon = start_daemon()
     server = f"ldt-{os.getpid()}"
     tmux = ["tmux", "-L", server]
-    subprocess.run([*tmux, "new-session", "-d", "-s", "tui", "-x", "80", "-y", "24", *tui_command(daemon.connect, "halfcell")], check=True)
+    subprocess.run(
+        [
+            *tmux,
+            "new-session",
+            "-d",
+            "-s",
+            "tui",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            *tui_command(daemon.connect, "halfcell"),
+        ],
+        check=True,
+    )
 
     def screen() -> str:
-        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True, check=True
+        ).stdout
 
     try:
         wait_for(lambda: "connected" in screen(), timeout=30, what="the TUI to connect")
         dataset(daemon.home / "inbox" / "zkw")  # 4 steps: a line for each step's checkpoint
-        wait_for(lambda: re.search(r"1\s+zkw\s+(queued|running)", screen()), timeout=30, what=f"the job in the queue:\n{screen()}")
+        wait_for(
+            lambda: re.search(r"1\s+zkw\s+(queued|running)", screen()),
+            timeout=30,
+            what=f"the job in the queue:\n{screen()}",
+        )
         subprocess.run([*tmux, "send-keys", "-t", "tui", "Enter"], check=True)
         lines = lambda: len(re.findall(r"^\d\d:\d\d:\d\d \[\d+\]", screen(), re.M))  # noqa: E731
         first = wait_for(lines, timeout=30, what=f"the job's log:\n{screen()}")
@@ -145,15 +198,35 @@ def test_tmux_keys_sent_in_one_write_act_in_order(start_daemon, dataset):
         dataset(daemon.home / "inbox" / name)
     server = f"ldt-keys-{os.getpid()}"
     tmux = ["tmux", "-L", server]
-    subprocess.run([*tmux, "new-session", "-d", "-s", "tui", "-x", "80", "-y", "24", *tui_command(daemon.connect, "none")], check=True)
+    subprocess.run(
+        [
+            *tmux,
+            "new-session",
+            "-d",
+            "-s",
+            "tui",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            *tui_command(daemon.connect, "none"),
+        ],
+        check=True,
+    )
 
     def screen() -> str:
-        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True, check=True
+        ).stdout
 
     try:
         wait_for(lambda: "2     dogs" in screen(), timeout=30, what=f"both jobs in the queue:\n{screen()}")
         subprocess.run([*tmux, "send-keys", "-t", "tui", "Down", "Enter"], check=True)  # one write
-        wait_for(lambda: "0002-dogs" in screen() and "log l" in screen(), timeout=15, what=f"the second job's screen:\n{screen()}")
+        wait_for(
+            lambda: "0002-dogs" in screen() and "log l" in screen(),
+            timeout=15,
+            what=f"the second job's screen:\n{screen()}",
+        )
         assert "0001-cats" not in screen()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)

@@ -62,6 +62,7 @@ class BlocksScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(f"[b]{escape(os.path.basename(self.lora))}[/]  reading its blocks …", id="blocks-file")
+        yield Static(escape(self.lora), id="blocks-path")  # whole, wrapped if it must be: a path is to copy
         yield Static(id="entry0")
         with Horizontal(id="blocks-main"):
             yield BlockTable(id="blocks-table")
@@ -92,7 +93,7 @@ class BlocksScreen(Screen):
             self.vector = BlockVector.for_blocks(labels)
         self.query_one(BlockTable).load(layout, self.vector)
         self.query_one("#blocks-file", Static).update(
-            f"[b]{escape(os.path.basename(self.lora))}[/]  {len(layout.blocks)} blocks, {layout.pass_through} tensors pass through\n{escape(self.lora)}"
+            f"[b]{escape(os.path.basename(self.lora))}[/]  {len(layout.blocks)} blocks, {layout.pass_through} tensors pass through"
         )
         self._show_vector()
 
@@ -100,14 +101,18 @@ class BlocksScreen(Screen):
         if self.vector is None:
             return
         base = weight_text(self.vector.weights[0])
-        self.query_one("#entry0", Static).update(f"entry 0 = {base}:  {ENTRY0_CHOP}.\n             {ENTRY0_PREVIEW}.")
+        self.query_one("#entry0", Static).update(
+            f"entry 0 = {base}:  {ENTRY0_CHOP}.\n             {ENTRY0_PREVIEW}."
+        )
         line = f"vector  {self.vector.text}"
         if self.chopped is not None:  # the whole path, wrapped if it must be: it is what to copy
             line += f"\nchopped ({size_text(self.chopped.bytes)}): {self.chopped.path}"
         self.query_one("#vector-line", Static).update(escape(line))
         if self.previewed:
             changed = self.previewed != self.vector.text
-            self.query_one("#label-vector", Label).update("with an earlier vector (v)" if changed else "with the vector")
+            self.query_one("#label-vector", Label).update(
+                "with an earlier vector (v)" if changed else "with the vector"
+            )
 
     # ------------------------------------------------------------------ editing
 
@@ -145,16 +150,28 @@ class BlocksScreen(Screen):
                 value = float(text)
                 self._edit(lambda i: self.vector.set(i, value))
             except (ValueError, UserError):
-                self.notify(f"{text!r} is not a number; the weight of {label} stays {weight_text(self.vector.weights[index])}.", severity="error")
+                self.notify(
+                    f"{text!r} is not a number; the weight of {label} stays {weight_text(self.vector.weights[index])}.",
+                    severity="error",
+                )
 
-        self.app.push_screen(Ask(f"Weight of {label} (entry {index}):", weight_text(self.vector.weights[index])), answered)
+        self.app.push_screen(
+            Ask(f"Weight of {label} (entry {index}):", weight_text(self.vector.weights[index])), answered
+        )
 
     def action_preset(self) -> None:
         if self.vector is None:
             return
-        fitting = {p.name: p.vector for p in self.block_layout.presets if len(p.vector.split(",")) == len(self.vector.labels)}
+        fitting = {
+            p.name: p.vector
+            for p in self.block_layout.presets
+            if len(p.vector.split(",")) == len(self.vector.labels)
+        }
         if not fitting:
-            self.notify(f"no Inspire preset has {len(self.vector.labels)} entries (this LoRA's blocks + BASE).", severity="warning")
+            self.notify(
+                f"no Inspire preset has {len(self.vector.labels)} entries (this LoRA's blocks + BASE).",
+                severity="warning",
+            )
             return
 
         def chosen(name: str | None) -> None:
@@ -192,7 +209,9 @@ class BlocksScreen(Screen):
             prompts, seed = preview_prompt(client, job, self.sample)
             common = dict(prompts=prompts, seed=seed, max_size=size, steps=steps, cancel=cancel)
             if self.full_png is None:
-                self.app.call_from_thread(self._full_done, client.preview(self.lora, request_id=full_id, **common))
+                self.app.call_from_thread(
+                    self._full_done, client.preview(self.lora, request_id=full_id, **common)
+                )
                 self.app.call_from_thread(self._phase, "with the vector")
             return client.preview(self.lora, vector=vector, request_id=vector_id, **common)
 
@@ -207,7 +226,14 @@ class BlocksScreen(Screen):
             if self.full_png is None:
                 full.show(None, said)
 
-        self.app.call(self, "preview", render, lambda images: self._vector_done(vector, images), failed=failed, quiet=True)
+        self.app.call(
+            self,
+            "preview",
+            render,
+            lambda images: self._vector_done(vector, images),
+            failed=failed,
+            quiet=True,
+        )
 
     def _phase(self, phase: str) -> None:
         self._render_phase, self._render_step = phase, ""
@@ -225,12 +251,25 @@ class BlocksScreen(Screen):
             if text is None or text == "":
                 return
             if not text.isdigit() or not 0 <= int(text) <= 150:
-                self.notify(f"{text!r} is not a step count from 0 to 150; previews keep {self.steps or 'the quick look'}.", severity="error")
+                self.notify(
+                    f"{text!r} is not a step count from 0 to 150; previews keep {self.steps or 'the quick look'}.",
+                    severity="error",
+                )
                 return
             self.steps = int(text)
-            self.notify(f"previews render with {self.steps} steps" if self.steps else "previews are a quick look (at most 8 steps)")
+            self.notify(
+                f"previews render with {self.steps} steps"
+                if self.steps
+                else "previews are a quick look (at most 8 steps)"
+            )
 
-        self.app.push_screen(Ask("Denoising steps of a preview (1-150; 0: a quick look, at most 8; more takes longer):", str(self.steps)), answered)
+        self.app.push_screen(
+            Ask(
+                "Denoising steps of a preview (1-150; 0: a quick look, at most 8; more takes longer):",
+                str(self.steps),
+            ),
+            answered,
+        )
 
     def _show_rendering(self) -> None:
         """While a preview renders: which picture, for how long so far, and how to stop it. The
@@ -243,7 +282,9 @@ class BlocksScreen(Screen):
             if phase == self._render_phase:
                 # Before its first step it waits for the worker (a training job's step, say).
                 done = self._render_step or "waiting for the worker"
-                self.query_one(picture, Picture).show(None, f"rendering {phase}: {done} … {waited}\n(v again: cancel)")
+                self.query_one(picture, Picture).show(
+                    None, f"rendering {phase}: {done} … {waited}\n(v again: cancel)"
+                )
             elif phase == "with the vector":
                 self.query_one(picture, Picture).show(None, "waits for the one above")
 
@@ -271,7 +312,9 @@ class BlocksScreen(Screen):
             if yes:
                 self.app.call(self, "chop", lambda c: c.chop(self.lora, vector), self._chop_done)
 
-        self.app.push_screen(Confirm(f"Chop {os.path.basename(self.lora)} with {vector}?{warn}", yes="Chop"), answered)
+        self.app.push_screen(
+            Confirm(f"Chop {os.path.basename(self.lora)} with {vector}?{warn}", yes="Chop"), answered
+        )
 
     def _chop_done(self, artifact: pb.Artifact) -> None:
         self.chopped = artifact
@@ -292,5 +335,9 @@ def preview_prompt(client, job: pb.Job | None, sample: Sample | None) -> tuple[l
     if sample is None:
         return [], None
     image = client.sample(sample.path, max_size=16)  # for its original size; the pixels are not needed
-    seed = tomllib.loads(job.recipe_toml).get("seed", 0) + sample.prompt_index if job and job.recipe_toml else None
+    seed = (
+        tomllib.loads(job.recipe_toml).get("seed", 0) + sample.prompt_index
+        if job and job.recipe_toml
+        else None
+    )
     return [f"{sample.prompt} --w {image.original_width} --h {image.original_height}"], seed

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from loradrop.proto.v1 import loradrop_pb2 as pb
 from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
+
+from loradrop.proto.v1 import loradrop_pb2 as pb
 
 from ..images import Picture
 from .dialogs import Ask
@@ -44,9 +45,13 @@ class CaptionScreen(Screen):
             yield Picture(self.app.pictures, "loading the dataset…", id="caption-picture")
             with Vertical(id="caption-side"):
                 yield Static("", id="caption-position")
-                yield Input(placeholder="the caption: tags separated by commas, or a sentence", id="caption-text")
-                yield Static("enter: save  ·  pgdn/pgup: next/previous (saves)  ·  ctrl+t/ctrl+r: add/remove a tag everywhere  ·  ctrl+y: accept",
-                             id="caption-keys")
+                yield Input(
+                    placeholder="the caption: tags separated by commas, or a sentence", id="caption-text"
+                )
+                yield Static(
+                    "enter: save  ·  pgdn/pgup: next/previous (saves)  ·  ctrl+t/ctrl+r: add/remove a tag everywhere  ·  ctrl+y: accept",
+                    id="caption-keys",
+                )
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -69,12 +74,16 @@ class CaptionScreen(Screen):
         caption, field = self.current, self.query_one("#caption-text", Input)
         picture = self.query_one("#caption-picture", Picture)
         if caption is None:
-            self.query_one("#caption-position", Static).update(f"job {escape(self.job_id)}: its dataset has no images")
+            self.query_one("#caption-position", Static).update(
+                f"job {escape(self.job_id)}: its dataset has no images"
+            )
             picture.show(None, "no images")
             return
         name = PurePosixPath(caption.image).name
         state = "" if caption.exists else "  (no caption file yet)"
-        self.query_one("#caption-position", Static).update(f"[b]{escape(name)}[/]  {self.index + 1}/{len(self.captions)}{state}")
+        self.query_one("#caption-position", Static).update(
+            f"[b]{escape(name)}[/]  {self.index + 1}/{len(self.captions)}{state}"
+        )
         field.value = caption.text
         shown = caption.image
 
@@ -98,7 +107,12 @@ class CaptionScreen(Screen):
         if caption is None or (text == caption.text and caption.exists):
             return
         index = self.index
-        self.app.call(self, "caption", lambda c: c.set_caption(self.job_id, caption.image, text), lambda saved: self._saved(index, saved))
+        self.app.call(
+            self,
+            "caption",
+            lambda c: c.set_caption(self.job_id, caption.image, text),
+            lambda saved: self._saved(index, saved),
+        )
 
     def _saved(self, index: int, saved: pb.Caption) -> None:
         if index < len(self.captions):
@@ -119,7 +133,9 @@ class CaptionScreen(Screen):
             if tag:
                 self._bulk(how, tag.strip())
 
-        question = "Tag to put first in every caption:" if how == "add" else "Tag to remove from every caption:"
+        question = (
+            "Tag to put first in every caption:" if how == "add" else "Tag to remove from every caption:"
+        )
         self.app.push_screen(Ask(question, placeholder="zkw"), answered)
 
     def _bulk(self, how: str, tag: str) -> None:
@@ -140,7 +156,10 @@ class CaptionScreen(Screen):
         self._save()
         job = self.app.jobs.get(self.job_id)
         if job is None or job.state != pb.REVIEW:
-            self.notify(f"job {self.job_id} is not waiting for caption review; the captions are saved as they are.", severity="warning")
+            self.notify(
+                f"job {self.job_id} is not waiting for caption review; the captions are saved as they are.",
+                severity="warning",
+            )
             return
 
         def accepted(job: pb.Job) -> None:

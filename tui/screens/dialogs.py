@@ -25,7 +25,10 @@ class Confirm(ModalScreen[bool]):
             with Horizontal(classes="dialog-buttons"):
                 yield Button(f"{self.yes} (y)", variant="primary", id="yes")
                 yield Button("No (n)", id="no")
-            yield Label(f"y: {self.yes.lower()}  ·  n or esc: no  ·  enter: the button in focus", classes="dialog-keys")
+            yield Label(
+                f"y: {self.yes.lower()}  ·  n or esc: no  ·  enter: the button in focus",
+                classes="dialog-keys",
+            )
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
@@ -71,7 +74,10 @@ class Choose(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box"):
             yield Label(self.question, classes="dialog-question")
-            yield OptionList(*(Option(f"{name}  [dim]{text}[/]", id=name) for name, text in self.choices.items()), id="choices")
+            yield OptionList(
+                *(Option(f"{name}  [dim]{text}[/]", id=name) for name, text in self.choices.items()),
+                id="choices",
+            )
             yield Label("↑ ↓: choose  ·  enter: take it  ·  esc: cancel", classes="dialog-keys")
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:

@@ -12,12 +12,11 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 
 from loradrop.commands.logs import event_line
+from loradrop.proto.client import TERMINAL
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
 from ..facts import title_parts
 from ..formatting import size_text
-from loradrop.proto.client import TERMINAL
-
 from ..link import EventFeed
 from ..messages import EventsArrived, JobUpdated
 from ..samples import SampleIndex
@@ -59,7 +58,9 @@ class JobScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield TextLine(self.job_id, id="job-title")
-        yield ProgressBar(total=1, show_eta=False, id="job-progress")  # a total from the start: no busy animation
+        yield ProgressBar(
+            total=1, show_eta=False, id="job-progress"
+        )  # a total from the start: no busy animation
         yield LossPlot(id="loss")
         with TabbedContent(initial="log", id="job-tabs"):
             with TabPane("log [b]l[/]", id="log"):
@@ -87,7 +88,9 @@ class JobScreen(Screen):
         if self.feed is not None:
             self.app.close_feed(self.feed)
         self.feed = self.app.open_feed(self.job_id, self.last_seq)
-        self._feed_worker = self.run_worker(partial(self.app.run_feed, self.feed, self), thread=True, exit_on_error=False)
+        self._feed_worker = self.run_worker(
+            partial(self.app.run_feed, self.feed, self), thread=True, exit_on_error=False
+        )
 
     # ------------------------------------------------------------------ events
 
@@ -133,7 +136,11 @@ class JobScreen(Screen):
             return
         self._show_job()
         # A retried job streams again: its feed ended with the job, so open a new one.
-        if message.job.state not in TERMINAL and self._feed_worker is not None and self._feed_worker.is_finished:
+        if (
+            message.job.state not in TERMINAL
+            and self._feed_worker is not None
+            and self._feed_worker.is_finished
+        ):
             self._start_feed()
 
     def _show_job(self) -> None:
@@ -152,7 +159,9 @@ class JobScreen(Screen):
 
     def load_artifacts(self) -> None:
         self._artifacts_due = False
-        self.app.call(self, "files", lambda c: c.artifacts(self.job_id), self.query_one(ArtifactsTable).load, quiet=True)
+        self.app.call(
+            self, "files", lambda c: c.artifacts(self.job_id), self.query_one(ArtifactsTable).load, quiet=True
+        )
 
     def _tick(self) -> None:
         """Once a second: the ETA counts down; the files are listed again when an event named one."""
@@ -164,7 +173,9 @@ class JobScreen(Screen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "artifacts-table":
             a = self.query_one(ArtifactsTable).selected
-            self.query_one("#artifact-path", Static).update(escape(f"{a.path}  ({size_text(a.bytes)})") if a else "")
+            self.query_one("#artifact-path", Static).update(
+                escape(f"{a.path}  ({size_text(a.bytes)})") if a else ""
+            )
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.data_table.id != "artifacts-table":
@@ -173,7 +184,9 @@ class JobScreen(Screen):
         if a is not None and _is_lora(a):
             self.action_blocks()
         else:
-            self.notify("enter opens the blocks of a LoRA file (.safetensors); this is not one.", severity="warning")
+            self.notify(
+                "enter opens the blocks of a LoRA file (.safetensors); this is not one.", severity="warning"
+            )
 
     # ------------------------------------------------------------------ actions
 
@@ -189,7 +202,9 @@ class JobScreen(Screen):
 
         lora = self._chosen_lora()
         if not lora:
-            self.notify("no LoRA file yet: blocks can be edited once training has written one.", severity="warning")
+            self.notify(
+                "no LoRA file yet: blocks can be edited once training has written one.", severity="warning"
+            )
             return
         self.app.push_screen(BlocksScreen(self.job_id, lora, self.query_one(Gallery).current))
 

@@ -78,7 +78,9 @@ class QueueScreen(Screen):
     def _show_daemon(self) -> None:
         if self.app.down_since is not None:
             away = time.monotonic() - self.app.down_since
-            self.query_one("#daemon-line", TextLine).say(f"[b]reconnecting[/] ({away:.0f} s): {escape(self.app.link_detail)}")
+            self.query_one("#daemon-line", TextLine).say(
+                f"[b]reconnecting[/] ({away:.0f} s): {escape(self.app.link_detail)}"
+            )
             return
         status = self.app.status
         if status is None:
@@ -87,7 +89,11 @@ class QueueScreen(Screen):
             line = f"no jobs yet: drop a folder of captioned images into {status.inbox}, or press s"
         else:
             workers = [f"{w.device} {w.state}" + (f" {w.job_id}" if w.job_id else "") for w in status.workers]
-            waiting = f"  ·  waiting in the inbox: {', '.join(status.pending_folders)}" if status.pending_folders else ""
+            waiting = (
+                f"  ·  waiting in the inbox: {', '.join(status.pending_folders)}"
+                if status.pending_folders
+                else ""
+            )
             line = f"workers: {'; '.join(workers) or 'none'}{waiting}  ·  inbox {status.inbox}"
         self.query_one("#daemon-line", TextLine).say(escape(line))
 
@@ -116,7 +122,10 @@ class QueueScreen(Screen):
             if path:
                 self.app.call(self, "submit", lambda c: c.submit(path), self._submitted)
 
-        self.app.push_screen(Ask(f"Dataset folder to queue (a folder in {inbox}, or its name):", placeholder="my-dataset"), answered)
+        self.app.push_screen(
+            Ask(f"Dataset folder to queue (a folder in {inbox}, or its name):", placeholder="my-dataset"),
+            answered,
+        )
 
     def _submitted(self, job: pb.Job) -> None:
         self.app.jobs[job.id] = job
@@ -139,7 +148,9 @@ class QueueScreen(Screen):
         job = self.app.jobs.get(self.selected or "")
         lora = job and (job.resized or job.final)
         if not lora:
-            self.notify("this job has no LoRA file yet; blocks can be edited once it is done.", severity="warning")
+            self.notify(
+                "this job has no LoRA file yet; blocks can be edited once it is done.", severity="warning"
+            )
             return
         self.app.push_screen(BlocksScreen(job.id, lora))
 

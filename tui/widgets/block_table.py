@@ -35,9 +35,18 @@ class BlockTable(DataTable):
         self.clear()
         self.vector = vector
         top = max((b.energy for b in layout.blocks), default=0.0)
-        self.add_row("BASE", weight_cell(vector.weights[0]), str(layout.pass_through), "(text encoders)", "", key="0")
+        self.add_row(
+            "BASE", weight_cell(vector.weights[0]), str(layout.pass_through), "(text encoders)", "", key="0"
+        )
         for i, b in enumerate(layout.blocks, start=1):
-            self.add_row(b.label, weight_cell(vector.weights[i]), str(b.tensors), bar(b.energy / top if top else 0.0, BAR), f"{100 * b.share:.1f}%", key=str(i))
+            self.add_row(
+                b.label,
+                weight_cell(vector.weights[i]),
+                str(b.tensors),
+                bar(b.energy / top if top else 0.0, BAR),
+                f"{100 * b.share:.1f}%",
+                key=str(i),
+            )
 
     @property
     def selected(self) -> int:

@@ -65,7 +65,9 @@ class Gallery(Vertical, can_focus=True):
         if sample is None:
             self.shown = None
             steps = self.index.steps
-            picture.show(None, "no samples yet" if not steps else "this prompt has no sample at this step (yet)")
+            picture.show(
+                None, "no samples yet" if not steps else "this prompt has no sample at this step (yet)"
+            )
             return
         if picture.content_size.area == 0:
             return  # not on screen (another tab): fetched when shown, at the size it then has
@@ -91,7 +93,9 @@ class Gallery(Vertical, can_focus=True):
         prompt = f"prompt {prompt_no}/{len(prompts)}: {sample.prompt}"
         if self.playing:
             series = self.index.series(sample.prompt_index)
-            return f"▶ montage  step {sample.step} ({self.frame % len(series) + 1}/{len(series)})  ·  {prompt}"
+            return (
+                f"▶ montage  step {sample.step} ({self.frame % len(series) + 1}/{len(series)})  ·  {prompt}"
+            )
         position = steps.index(sample.step) + 1
         newest = ", newest" if position == 1 else ""
         return f"step {sample.step} ({position}/{len(steps)}{newest})  ·  {prompt}"
@@ -125,7 +129,9 @@ class Gallery(Vertical, can_focus=True):
             return
         self.playing, self.frame = True, 0
         size = self.query_one(Picture).fit()
-        for sample in self.index.series(self.current.prompt_index):  # fetch every frame now, so it plays smoothly
+        for sample in self.index.series(
+            self.current.prompt_index
+        ):  # fetch every frame now, so it plays smoothly
             self.app.fetch_sample(self, sample.path, size, None)
         self._timer = self.set_interval(1 / FPS, self._next_frame)
         self.show()

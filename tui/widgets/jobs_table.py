@@ -12,7 +12,14 @@ from ..formatting import state_text
 
 # (label, key, width): fixed widths, so rows updated many times a second never shift the table;
 # the name takes its longest value.
-COLUMNS = (("#", "number", 4), ("name", "name", None), ("state", "state", 9), ("step", "step", STEP_WIDTH), ("avg loss", "loss", 8), ("ETA", "eta", 8))
+COLUMNS = (
+    ("#", "number", 4),
+    ("name", "name", None),
+    ("state", "state", 9),
+    ("step", "step", STEP_WIDTH),
+    ("avg loss", "loss", 8),
+    ("ETA", "eta", 8),
+)
 
 
 class JobsTable(DataTable):
@@ -40,7 +47,11 @@ class JobsTable(DataTable):
             for key, value in cells.items():
                 self.update_cell(job.id, key, value)
         else:
+            # New jobs of one moment (the daemon's inbox, read while the app connects) are each
+            # fetched in a call of their own and can arrive out of order: the rows stay in number
+            # order, as `loradrop jobs` lists them; the cursor keeps its row (the first, at start).
             self.add_row(*cells.values(), key=job.id)
+            self.sort("number", key=int)
 
     def tick(self, job: pb.Job, seen: Seen, now: float) -> None:
         """The ETA, counted down between steps."""

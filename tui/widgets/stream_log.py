@@ -78,7 +78,9 @@ class StreamLog(ScrollView, can_focus=True):
     def add(self, lines: list[Line]) -> None:
         self.received += len(lines)
         for line in lines:  # a line of several (a traceback) takes a row each, in its level's colour
-            self._pending += [Line(_CONTROL.sub("\ufffd", part.expandtabs()), line.level) for part in line.text.split("\n")]
+            self._pending += [
+                Line(_CONTROL.sub("\ufffd", part.expandtabs()), line.level) for part in line.text.split("\n")
+            ]
         if self.max_lines is not None and len(self._pending) > self.max_lines:
             del self._pending[: -self.max_lines]  # they would scroll away unseen
         if self._timer is None:
