@@ -22,7 +22,7 @@ from loradrop.errors import UserError
 
 from ..data.dataset import Dataset
 from ..events import SAMPLE, SAVE, Cancelled, Control, Emit, Log, NoControl, Progress, Sample, Stage
-from ..models.sdxl import SDXL
+from ..models.sdxl import SDXL, Prediction
 from ..outputs import Outputs
 from ..recipe import Recipe
 from . import metadata, prepare
@@ -79,6 +79,9 @@ def train(
         latents, [item.caption for item in dataset.items], items, recipe.train_batch_size, recipe.seed
     )
     micro_per_update = recipe.gradient_accumulation_steps * world.size
+    prediction = model.prediction_for(
+        recipe
+    )  # ε or v, and the schedule: the checkpoint's unless the recipe says
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)  # the adapters' initial down weights
@@ -99,7 +102,7 @@ def train(
             optimizer,
             outputs,
             recipe,
-            _metadata(recipe, data, dataset, model, world, model_hashes),
+            _metadata(recipe, data, dataset, model, world, model_hashes, prediction),
             fingerprint=prepare.fingerprint(recipe, latents, [item.repeats for item in dataset.items]),
             epoch_of=lambda step: step * micro_per_update // max(1, data.num_batches) + 1,
             emit=emit,
@@ -111,13 +114,18 @@ def train(
             teardown.callback(tb.close)
         scaler, ac = (
             precision.grad_scaler(device),
-            alphas_cumprod(zero_terminal_snr=model.prediction_for(recipe).ztsnr).to(device),
+            alphas_cumprod(zero_terminal_snr=prediction.ztsnr).to(device),
         )
         step = saver.resume() if resume else 0
         recent: deque[float] = deque(
             maxlen=max(1, math.ceil(data.num_batches / recipe.gradient_accumulation_steps))
         )
         total, started, first_step, samples = recipe.max_train_steps, time.perf_counter(), step, []
+
+        def render_samples(step: int) -> list[Path]:
+            return _render_samples(
+                model, network, prompts, outputs, step, recipe, precision, prediction, device, control, emit
+            )
 
         # ---- the loop: one iteration is one optimizer update
         emit(Stage("train"))
@@ -126,7 +134,15 @@ def train(
             loss = _update(
                 step,
                 lambda g: micro_batch_loss(
-                    model, data, g, recipe, ac, precision=precision, train_te=train_te, device=device
+                    model,
+                    data,
+                    g,
+                    recipe,
+                    ac,
+                    precision=precision,
+                    prediction=prediction,
+                    train_te=train_te,
+                    device=device,
                 ),
                 optimizer,
                 params,
@@ -164,18 +180,14 @@ def train(
                 saver.step_file(step)
             try:
                 if sampled:  # stops between denoising steps on a cancel or a stop
-                    samples += _render_samples(
-                        model, network, prompts, outputs, step, recipe, precision, device, control, emit
-                    )
+                    samples += render_samples(step)
                 requests = control.poll(network)  # lent to a preview for a slice of time, and put back
                 if world.is_main and SAVE in requests and not saved and step < total:
                     saver.step_file(step)
                 if (
                     world.is_main and SAMPLE in requests and not sampled
                 ):  # a stop during it keeps this step too
-                    samples += _render_samples(
-                        model, network, prompts, outputs, step, recipe, precision, device, control, emit
-                    )
+                    samples += render_samples(step)
             except Cancelled:
                 if world.is_main:
                     saver.state(step)  # a stopped job resumes exactly here
@@ -256,6 +268,7 @@ def _render_samples(
     step: int,
     recipe: Recipe,
     precision: Precision,
+    prediction: Prediction,
     device: torch.device,
     control: Control,
     emit: Emit,
@@ -273,7 +286,7 @@ def _render_samples(
                 dtype=precision.weights,
                 default_seed=recipe.seed + index,
                 check=control.check,
-                prediction=model.prediction_for(recipe),
+                prediction=prediction,
             )
             path = outputs.sample(step, index)
             with atomic_path(path) as tmp:
@@ -294,7 +307,13 @@ def _make_optimizer(groups: list[dict], recipe: Recipe) -> torch.optim.Optimizer
 
 
 def _metadata(
-    recipe: Recipe, data: TrainingData, dataset: Dataset, model: SDXL, world: World, model_hashes
+    recipe: Recipe,
+    data: TrainingData,
+    dataset: Dataset,
+    model: SDXL,
+    world: World,
+    model_hashes,
+    prediction: Prediction,
 ) -> dict[str, str]:
     return metadata.training_metadata(
         recipe,
@@ -309,7 +328,7 @@ def _metadata(
         dataset_dirs={
             (s.name or dataset.folder.name): (s.repeats, s.images) for s in dataset.subsets if s.images
         },
-        prediction=model.prediction_for(recipe),
+        prediction=prediction,
     )
 
 

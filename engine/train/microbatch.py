@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..data.captions import process_caption
 from ..data.dataset import epoch_batches
 from ..data.latents import CachedLatent
-from ..models.sdxl import SDXL
+from ..models.sdxl import SDXL, Prediction
 from ..recipe import Recipe
 from .conditioning import encode_text, size_ids, tokenize
 from .noise import add_noise, multires_noise, training_target
@@ -68,10 +68,12 @@ def micro_batch_loss(
     ac: torch.Tensor,
     *,
     precision: Precision,
+    prediction: Prediction,
     train_te: bool,
     device: torch.device,
 ) -> torch.Tensor:
-    """The mean denoising loss of micro-batch `g` under the model's current adapters."""
+    """The mean denoising loss of micro-batch `g` under the model's current adapters, against
+    the target `prediction` names (ε, or v for a v-pred base) on the schedule `ac`."""
     rng, gen = generators(recipe.seed, g, device)
     x0, captions, orig, crop, target = [], [], [], [], []
     for i in data.members(g):
@@ -111,7 +113,5 @@ def micro_batch_loss(
                 "time_ids": time_ids.to(precision.weights),
             },
         ).sample
-    target = training_target(
-        x0, noise, t, ac, v_prediction=model.prediction_for(recipe).v
-    )  # ε, or v for a v-pred base
+    target = training_target(x0, noise, t, ac, v_prediction=prediction.v)
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)).mean()

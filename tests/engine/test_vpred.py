@@ -184,7 +184,15 @@ def test_the_training_loss_is_against_v_for_a_vpred_base(twin, recipe, v, vpred_
         recipe.seed,
     )
     loss = micro_batch_loss(
-        model, data, 0, recipe, ac, precision=Precision(torch.float32, None), train_te=False, device=CPU
+        model,
+        data,
+        0,
+        recipe,
+        ac,
+        precision=Precision(torch.float32, None),
+        prediction=prediction,
+        train_te=False,
+        device=CPU,
     )
 
     rng, gen = generators(recipe.seed, 0, CPU)
