@@ -70,6 +70,38 @@ def daemons():
 
 
 @pytest.fixture
+def tls_daemon(home, daemons, tls):
+    """`tls_daemon()` starts a daemon with no workers on a free TCP port, with TLS and a token
+    (the `tls` files), and a client set to reach it (`d.connect`, the certificate and the token)."""
+    from loradrop.testing import free_port
+
+    cert, key, token = tls
+
+    def start():
+        port = free_port()
+        listen = [
+            "--listen",
+            f"localhost:{port}",
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--token-file",
+            str(token),
+        ]
+        return daemons(
+            home,
+            "--workers",
+            "0",
+            *listen,
+            connect=f"localhost:{port}",
+            client_args={"tls_ca": cert, "token_file": token},
+        )
+
+    return start
+
+
+@pytest.fixture
 def tls(tmp_path):
     """A self-signed certificate for localhost, its key, and a token file, for TCP daemons."""
     import shutil

@@ -76,24 +76,9 @@ def test_insecure_loopback_serves_plain_tcp(home, daemons):
         assert c.status().inbox == str(home / "inbox")
 
 
-def test_tcp_with_tls_checks_the_token_on_every_call(home, daemons, tls):
+def test_tcp_with_tls_checks_the_token_on_every_call(home, tls_daemon, tls):
     cert, key, token = tls
-    port = free_port()
-    d = daemons(
-        home,
-        "--workers",
-        "0",
-        "--listen",
-        f"localhost:{port}",
-        "--tls-cert",
-        str(cert),
-        "--tls-key",
-        str(key),
-        "--token-file",
-        str(token),
-        connect=f"localhost:{port}",
-        client_args={"tls_ca": cert, "token_file": token},
-    )
+    d = tls_daemon()
     with d.client() as c:
         assert c.status().pid == d.pid
     for wrong in (None, "wrong-token-" + "y" * 20):
@@ -106,7 +91,7 @@ def test_tcp_with_tls_checks_the_token_on_every_call(home, daemons, tls):
             assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
     # health is guarded too, and answers with the token
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-    with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+    with grpc.secure_channel(d.connect, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         with pytest.raises(grpc.RpcError) as e:
             stub.Check(health_pb2.HealthCheckRequest(service="loradrop.v1.Loradrop"), timeout=10)

@@ -122,25 +122,10 @@ def test_a_client_given_missing_tls_or_token_files_says_which_option_in_one_sent
         _one_sentence(result, f"cannot read {option}", "gone.pem")
 
 
-def test_a_token_file_others_can_read_is_warned_about(home, daemons, tls):
+def test_a_token_file_others_can_read_is_warned_about(home, tls_daemon, tls):
     cert, key, token = tls
     token.chmod(0o644)
-    port = free_port()
-    d = daemons(
-        home,
-        "--workers",
-        "0",
-        "--listen",
-        f"localhost:{port}",
-        "--tls-cert",
-        str(cert),
-        "--tls-key",
-        str(key),
-        "--token-file",
-        str(token),
-        connect=f"localhost:{port}",
-        client_args={"tls_ca": cert, "token_file": token},
-    )
+    d = tls_daemon()
     with d.client() as c:
         c.status()
     warning = (

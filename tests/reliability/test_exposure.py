@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loradrop.proto.v1 import loradrop_pb2 as pb
 from loradrop.proto.v1 import loradrop_pb2_grpc as rpc
-from loradrop.testing import free_port, make_dataset, wait_for
+from loradrop.testing import make_dataset, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 DEADLINE = 20.0
@@ -42,35 +42,20 @@ def _empty_call(channel: grpc.Channel, method, metadata=()) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_tcp_gives_nothing_without_tls_and_the_token(home, daemons, tls):
+def test_tcp_gives_nothing_without_tls_and_the_token(home, tls_daemon, tls):
     cert, key, token = tls
-    port = free_port()
-    d = daemons(
-        home,
-        "--workers",
-        "0",
-        "--listen",
-        f"localhost:{port}",
-        "--tls-cert",
-        str(cert),
-        "--tls-key",
-        str(key),
-        "--token-file",
-        str(token),
-        connect=f"localhost:{port}",
-        client_args={"tls_ca": cert, "token_file": token},
-    )
+    d = tls_daemon()
     secret = token.read_text().strip()
     assert not (home / "daemon.sock").exists(), "a TCP daemon opened the unix socket as well"
 
     # Plain TCP to the TLS port: the handshake fails, nothing is served.
-    with grpc.insecure_channel(f"localhost:{port}") as plain:
+    with grpc.insecure_channel(d.connect) as plain:
         assert (
             _empty_call(plain, SERVICE.methods_by_name["Status"], (("authorization", f"Bearer {secret}"),))
             == grpc.StatusCode.UNAVAILABLE
         )
     # TLS that does not trust this certificate (a stranger's daemon, or a man in the middle).
-    with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials()) as untrusted:
+    with grpc.secure_channel(d.connect, grpc.ssl_channel_credentials()) as untrusted:
         assert (
             _empty_call(
                 untrusted, SERVICE.methods_by_name["Status"], (("authorization", f"Bearer {secret}"),)
@@ -79,7 +64,7 @@ def test_tcp_gives_nothing_without_tls_and_the_token(home, daemons, tls):
         )
 
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-    with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+    with grpc.secure_channel(d.connect, credentials) as channel:
         wrong = [
             (),
             (("authorization", "Bearer"),),
