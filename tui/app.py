@@ -22,12 +22,13 @@ from loradrop.proto.client import Client, ClientError
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
 from .facts import Seen
-from .images import Pictures
+from .images import Picture, Pictures
 from .keys import KeysInOrder
 from .link import EventFeed, Link, Target
 from .messages import EventBatch, EventsArrived, JobUpdated, LinkChanged, PreviewProgressed
 from .screens.dialogs import Confirm
 from .screens.queue import QueueScreen
+from .terminal_gone import exit_when_terminal_gone
 
 T = TypeVar("T")
 IMAGE_CACHE = 96  # sample PNGs kept (each a few to a few hundred kB)
@@ -64,6 +65,14 @@ class LoradropApp(KeysInOrder):
         self.push_screen(QueueScreen())
         self.run_worker(self._connect, thread=True, name="connect")
         self.set_interval(STATUS_EVERY, self._poll_status)
+        if not self.is_headless:  # a real terminal, which may go away without a SIGHUP
+            exit_when_terminal_gone(self)
+
+    def on_resize(self) -> None:
+        """The terminal changed size; the screen lays itself out again a timer tick later, and
+        sixel pictures drawn while it does come out wrong: they wait (`Picture.hold`)."""
+        for picture in self.screen.query(Picture):
+            picture.hold()
 
     def on_unmount(self) -> None:
         self._stop.set()

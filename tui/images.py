@@ -5,18 +5,21 @@ imported, and that only works before Textual takes over the terminal: `image_wid
 run before the app starts. Its guess is not always right (a terminal behind tmux or ssh may answer
 for the outer one), so `--image-protocol` can force one; `halfcell` (two pixels per character
 cell, in colour) works in every terminal with more than 16 colours, `none` shows a line of text
-instead of the picture. Nothing here imports PIL or textual-image until it is used.
+instead of the picture. Nothing here imports PIL or textual-image until it is used, and
+textual-image is imported without numpy (see `_textual_image_widgets`).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from textual.app import ComposeResult
 from textual.containers import Container
+from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Static
 
@@ -26,6 +29,7 @@ from . import IMAGE_PROTOCOLS as PROTOCOLS
 DEFAULT_CELL = (10, 20)
 FEW_COLOURS = {None, "standard", "windows"}  # Rich's names for no colour and the 16 colours of TERM=xterm
 FRAMES = 32  # pictures a Picture keeps drawn (a montage's frames): shown again without encoding again
+HOLD_S = 0.3  # at most this long hidden after a terminal resize (see Picture.hold)
 
 
 @dataclass(frozen=True)
@@ -42,14 +46,32 @@ def image_widget_class(protocol: str) -> type[Widget] | None:
         raise ValueError(f"unknown image protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
     if protocol == "none":
         return None
-    from textual_image import widget
-
+    widget = _textual_image_widgets()
     return {
         "auto": widget.Image,
         "sixel": widget.SixelImage,
         "tgp": widget.TGPImage,
         "halfcell": widget.HalfcellImage,
     }[protocol]
+
+
+def _textual_image_widgets():
+    """textual_image.widget, imported without numpy (unless something has loaded it already).
+
+    numpy is the largest part of importing textual-image (0.06-0.1 s of a 0.5 s first frame),
+    and it must be imported before the first frame (the import asks the terminal what it can
+    draw). textual-image uses it only to encode sixel, optionally: without it the same bytes
+    come out, in about the same time (a 512 px sample: 76 ms instead of 67, each picture once)."""
+    if "numpy" in sys.modules:
+        from textual_image import widget
+
+        return widget
+    sys.modules["numpy"] = None  # `import numpy` raises ImportError: textual-image goes without
+    try:
+        from textual_image import widget
+    finally:
+        del sys.modules["numpy"]  # anything after this imports it as usual
+    return widget
 
 
 def choose_pictures(protocol: str, colour_system: str | None, term: str = "") -> Pictures:
@@ -127,6 +149,7 @@ class Picture(Container):
         self.png: bytes | None = None
         self._drawn: OrderedDict[bytes, Widget] = OrderedDict()  # png -> its image widget
         self._shown_caption = self._caption(text)
+        self._release: Timer | None = None  # reveals a held picture whose size a resize left alone
 
     def compose(self) -> ComposeResult:
         yield Static(self._caption(self.text), classes="picture-text")
@@ -162,17 +185,36 @@ class Picture(Container):
         while len(self._drawn) > FRAMES:
             self._drawn.popitem(last=False)[1].remove()
 
-    def on_resize(self) -> None:
-        """Sixel pictures drawn while a new layout is being drawn come out as a strip of themselves
-        (textual-image crops the picture to a region of the layout before), at times where the old,
-        bigger one was: hidden until two refreshes later, the picture comes back whole."""
-        shown = self._drawn.get(self.png) if self.png is not None else None
-        if shown is None or self.protocol != "sixel":
+    def hold(self) -> None:
+        """The terminal is being resized: hide the sixel picture before the screen draws its new
+        layout. Drawn in the first passes of that layout, it comes out as a strip of itself at
+        the old size, or at a place between the old and the new one (textual-image crops it to
+        regions of a layout that is not settled yet), and a terminal keeps those pixels until
+        something is drawn over them: seen for 1-1.5 s after a resize. It comes back whole two
+        refreshes after its own resize, or after `HOLD_S` if its size did not change."""
+        shown = self._shown_sixel()
+        if shown is None:
             return
         shown.styles.visibility = "hidden"
+        if self._release is not None:
+            self._release.stop()
+        self._release = self.set_timer(HOLD_S, functools.partial(self._reveal, shown))
+
+    def on_resize(self) -> None:
+        shown = self._shown_sixel()
+        if shown is None:
+            return
+        shown.styles.visibility = "hidden"  # a resize of this widget alone (a tab, a pane) too
         self.call_after_refresh(self.call_after_refresh, self._reveal, shown)
 
+    def _shown_sixel(self) -> Widget | None:
+        shown = self._drawn.get(self.png) if self.png is not None else None
+        return shown if shown is not None and self.protocol == "sixel" else None
+
     def _reveal(self, widget: Widget) -> None:
+        if self._release is not None:
+            self._release.stop()
+            self._release = None
         widget.styles.visibility = "visible"
         widget.refresh()
 

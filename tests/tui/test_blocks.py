@@ -65,6 +65,8 @@ def test_edit_preset_preview_and_chop(trained, tui):
         )
         assert "preview cancelled" in str(weighted.query_one(".picture-text").render()) and full.image is None
 
+        await pilot.press("s", "ctrl+a", "ctrl+k", "3", "enter")  # the previews after it: 3 denoising steps
+        assert screen.steps == 3
         await pilot.press("v")
         steps_seen = set()
 
@@ -74,7 +76,7 @@ def test_edit_preset_preview_and_chop(trained, tui):
             return full.image is not None and weighted.image is not None
 
         await tui.until(pilot, rendered, timeout=240, what="both previews")
-        assert any(s.startswith("step ") for s in steps_seen), steps_seen
+        assert steps_seen and all(s.startswith("step ") and s.endswith("/3") for s in steps_seen), steps_seen
         label = screen.query_one("#label-vector")
         assert screen.previewed == outall and str(label.render()) == "with the vector"
         await pilot.press("1")  # the vector changes: the picture below is of an earlier one, and says so

@@ -130,6 +130,31 @@ def test_the_tui_and_montage_load_no_torch_and_no_engine():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
+def test_the_first_frame_loads_no_numpy_and_sixel_comes_out_the_same():
+    """numpy, textual-image's optional sixel speed-up, was a fifth of what the TUI imported before
+    its first frame. Imported without it, textual-image encodes the same bytes."""
+    code = (
+        "import sys\n"
+        "from loradrop.tui.images import choose_pictures\n"
+        "choose_pictures('sixel', 'truecolor')\n"
+        "import loradrop.commands.tui, loradrop.tui.app\n"
+        "assert 'numpy' not in sys.modules, 'numpy is loaded before the first frame'\n"
+        "from PIL import Image\n"
+        "from textual_image._sixel import image_to_sixels\n"
+        "sys.stdout.write(image_to_sixels(Image.radial_gradient('L').convert('RGB').resize((96, 64))))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    without = run.stdout
+
+    from PIL import Image
+    from textual_image import _sixel
+
+    assert _sixel._HAS_NUMPY  # here (numpy loaded first, by the tests) it took the numpy path
+    image = Image.radial_gradient("L").convert("RGB").resize((96, 64))
+    assert without.startswith("\x1bP") and without == _sixel.image_to_sixels(image)
+
+
 def test_a_flooded_log_is_written_in_batches_and_loses_no_line():
     import asyncio
 

@@ -80,3 +80,35 @@ def test_submit_asks_for_a_folder_in_the_inbox(start_daemon, dataset, tui):
         assert table.row_count == 1
 
     tui.run(daemon.connect, scenario)
+
+
+def test_rows_stay_in_number_order_when_new_jobs_arrive_out_of_order():
+    """Jobs the daemon records while the app connects come in events, each fetched in a call of
+    its own: the second could be shown above the first, and `↓ enter` on "job 1" opened job 1."""
+    import asyncio
+
+    from textual.app import App
+
+    from loradrop.proto.v1 import loradrop_pb2 as pb
+    from loradrop.tui.facts import Seen
+
+    class One(App):
+        def compose(self):
+            yield JobsTable()
+
+    async def scenario():
+        app = One()
+        async with app.run_test() as pilot:
+            table = app.query_one(JobsTable)
+            for number, name in ((2, "dogs"), (3, "owls"), (1, "cats")):  # as the calls came back
+                job = pb.Job(id=f"000{number}-{name}", number=number, name=name, state=pb.QUEUED)
+                table.upsert(job, Seen(), 0.0)
+            await pilot.pause()
+            assert [table.coordinate_to_cell_key((row, 0)).row_key.value for row in range(3)] == [
+                "0001-cats",
+                "0002-dogs",
+                "0003-owls",
+            ]
+            assert table.selected == "0001-cats"  # the cursor on the first row, as at every start
+
+    asyncio.run(scenario())

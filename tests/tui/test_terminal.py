@@ -18,7 +18,7 @@ from PIL import Image, ImageGrab
 from loradrop.testing import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-COLUMNS, ROWS = 100, 30
+COLUMNS, ROWS = 130, 44  # xterm's 6x13 cells: 780x572 pixels, so 600x450 is smaller both ways
 
 
 def tui_command(connect: str, protocol: str) -> list[str]:
@@ -108,12 +108,18 @@ def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
             what=f"the sample's colours on the screen (last screenshot: {shot})",
         )
 
-        # A smaller window: soon the whole picture again, square, inside the window (not a strip
-        # of it, and not the old, bigger one left behind).
+        # A smaller window: soon the whole picture again, square, inside the window. Meanwhile
+        # (screenshots as fast as they come) the screen shows the old picture until the TUI
+        # redraws, then nothing or the new one where it settles, never a mix of the two nor a
+        # strip: for 1-1.5 s after a resize that was all there was.
         window = subprocess.run(
             ["xdotool", "search", "--pid", str(xterm.pid)], env=env, capture_output=True, text=True
         ).stdout.split()[0]
         subprocess.run(["xdotool", "windowsize", window, "600", "450"], env=env, check=True)
+        resized, frames = time.monotonic(), []
+        while time.monotonic() - resized < 2.0:
+            frame = ImageGrab.grab(xdisplay=env["DISPLAY"]).convert("RGB")
+            frames.append((time.monotonic() - resized, region(frame, left), region(frame, right)))
 
         def whole_in(width: int, height: int):
             got = picture()
@@ -129,6 +135,27 @@ def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
             interval=0.1,
             what=f"the whole picture after the resize (last screenshot: {shot})",
         )
+        settled = screenshot(env, shot)
+        (n_left, final_left), (n_right, final_right) = region(settled, left), region(settled, right)
+        final = (
+            final_left[0],
+            min(final_left[1], final_right[1]),
+            final_right[2],
+            max(final_left[3], final_right[3]),
+        )
+        before = (box_left[0], min(box_left[1], box_right[1]), box_right[2], max(box_left[3], box_right[3]))
+        for at, (seen_left, box_l), (seen_right, box_r) in frames:
+            boxes = [box for box in (box_l, box_r) if box is not None]
+            new = all(_inside(box, final, slack=3) for box in boxes)
+            old = at < 0.5 and all(_inside(box, before, slack=3) for box in boxes)  # not redrawn yet
+            assert new or old, (
+                f"{at:.2f} s after the resize: picture pixels at {boxes}; the old picture was at {before}, "
+                f"the new one settles at {final}"
+            )
+            if boxes and new and at > 0.5:  # drawn part way, for longer than the drawing takes
+                assert seen_left + seen_right >= 0.9 * (n_left + n_right), (
+                    f"{at:.2f} s after the resize: {seen_left + seen_right} of the picture's {n_left + n_right} pixels"
+                )
     finally:
         xterm.terminate()
         xterm.wait(10)
@@ -145,6 +172,15 @@ def test_xterm_shows_the_sample_as_sixel_pixels(trained, display, tmp_path):
         middle = ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)
         got = image.getpixel(middle)
         assert max(abs(a - b) for a, b in zip(got, colour)) <= 3, (middle, got, colour)
+
+
+def _inside(box: tuple[int, int, int, int], within: tuple[int, int, int, int], slack: int) -> bool:
+    return (
+        box[0] >= within[0] - slack
+        and box[1] >= within[1] - slack
+        and box[2] <= within[2] + slack
+        and box[3] <= within[3] + slack
+    )
 
 
 @needs("tmux")
@@ -219,12 +255,18 @@ def test_tmux_keys_sent_in_one_write_act_in_order(start_daemon, dataset):
             [*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True, check=True
         ).stdout
 
+    def ready() -> bool:
+        """Both jobs listed, in order, and the line below the table names the one under the cursor:
+        the first (the rows of jobs that arrive together can come in either order)."""
+        text = screen()
+        return bool(re.search(r"\b1\s+cats\b[^\n]*\n[^\n]*\b2\s+dogs\b", text)) and "0001-cats queued" in text
+
     try:
-        wait_for(lambda: "2     dogs" in screen(), timeout=30, what=f"both jobs in the queue:\n{screen()}")
+        wait_for(ready, timeout=60, what=f"both jobs in the queue, the cursor on the first:\n{screen()}")
         subprocess.run([*tmux, "send-keys", "-t", "tui", "Down", "Enter"], check=True)  # one write
         wait_for(
             lambda: "0002-dogs" in screen() and "log l" in screen(),
-            timeout=15,
+            timeout=30,
             what=f"the second job's screen:\n{screen()}",
         )
         assert "0001-cats" not in screen()
