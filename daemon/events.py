@@ -39,9 +39,10 @@ class EventLog:
             self._publish(event)
         return self._announce_end(job)
 
-    def claim_next(self) -> Job | None:
+    def claim_next(self, accept: Callable[[str], bool] = lambda pin: True) -> Job | None:
+        """The next queued job `accept` takes (by its pin; see Store.claim_next), now running."""
         with self._changed:
-            claimed = self.store.claim_next()
+            claimed = self.store.claim_next(accept)
             return self._publish_change(claimed)
 
     def transition(

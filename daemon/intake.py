@@ -1,8 +1,8 @@
 """How a dataset folder becomes a job: checked, its settings resolved and frozen, recorded.
 
 Settings come in three layers: the Recipe's defaults, then the folder's `loradrop.toml` (recipe
-keys at the top level, plus `name`, `model`, `block_vector` and the caption stage's keys, see
-captions.py), then the request's own values.
+keys at the top level, plus `name`, `model`, `block_vector`, `pin` (a Ray resource the job's node
+must offer) and the caption stage's keys, see captions.py), then the request's own values.
 The result is stored with the job and never read again from the folder, so editing the folder's
 file later does not change a queued job. Everything that can be judged without torch is judged
 here, before any training: every setting's type and range, the block vector's length (a LoRA
@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import re
 import shutil
 import stat
 import tarfile
@@ -42,7 +43,9 @@ from .security import printable, refuse_links_out, resolve_inside, safe_name
 log = logging.getLogger(__name__)
 
 FOLDER_FILE = "loradrop.toml"
-FOLDER_KEYS = ("name", "model", "block_vector")  # the folder file's keys that are not recipe keys
+FOLDER_KEYS = ("name", "model", "block_vector", "pin")  # the folder file's keys that are not recipe keys
+# A Ray resource name as a pin may give it: a node's label ("big") or Ray's "accelerator_type:H100".
+_PIN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 UPLOAD_LIMIT = 8 << 30  # bytes of tar stream one upload may send
 
 
@@ -63,6 +66,7 @@ class Settings:
     block_vector: str | None
     recipe: dict
     captions: CaptionSettings
+    pin: str  # "": any node
 
 
 def folder_key(path: Path) -> str:
@@ -93,7 +97,8 @@ class Intake:
                 job.model,
                 job.block_vector,
                 job.recipe,
-            ) == (settings.name, settings.model, settings.block_vector, settings.recipe):
+                job.pin,
+            ) == (settings.name, settings.model, settings.block_vector, settings.recipe, settings.pin):
                 raise Conflict(
                     f"{folder.name} is {job.state} already as job {job.id}, with the same settings; wait for it, "
                     f"cancel it (`loradrop cancel {job.id}`), or give another --name to train it twice."
@@ -136,7 +141,12 @@ class Intake:
             self._check_folder(folder)
             settings = self.resolve(folder, Request(name=job.name), default_name=job.name)
             self.events.store.set_settings(
-                job.id, settings.model, settings.block_vector, settings.recipe, settings.captions
+                job.id,
+                settings.model,
+                settings.block_vector,
+                settings.recipe,
+                settings.captions,
+                settings.pin,
             )
         retried = self.events.transition(job.id, QUEUED, expect=(FAILED, CANCELLED), attempts=0)
         if retried is None:
@@ -226,6 +236,12 @@ class Intake:
             check_block_vector(
                 vector, "the request's block_vector" if request.block_vector else f"{source}: block_vector"
             )
+        pin = extra.get("pin", "")
+        if pin and not _PIN.fullmatch(pin):
+            raise UserError(
+                f"{source}: pin {pin!r} is not a Ray resource name; give at most 100 letters, digits and _-.: "
+                '(a node\'s label such as "big", or "accelerator_type:H100"), or remove it to run on any node.'
+            )
         prompts = folder / recipe.sample_prompts
         if recipe.sample_every_n_steps and _regular_file(prompts, "a text file of sample prompts"):
             parse_prompt_file(
@@ -239,6 +255,7 @@ class Intake:
             block_vector=vector,
             recipe=recipe.to_dict(),
             captions=caption,
+            pin=pin,
         )
 
     def caption_model_path(self, text: str) -> Path:
@@ -290,6 +307,7 @@ class Intake:
             block_vector=settings.block_vector,
             recipe=settings.recipe,
             captions=settings.captions,
+            pin=settings.pin,
         )
         if wake:
             self._wake()

@@ -52,9 +52,10 @@ class JobPolicy:
 
     # ------------------------------------------------------------------ what a slot calls
 
-    def next_run(self) -> Run | None:
-        """The next queued job, claimed (now running), as a worker needs it; None when none waits."""
-        job = self.events.claim_next()
+    def next_run(self, offers: Callable[[str], bool] = lambda pin: True) -> Run | None:
+        """The next queued job, claimed (now running), as a worker needs it; None when none waits.
+        `offers(pin)`: whether the worker's node has the resource a pinned job names."""
+        job = self.events.claim_next(offers)
         return None if job is None else self.run_message(job)
 
     def run_message(self, job: Job) -> Run:

@@ -74,6 +74,7 @@ class Job:
     captions: CaptionSettings | None = (
         None  # None for a job refused at intake (or from before the caption stage)
     )
+    pin: str = ""  # a Ray resource the node running it must offer (loradrop.toml's `pin`); "": any node
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         result=_files(json.loads(row["result"])),
         last_seq=row["last_seq"],
         captions=None if row["captions"] is None else CaptionSettings(**json.loads(row["captions"])),
+        pin=row["pin"],
     )
 
 

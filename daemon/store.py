@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result       TEXT NOT NULL DEFAULT '{}',
     last_seq     INTEGER NOT NULL DEFAULT 0,
     interrupted  INTEGER NOT NULL DEFAULT 0,
-    captions     TEXT
+    captions     TEXT,
+    pin          TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_inbox_key ON jobs(inbox_key);
 CREATE TABLE IF NOT EXISTS events (
@@ -113,6 +114,8 @@ class Store:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0")
             if "captions" not in columns:  # a database from before the caption stage
                 self._db.execute("ALTER TABLE jobs ADD COLUMN captions TEXT")
+            if "pin" not in columns:  # a database from before jobs could be pinned to a cluster's nodes
+                self._db.execute("ALTER TABLE jobs ADD COLUMN pin TEXT NOT NULL DEFAULT ''")
         except BaseException:
             self._db.close()
             raise
@@ -191,6 +194,7 @@ class Store:
         block_vector: str | None,
         recipe: dict[str, Any] | None,
         captions: CaptionSettings | None = None,
+        pin: str = "",
         state: str = QUEUED,
         error: str = "",
     ) -> tuple[Job, Event]:
@@ -201,8 +205,8 @@ class Store:
             number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM jobs").fetchone()[0]
             job_id = f"{number:04d}-{name}"
             db.execute(
-                "INSERT INTO jobs (number, id, name, state, source, dataset, inbox_key, model, block_vector, recipe, created, ended, error, captions)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (number, id, name, state, source, dataset, inbox_key, model, block_vector, recipe, created, ended, error, captions, pin)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     number,
                     job_id,
@@ -218,6 +222,7 @@ class Store:
                     now if state in TERMINAL else None,
                     error,
                     None if captions is None else json.dumps(dataclasses.asdict(captions)),
+                    pin,
                 ),
             )
             event = self._insert_event(db, job_id, StateChange(state, error), now)
@@ -260,17 +265,22 @@ class Store:
                 for r in self._db.execute("SELECT * FROM jobs WHERE inbox_key = ? ORDER BY number", (key,))
             ]
 
-    def claim_next(self) -> tuple[Job, Event] | None:
+    def claim_next(self, accept: Callable[[str], bool] = lambda pin: True) -> tuple[Job, Event] | None:
         """The next queued job, now running: interrupted ones first (they hold a checkpoint and
-        had their turn already), then the oldest."""
+        had their turn already), then the oldest. A pinned job is taken only if `accept(pin)`
+        (the worker's node offers that resource); one it refuses waits for another worker and
+        does not hold up the jobs behind it."""
 
         def claim(db):
-            row = db.execute(
-                "SELECT id FROM jobs WHERE state = ? ORDER BY interrupted DESC, number LIMIT 1", (QUEUED,)
-            ).fetchone()
-            if row is None:
-                return None
-            return self._transition(db, row["id"], RUNNING, "", {QUEUED}, attempts=None)
+            verdicts: dict[str, bool] = {"": True}  # asked once per pin: many queued jobs may share one
+            for row in db.execute(
+                "SELECT id, pin FROM jobs WHERE state = ? ORDER BY interrupted DESC, number", (QUEUED,)
+            ).fetchall():
+                if row["pin"] not in verdicts:
+                    verdicts[row["pin"]] = accept(row["pin"])
+                if verdicts[row["pin"]]:
+                    return self._transition(db, row["id"], RUNNING, "", {QUEUED}, attempts=None)
+            return None
 
         return self._write(claim)
 
@@ -325,11 +335,19 @@ class Store:
         block_vector: str | None,
         recipe: dict[str, Any],
         captions: CaptionSettings,
+        pin: str,
     ) -> None:
         self._write(
             lambda db: db.execute(
-                "UPDATE jobs SET model = ?, block_vector = ?, recipe = ?, captions = ? WHERE id = ?",
-                (model, block_vector, json.dumps(recipe), json.dumps(dataclasses.asdict(captions)), job_id),
+                "UPDATE jobs SET model = ?, block_vector = ?, recipe = ?, captions = ?, pin = ? WHERE id = ?",
+                (
+                    model,
+                    block_vector,
+                    json.dumps(recipe),
+                    json.dumps(dataclasses.asdict(captions)),
+                    pin,
+                    job_id,
+                ),
             )
         )
 

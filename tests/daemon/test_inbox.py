@@ -9,8 +9,9 @@ import tomllib
 
 import pytest
 
+from loradrop.daemon.store import Store
 from loradrop.proto.v1 import loradrop_pb2 as pb
-from loradrop.testing import make_dataset, wait_for
+from loradrop.testing import make_dataset, toml_text, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 QUIET = 0.8
@@ -151,3 +152,30 @@ def test_the_job_end_command_hears_of_every_ending(home, daemons, tmp_path):
         shutil.move(make_dataset(tmp_path / "bad", settings={"max_train_steps": -1}), home / "inbox" / "bad")
         wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 2, what="two endings")
     assert sorted(out.read_text().splitlines()) == ["0001-kept cancelled kept", "0002-bad failed bad"]
+
+
+def test_a_folder_pins_its_job_and_a_bad_pin_refuses_it(home, daemons, tmp_path):
+    d = daemons(home, "--workers", "0", "--quiet-seconds", str(QUIET))
+    for name, pin in (("pinned", "accelerator_type:H100"), ("spaced", "a b"), ("number", 3)):
+        shutil.move(make_dataset(tmp_path / name, settings={"pin": pin}), home / "inbox" / name)
+    with d.client() as c:
+        jobs = {j.name: j for j in wait_for(lambda: len(c.jobs()) == 3 and c.jobs(), what="three jobs")}
+        assert jobs["pinned"].state == pb.QUEUED
+        for name in ("spaced", "number"):
+            assert jobs[name].state == pb.FAILED
+            assert "loradrop.toml: pin" in jobs[name].error, jobs[name].error
+        assert "'a b' is not a Ray resource name" in jobs["spaced"].error
+        assert "pin must be a string" in jobs["number"].error
+        fixed = tomllib.loads((home / "inbox" / "spaced" / "loradrop.toml").read_text()) | {"pin": "big"}
+        (home / "inbox" / "spaced" / "loradrop.toml").write_text(toml_text(fixed))
+        assert c.retry(jobs["spaced"].id).state == pb.QUEUED
+    assert d.stop() == 0
+    store = Store(home / "state.sqlite")  # the API does not show pins; the store keeps them
+    try:
+        assert {j.name: j.pin for j in store.jobs()} == {
+            "pinned": "accelerator_type:H100",
+            "spaced": "big",  # a retry reads the folder's file again
+            "number": "",
+        }
+    finally:
+        store.close()
