@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build on this disk (an open range would fetch a CUDA build).
 	$(PY) -m pip install -q -c constraints-dev.txt torch
-	$(PY) -m pip install -q -c constraints-dev.txt -e '.[train,caption,dev]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[train,caption,ray,dev]'
 	touch $(STAMP)
 
 demo: setup
@@ -42,8 +42,10 @@ proto: setup
 bench: setup
 	$(PY) -m bench
 
+# Local workers, then Ray actors on a loopback test cluster (kills of actors, nodes and the daemon).
 chaos: setup
 	$(PY) bench/chaos.py --jobs 12 --kills 40 --steps 10 --seed 1
+	$(PY) bench/chaos.py --ray --jobs 12 --kills 40 --steps 10 --seed 1
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

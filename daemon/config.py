@@ -71,6 +71,11 @@ class DaemonConfig:
         None  # captions images that lack one, for jobs whose loradrop.toml names no caption_model
     )
     captioner_kind: str | None = None  # "tagger" or "vlm"; None: told by the folder's files
+    ray: str | None = (
+        None  # a Ray cluster's address ("auto": the one this machine joined); None: local workers
+    )
+    ray_resource: str = "GPU"  # the resource one worker holds (a custom one stands in for GPUs in tests)
+    ray_transfer: str = "auto"  # "auto": nodes that see the home work in it; "always": every node gets a copy
 
     def check(self) -> None:
         """Refuse settings that would open the daemon to the network unguarded."""
@@ -78,6 +83,8 @@ class DaemonConfig:
             raise UserError("--tls-cert and --tls-key go together; give both.")
         if self.quiet_seconds < 0 or self.max_retries < 0 or (self.workers is not None and self.workers < 0):
             raise UserError("--quiet-seconds, --max-retries and --workers must be 0 or more.")
+        if self.ray_transfer not in ("auto", "always"):
+            raise UserError(f"--ray-transfer is auto or always, not {self.ray_transfer!r}.")
         if min(self.heartbeat_seconds, self.idle_seconds, self.hook_seconds) <= 0:
             raise UserError(
                 "--heartbeat-seconds, --idle-seconds and --on-job-end-seconds must be more than 0."

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from pathlib import PurePath
+from typing import Any, Callable, TypeVar, Union
 
 from loradrop.engine.events import Event, PreviewProgress
 from loradrop.engine.jobspec import JobSpec
@@ -127,18 +128,27 @@ def printable(text: str) -> str:
 
 def printable_record(record: T) -> T:
     """A record with every string in it printable (nested records, lists and dicts too)."""
-    return _clean(record)
+    return map_strings(record, printable)
 
 
-def _clean(value):
+def map_strings(value: T, change: Callable[[str], str]) -> T:
+    """`value` with `change` applied to every string in it, paths included (nested records,
+    lists and dicts too)."""
     if isinstance(value, str):
-        return printable(value)
+        return change(value)
+    if isinstance(value, PurePath):
+        return type(value)(change(str(value)))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(
-            value, **{f.name: _clean(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+            value,
+            **{
+                f.name: map_strings(getattr(value, f.name), change)
+                for f in dataclasses.fields(value)
+                if f.init
+            },
         )
     if isinstance(value, (list, tuple)):
-        return type(value)(_clean(v) for v in value)
+        return type(value)(map_strings(v, change) for v in value)
     if isinstance(value, dict):
-        return {_clean(k): _clean(v) for k, v in value.items()}
+        return {map_strings(k, change): map_strings(v, change) for k, v in value.items()}
     return value

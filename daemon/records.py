@@ -78,6 +78,25 @@ class Job:
 
 
 @dataclass(frozen=True)
+class ClusterNode:
+    """One machine of the Ray cluster the daemon's workers run on."""
+
+    id: str  # the first 8 hex digits of Ray's node id (as the workers' `node` names it)
+    address: str  # its IP address
+    alive: bool
+    gpus: float  # the GPU resource it offers (the daemon's --ray-resource, "GPU" by default)
+    gpus_free: float  # of those, not running one of the daemon's jobs
+    labels: tuple[str, ...] = ()  # its other custom resources (the names a job may pin), sorted
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    address: str = ""  # the Ray cluster's address; "" when the daemon runs its workers locally
+    resource: str = ""  # the resource that stands for a GPU
+    nodes: tuple[ClusterNode, ...] = ()
+
+
+@dataclass(frozen=True)
 class Event:
     gseq: int
     job_id: str  # "" for the daemon's own events

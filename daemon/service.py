@@ -31,7 +31,7 @@ from .home import Home
 from .intake import Intake, Request
 from .limits import MAX_DOWNLOADS, MAX_STREAMS, MAX_TOOL_CALLS, MAX_UPLOADS, Gate, IdleWatch
 from .messages import event_message, job_message
-from .records import CANCELLED, REVIEW, RUNNING, STATES, TERMINAL, WAITING, Job
+from .records import CANCELLED, REVIEW, RUNNING, STATES, TERMINAL, WAITING, ClusterView, Job
 from .security import refuse_links_out, resolve_inside
 from .supervisor import Supervisor
 from .thumbnails import image_message
@@ -95,6 +95,7 @@ class Service(rpc.LoradropServicer):
             last_event_seq=self.events.top,
             quiet_seconds=self.config.quiet_seconds,
             captioner=self.config.captioner or "",
+            cluster=_cluster(self.supervisor.cluster()),
         )
 
     @answers
@@ -397,6 +398,11 @@ def _request(message: pb.SubmitJobRequest) -> Request:
         model=message.model,
         block_vector=message.block_vector,
     )
+
+
+def _cluster(view: ClusterView) -> pb.Cluster:
+    nodes = [pb.Node(**dataclasses.asdict(n)) for n in view.nodes]
+    return pb.Cluster(address=view.address, resource=view.resource, nodes=nodes)
 
 
 def _chain(first, rest) -> Iterator:

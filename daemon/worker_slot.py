@@ -18,9 +18,9 @@ import threading
 import time
 from concurrent.futures import Future
 from multiprocessing.connection import wait
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-from loradrop.engine.events import PreviewProgress
+from loradrop.engine.events import Log, PreviewProgress
 
 from . import worker
 from .errors import DiskFull, Unavailable
@@ -45,6 +45,49 @@ log = logging.getLogger(__name__)
 _SPAWN = multiprocessing.get_context("spawn")  # never fork the threaded gRPC process
 
 
+class Launched(Protocol):
+    """A started worker, wherever it runs: a local process here, a Ray actor (daemon/ray_slot.py)."""
+
+    conn: Any  # the daemon's end of the pipe: send, poll, recv, fileno, close
+    pid: int
+    sentinel: int  # readable once the worker is gone
+    where: str  # the machine it runs on, for status ("" for this one)
+
+    def is_alive(self) -> bool: ...
+    def kill(self) -> None: ...
+    def ended(self) -> str: ...  # how it ended, the end of a sentence ("the worker …")
+    def offers(self, pin: str) -> bool: ...  # may it run a job pinned to `pin` (loradrop.toml)
+
+
+Launch = Callable[[str, str, str], Launched]  # (role, device, name) -> a started worker
+
+
+class LocalProcess:
+    """A worker process spawned on this machine."""
+
+    where = ""
+
+    def __init__(self, role: str, device: str, name: str):
+        parent, child = _SPAWN.Pipe()
+        self._process = _SPAWN.Process(target=worker.main, args=(child, role, device), name=name)
+        self._process.start()
+        child.close()  # only the worker holds its end, so the worker sees EOF when the daemon dies
+        self.conn, self.pid, self.sentinel = parent, self._process.pid, self._process.sentinel
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    def ended(self) -> str:
+        self._process.join(5)
+        return describe_exit(self._process.exitcode)
+
+    def offers(self, pin: str) -> bool:
+        return True  # pins name a cluster's resources; one machine runs every job
+
+
 def describe_exit(code: int | None) -> str:
     """How a process ended, as the end of a sentence ("the worker …")."""
     if code is None or code >= 0:
@@ -62,10 +105,12 @@ def describe_exit(code: int | None) -> str:
 class WorkerSlot:
     """One worker process and the thread that talks to it."""
 
-    def __init__(self, policy: JobPolicy, index: int, device: str, role: str):
+    def __init__(self, policy: JobPolicy, index: int, device: str, role: str, launch: Launch = LocalProcess):
         self.policy, self.index, self.device, self.role = policy, index, device, role
-        self.process: multiprocessing.process.BaseProcess | None = None
+        self._launch = launch
+        self.process: Launched | None = None
         self.conn = None
+        self.retired = False  # the cluster shrank: this slot ends once its worker is idle
         self.pid = 0
         self.state = "stopped"
         self.job_id: str | None = None
@@ -102,6 +147,7 @@ class WorkerSlot:
             "pid": self.pid if self.process else 0,
             "state": self.state,
             "job_id": self.job_id or "",
+            "node": self.process.where if self.process else "",
         }
 
     def control(self, job_id: str, request: str) -> bool:
@@ -168,20 +214,26 @@ class WorkerSlot:
 
     # ------------------------------------------------------------------ the thread
 
+    @property
+    def ended(self) -> bool:
+        """Retired, and its thread is done."""
+        return self.retired and self._thread is not None and not self._thread.is_alive()
+
+    def retire(self) -> None:
+        """End this slot once its worker has no job (the cluster has fewer GPUs than slots)."""
+        self.retired = True
+        self.wake()
+
     def _spawn(self) -> None:
-        parent, child = _SPAWN.Pipe()
-        process = _SPAWN.Process(
-            target=worker.main,
-            args=(child, self.role, self.device),
-            name=f"loradrop-{self.role}-{self.index}",
-        )
-        process.start()
-        child.close()  # only the worker holds its end, so the worker sees EOF when the daemon dies
-        self.process, self.conn, self.pid, self.state = process, parent, process.pid, "starting"
+        process = self._launch(self.role, self.device, f"loradrop-{self.role}-{self.index}")
+        self.process, self.conn, self.pid, self.state = process, process.conn, process.pid, "starting"
         self._heard, self._kill_reason = time.monotonic(), None
 
     def _loop(self) -> None:
         while True:
+            if self.retired and self.job_id is None:
+                self._end_retired()
+                return
             if self.process is None:
                 if self.policy.stopping or self.policy.stopped.wait(
                     min(30.0, 2.0**self._failures) if self._failures else 0
@@ -204,11 +256,18 @@ class WorkerSlot:
                 self.kill(
                     f"did not answer for {self.policy.config.heartbeat_seconds:g} s (stopped or frozen), so the daemon killed it"
                 )
-            elif self.role == worker.TRAIN and self.state == "idle" and not self.policy.stopping:
+            elif (
+                self.role == worker.TRAIN
+                and self.state == "idle"
+                and not self.policy.stopping
+                and not self.retired
+            ):
                 try:
                     self._take_job()
                 except DiskFull as e:  # nothing was claimed; the next turn tries again
                     self._once(f"{e}; no job can start until there is space")
+                except OSError:  # the worker went away as it was handed the job: the next turn sees it die
+                    pass
 
     def _receive(self) -> None:
         try:
@@ -263,14 +322,26 @@ class WorkerSlot:
 
     def _take_job(self) -> None:
         with self._lock:
-            run = self.policy.next_run()
+            run = self.policy.next_run(self.process.offers)
             if run is None:
                 return
             self.job_id, self.state = run.spec.job_id, "busy"
+            if self.process.where:
+                self.policy.event(run.spec.job_id, Log(f"runs on node {self.process.where}"), time.time())
             self.conn.send(run)
 
+    def _end_retired(self) -> None:
+        with self._lock:
+            process, conn = self.process, self.conn
+            self.process, self.conn, self.state = None, None, "stopped"
+        if conn is not None:
+            conn.close()
+        if process is not None:
+            self._kill_reason = "was retired: the cluster has fewer GPUs now"
+            process.kill()
+
     def _died(self) -> None:
-        reason = self._kill_reason or describe_exit(self.process.exitcode)
+        reason = self._kill_reason or self.process.ended()
         with self._lock:
             job_id, calls, was_ready = self.job_id, self._calls, self.state != "starting"
             self.conn.close()

@@ -21,20 +21,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     a killed process leaves behind can be told from one still being written (`sweep_partials`).
     """
     path = Path(path)
+    tmp_path = partial_path(path)
+    try:
+        yield tmp_path
+        finish_partial(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def partial_path(path: Path) -> Path:
+    """A new empty temporary file beside `path`, named as `atomic_path` names them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_PARTIAL, dir=path.parent)
     os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    return Path(tmp)
+
+
+def finish_partial(tmp_path: Path, path: Path) -> None:
+    """fsync the finished temporary file and rename it over `path`."""
+    with open(tmp_path, "rb+") as f:
+        os.fsync(f.fileno())
+    # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).
+    os.chmod(tmp_path, 0o666 & ~_umask())
+    os.replace(tmp_path, path)
+    _fsync_dir(path.parent)
+
+
+def is_partial(name: str) -> bool:
+    """A temporary name of `atomic_path`'s: a file still being written (or left by a crash)."""
+    return name.startswith(".") and name.endswith(_PARTIAL)
 
 
 def sweep_partials(root: str | os.PathLike) -> list[Path]:
@@ -52,7 +67,7 @@ def sweep_partials(root: str | os.PathLike) -> list[Path]:
 
 def _writer(name: str) -> int | None:
     """The pid in a name atomic_path made (`.<name>.<pid>.<random>.partial`), or None."""
-    if not (name.startswith(".") and name.endswith(_PARTIAL)):
+    if not is_partial(name):
         return None
     parts = name[: -len(_PARTIAL)].rsplit(".", 2)
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None

@@ -191,3 +191,69 @@ def diffusers_pipeline(model, scheduler: str = "EulerDiscreteScheduler"):
         unet=model.unet,
         scheduler=getattr(diffusers, scheduler).from_config(model.config.scheduler),
     )
+
+
+# The resource standing in for a GPU on a test cluster: CPU nodes that each take one worker.
+TEST_GPU = "loradrop_gpu"
+
+
+class RayTestCluster:
+    """Ray's own multi-node test cluster on loopback: a head that runs no worker, and nodes that
+    offer one TEST_GPU each (and the labels asked for). Ray's session files go to a short temporary
+    folder (its sockets' paths must stay under the unix limit)."""
+
+    def __init__(self, *labels: tuple[str, ...]):
+        import tempfile
+
+        from ray.cluster_utils import Cluster
+
+        # Every process of the test (nodes, daemons) inherits this: it makes Ray take the loopback
+        # address for this machine's, which otherwise it finds on the network interface (ray#59110).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        self.temp = tempfile.mkdtemp(prefix="ldray-", dir="/tmp")
+        # Ray's own files outside its session (the address of "the current cluster") go here too,
+        # not to a shared /tmp/ray that may not exist or may name another cluster.
+        os.environ["RAY_TMPDIR"] = self.temp
+        os.mkdir(os.path.join(self.temp, "ray"))  # Ray writes that file there but does not make it
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 1,
+                "node_ip_address": "127.0.0.1",
+                "temp_dir": self.temp,
+                "include_dashboard": False,
+                # A node killed outright is declared dead in seconds, not Ray's default half-minute.
+                "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+            },
+        )
+        self.labels: dict = {}  # node -> the labels it was given
+        self.nodes = [self.add(*node_labels) for node_labels in labels]
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add(self, *labels: str):
+        node = self.cluster.add_node(
+            num_cpus=1, node_ip_address="127.0.0.1", resources={TEST_GPU: 1, **{label: 1 for label in labels}}
+        )
+        self.cluster.wait_for_nodes()
+        self.labels[node] = labels
+        return node
+
+    def kill(self, node) -> tuple[str, ...]:
+        """The node's processes killed at once, as when its machine loses power; its labels."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.nodes.remove(node)
+        return self.labels.pop(node)
+
+    def node_of(self, short_id: str):
+        return next(node for node in self.nodes if node.node_id.startswith(short_id))
+
+    def shutdown(self) -> None:
+        import shutil
+
+        self.cluster.shutdown()
+        if os.environ.get("RAY_TMPDIR") == self.temp:
+            del os.environ["RAY_TMPDIR"]
+        shutil.rmtree(self.temp, ignore_errors=True)

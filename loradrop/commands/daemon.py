@@ -61,6 +61,26 @@ def add_parser(sub) -> None:
         help="training workers (default: one per visible GPU, one on a CPU machine; 0: queue only)",
     )
     p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the training workers as Ray actors across a cluster, one per GPU: `auto` joins the "
+        "cluster this machine belongs to (`ray start --head`), or give the head's HOST:PORT; needs "
+        "loradrop[ray] on every node (see docs/cluster.md)",
+    )
+    p.add_argument(
+        "--ray-resource",
+        default="GPU",
+        metavar="NAME",
+        help="the Ray resource one worker holds (default: GPU; a custom resource lets CPU nodes stand in)",
+    )
+    p.add_argument(
+        "--ray-transfer",
+        choices=("auto", "always"),
+        default="auto",
+        help="auto: a node that sees the daemon's home (a shared filesystem) works in it, others get a "
+        "copy of each job's files; always: every node works in a copy (default: auto)",
+    )
+    p.add_argument(
         "--heartbeat-seconds",
         type=float,
         default=60.0,
@@ -140,6 +160,9 @@ def run(args) -> int:
         hook_seconds=args.on_job_end_seconds,
         captioner=str(captioner) if captioner else None,
         captioner_kind=args.captioner_kind,
+        ray=args.ray,
+        ray_resource=args.ray_resource,
+        ray_transfer=args.ray_transfer,
     )
     serve(config)
     return 0

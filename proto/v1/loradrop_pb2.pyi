@@ -29,21 +29,49 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("index", "device", "pid", "state", "job_id")
+    __slots__ = ("index", "device", "pid", "state", "job_id", "node")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     index: int
     device: str
     pid: int
     state: str
     job_id: str
-    def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+    node: str
+    def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class Cluster(_message.Message):
+    __slots__ = ("address", "resource", "nodes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    resource: str
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, address: _Optional[str] = ..., resource: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("id", "address", "alive", "gpus", "gpus_free", "labels")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FREE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    alive: bool
+    gpus: float
+    gpus_free: float
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., gpus: _Optional[float] = ..., gpus_free: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "pid", "started", "home", "inbox", "outputs", "models", "default_model", "workers", "jobs_by_state", "pending_folders", "last_event_seq", "quiet_seconds", "captioner")
+    __slots__ = ("version", "pid", "started", "home", "inbox", "outputs", "models", "default_model", "workers", "jobs_by_state", "pending_folders", "last_event_seq", "quiet_seconds", "captioner", "cluster")
     class JobsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +93,7 @@ class StatusReply(_message.Message):
     LAST_EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     QUIET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAPTIONER_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     version: str
     pid: int
     started: float
@@ -79,7 +108,8 @@ class StatusReply(_message.Message):
     last_event_seq: int
     quiet_seconds: float
     captioner: str
-    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., started: _Optional[float] = ..., home: _Optional[str] = ..., inbox: _Optional[str] = ..., outputs: _Optional[str] = ..., models: _Optional[str] = ..., default_model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., pending_folders: _Optional[_Iterable[str]] = ..., last_event_seq: _Optional[int] = ..., quiet_seconds: _Optional[float] = ..., captioner: _Optional[str] = ...) -> None: ...
+    cluster: Cluster
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., started: _Optional[float] = ..., home: _Optional[str] = ..., inbox: _Optional[str] = ..., outputs: _Optional[str] = ..., models: _Optional[str] = ..., default_model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., pending_folders: _Optional[_Iterable[str]] = ..., last_event_seq: _Optional[int] = ..., quiet_seconds: _Optional[float] = ..., captioner: _Optional[str] = ..., cluster: _Optional[_Union[Cluster, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("dataset", "overrides", "name", "model", "block_vector")

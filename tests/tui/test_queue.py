@@ -112,3 +112,50 @@ def test_rows_stay_in_number_order_when_new_jobs_arrive_out_of_order():
             assert table.selected == "0001-cats"  # the cursor on the first row, as at every start
 
     asyncio.run(scenario())
+
+
+def test_on_a_ray_cluster_a_running_job_shows_the_node_it_runs_on():
+    """The node comes from the daemon's status (the worker running the job); a local daemon's
+    status says no cluster, and its queue has no node column."""
+    import asyncio
+
+    from textual.app import App
+
+    from loradrop.proto.v1 import loradrop_pb2 as pb
+    from loradrop.tui.facts import Seen
+
+    class One(App):
+        def compose(self):
+            yield JobsTable()
+
+    running = pb.Job(id="0001-cats", number=1, name="cats", state=pb.RUNNING)
+    queued = pb.Job(id="0002-dogs", number=2, name="dogs", state=pb.QUEUED)
+    workers = [
+        pb.Worker(index=0, device="cuda:0", state="busy", job_id="0001-cats", node="bb02"),
+        pb.Worker(index=1, device="cuda:0", state="idle", node="cc03"),
+    ]
+    cluster = pb.Cluster(
+        address="10.0.0.1:6379",
+        resource="GPU",
+        nodes=[pb.Node(id="bb02", address="10.0.0.2", alive=True, gpus=1, gpus_free=0)],
+    )
+
+    async def scenario():
+        app = One()
+        async with app.run_test() as pilot:
+            table = app.query_one(JobsTable)
+            table.upsert(running, Seen(), 0.0)
+            table.place(pb.StatusReply(workers=[pb.Worker(index=0, device="cuda:0", state="busy")]))
+            assert "node" not in table.columns  # a local daemon
+
+            table.place(pb.StatusReply(cluster=cluster, workers=workers))
+            table.upsert(queued, Seen(), 0.0)  # a row added after the column
+            await pilot.pause()
+            assert table.cell_text("0001-cats", "node") == "bb02"
+            assert table.cell_text("0002-dogs", "node") == ""
+
+            workers[0].ClearField("job_id")  # the job ended; its worker waits for the next
+            table.place(pb.StatusReply(cluster=cluster, workers=workers))
+            assert table.cell_text("0001-cats", "node") == ""
+
+    asyncio.run(scenario())

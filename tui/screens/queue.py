@@ -11,6 +11,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header
 
+from loradrop.commands.status import cluster_line
 from loradrop.proto.v1 import loradrop_pb2 as pb
 
 from ..facts import job_line
@@ -41,6 +42,8 @@ class QueueScreen(Screen):
         now = time.monotonic()
         for job in self.app.jobs.values():
             table.upsert(job, self.app.seen_of(job.id), now)
+        if self.app.status:
+            table.place(self.app.status)
         self._show_daemon()
         self.set_interval(1.0, self._tick)
 
@@ -73,6 +76,7 @@ class QueueScreen(Screen):
         self._show_daemon()
 
     def status_changed(self, status: pb.StatusReply) -> None:
+        self.query_one(JobsTable).place(status)
         self._show_daemon()
 
     def _show_daemon(self) -> None:
@@ -85,8 +89,11 @@ class QueueScreen(Screen):
         status = self.app.status
         if status is None:
             return
+        # on a Ray cluster the cluster stands for its workers: the table says which job runs where
+        cluster = f"cluster {cluster_line(status.cluster)}" if status.cluster.address else ""
         if not self.app.jobs:
             line = f"no jobs yet: drop a folder of captioned images into {status.inbox}, or press s"
+            line = f"{cluster}  ·  {line}" if cluster else line
         else:
             workers = [f"{w.device} {w.state}" + (f" {w.job_id}" if w.job_id else "") for w in status.workers]
             waiting = (
@@ -94,7 +101,8 @@ class QueueScreen(Screen):
                 if status.pending_folders
                 else ""
             )
-            line = f"workers: {'; '.join(workers) or 'none'}{waiting}  ·  inbox {status.inbox}"
+            where = cluster or f"workers: {'; '.join(workers) or 'none'}"
+            line = f"{where}{waiting}  ·  inbox {status.inbox}"
         self.query_one("#daemon-line", TextLine).say(escape(line))
 
     # ------------------------------------------------------------------ actions

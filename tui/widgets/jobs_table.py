@@ -20,12 +20,17 @@ COLUMNS = (
     ("avg loss", "loss", 8),
     ("ETA", "eta", 8),
 )
+NODE_WIDTH = 10  # a node's short id
 
 
 class JobsTable(DataTable):
     # enter opens the job from here, the widget with focus, so it runs after the keys before it
     # (a DataTable's own enter only posts a message, which a screen handles later)
     BINDINGS = [Binding("enter", "screen.open", "open")]
+
+    def __init__(self, *, id: str | None = None):
+        super().__init__(id=id)
+        self.nodes: dict[str, str] = {}  # job id -> the cluster node that runs it
 
     def on_mount(self) -> None:
         self.cursor_type = "row"
@@ -43,6 +48,8 @@ class JobsTable(DataTable):
             "loss": "" if loss is None else f"{loss:.4f}",
             "eta": eta_text(job, seen, now),
         }
+        if "node" in self.columns:
+            cells["node"] = self.nodes.get(job.id, "")
         if job.id in self.rows:
             for key, value in cells.items():
                 self.update_cell(job.id, key, value)
@@ -52,6 +59,17 @@ class JobsTable(DataTable):
             # order, as `loradrop jobs` lists them; the cursor keeps its row (the first, at start).
             self.add_row(*cells.values(), key=job.id)
             self.sort("number", key=int)
+
+    def place(self, status: pb.StatusReply) -> None:
+        """Where each running job runs, from the daemon's status (its workers' nodes). The column
+        comes with the first status of a daemon on a Ray cluster; a local daemon's queue has none."""
+        if not status.cluster.address:
+            return
+        if "node" not in self.columns:
+            self.add_column("node", key="node", width=NODE_WIDTH, default="")
+        self.nodes = {w.job_id: w.node for w in status.workers if w.job_id}
+        for row in self.rows:
+            self.update_cell(row, "node", self.nodes.get(row.value, ""))
 
     def tick(self, job: pb.Job, seen: Seen, now: float) -> None:
         """The ETA, counted down between steps."""
