@@ -3,7 +3,13 @@ with SIGKILL at random points (now and then the worker is frozen with SIGSTOP in
 daemon's heartbeat must notice, and the daemon is stopped cleanly with SIGTERM, which makes a job
 save its state mid-run and resume from there); then the invariants that must hold whatever happened.
 
-    python bench/chaos.py [--jobs 12] [--kills 40] [--seed 1] [--steps 10] [--json OUT] [--keep]
+    python bench/chaos.py [--ray] [--jobs 12] [--kills 40] [--seed 1] [--steps 10] [--json OUT] [--keep]
+
+With --ray the daemon's workers are Ray actors on Ray's own loopback test cluster of NODES nodes
+(loradrop.testing.RayTestCluster), each working in a copy of the home (--ray-transfer always), and
+the kills are drawn among: an actor's process (SIGKILL, or SIGSTOP for the heartbeat), a whole
+node (its processes killed at once; a fresh node joins in its place), and the daemon (SIGKILL or
+SIGTERM, then started again on the same home while the cluster keeps running).
 
 Invariants (each violation is listed; the run fails if there is any):
   - every job ends done or failed; a failed one says why;
@@ -11,7 +17,10 @@ Invariants (each violation is listed; the run fails if there is any):
     tensors as an uninterrupted run of the same job (run first, on the same daemon);
   - ListArtifacts, asked between kills and at the end, never lists a hidden or partial file, and
     every .safetensors it lists opens and reads whole;
-  - no worker outlives its daemon (each killed daemon's children are gone within seconds);
+  - no worker outlives its daemon: the workers of a killed or stopped daemon (its children and
+    the pids its status reported: with --ray, the actors' processes) are gone within seconds, and
+    the daemon started after it has a ready worker on every node within a minute (so Ray freed
+    the GPUs the old actors held); a frozen worker is replaced, and its process is gone;
   - the sqlite file passes integrity_check, every job is in a terminal state, each job's events
     are numbered 1..last_seq with no gap and no repeat, and its last state event is its state;
   - a client that followed the global event stream through every kill and restart saw every
@@ -20,6 +29,10 @@ Invariants (each violation is listed; the run fails if there is any):
 The tests run a short version (tests/reliability/test_chaos.py); the kills are drawn from a
 seeded generator (which victim, and how long after a job starts running), so a failing seed can
 be run again. Where a kill lands still depends on the machine's speed.
+
+Not checked with --ray: that the nodes' scratch copies of a killed actor's jobs are removed (a
+node keeps what a SIGKILLed actor left until its temporary folder is cleaned), nor anything over a
+real network: the test cluster's nodes are processes on this machine.
 """
 
 from __future__ import annotations
@@ -42,12 +55,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from loradrop.proto.client import Client, ClientError  # noqa: E402
 from loradrop.proto.v1 import loradrop_pb2 as pb  # noqa: E402
-from loradrop.testing import BUCKET_SIZES, Daemon, make_dataset, pid_alive, wait_for  # noqa: E402
+from loradrop.testing import (  # noqa: E402
+    BUCKET_SIZES,
+    TEST_GPU,
+    Daemon,
+    RayTestCluster,
+    make_dataset,
+    pid_alive,
+    wait_for,
+)
 
 VECTOR = "1,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0"
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny steps gain nothing from two threads on a shared 2-core machine
 HEARTBEAT = 6  # seconds: the daemon's deadline for a frozen worker in this run
 TERMINAL = (pb.DONE, pb.FAILED, pb.CANCELLED)
+NODES = 2  # of the Ray test cluster, one worker each
+GONE_S = {False: 10, True: 30}  # seconds a dead daemon's workers have to end: Ray kills its actors itself
+PLACED_S = 60  # seconds a restarted daemon has to get a ready worker on every node
 # Two kinds of job, so a mix-up between jobs would show: different data, seed and bucket layout.
 VARIANTS = (
     {"images": 2, "sizes": None, "settings": {"seed": 7}},
@@ -60,11 +84,13 @@ class Report:
     seed: int
     jobs: int
     steps: int
+    ray: bool = False
     done: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     worker_kills: int = 0
     worker_freezes: int = 0
+    node_kills: int = 0
     daemon_kills: int = 0
     daemon_stops: int = 0
     kills_while_training: int = 0
@@ -95,27 +121,170 @@ class _Follower:
             pass
 
 
+@dataclass
+class _Target:
+    """What the kills aim at: the daemon, and with --ray the cluster its workers run on."""
+
+    d: Daemon
+    report: Report
+    cluster: RayTestCluster | None
+    workers_seen: set[int]  # every worker pid seen, checked gone at the end
+
+    @property
+    def capacity(self) -> int:
+        return len(self.cluster.nodes) if self.cluster else 1
+
+    def gone(self, pids, what: str) -> None:
+        """The violation if any of `pids` still runs after the daemon's deadline for its workers."""
+        pids = [p for p in pids if p]
+        try:
+            wait_for(
+                lambda: not any(pid_alive(p) for p in pids), timeout=GONE_S[bool(self.cluster)], what=what
+            )
+        except AssertionError:
+            self.report.violations.append(f"{[p for p in pids if pid_alive(p)]} still run: {what}")
+
+    def restart(self, k: int) -> None:
+        """Start the daemon again and wait for a ready worker per node (the old ones let go of them)."""
+        self.d.start()
+        with self.d.client() as c:
+            try:
+                wait_for(
+                    lambda: sum(w.state in ("idle", "busy") for w in c.status().workers) >= self.capacity,
+                    timeout=PLACED_S,
+                    what="a ready worker per node",
+                )
+            except AssertionError:
+                ready = sum(w.state in ("idle", "busy") for w in c.status().workers)
+                self.report.violations.append(
+                    f"the restarted daemon had {ready} of {self.capacity} workers ready after {PLACED_S} s (kill {k + 1})"
+                )
+
+
+def _victims(status) -> list:
+    """The workers that have a process, those running a job first."""
+    return sorted((w for w in status.workers if w.pid), key=lambda w: w.state != "busy")
+
+
+def _kill_worker(t: _Target, status, k: int) -> str | None:
+    victims = _victims(status)
+    if not victims:
+        return None
+    os.kill(victims[0].pid, signal.SIGKILL)
+    t.report.worker_kills += 1
+    return f"worker {victims[0].pid}"
+
+
+def _freeze_worker(t: _Target, status, k: int) -> str | None:
+    """Frozen: the daemon must notice by its heartbeat, kill it and resume the job."""
+    victims = _victims(status)
+    if not victims:
+        return None
+    pid = victims[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    t.report.worker_freezes += 1
+    with t.d.client() as c:
+        try:
+            wait_for(
+                lambda: all(w.pid != pid for w in c.status().workers),
+                timeout=HEARTBEAT + 30,
+                what="the frozen worker to be replaced",
+            )
+        except AssertionError:
+            t.report.violations.append(f"the frozen worker {pid} was not replaced (kill {k + 1})")
+            os.kill(pid, signal.SIGKILL)
+    t.gone([pid], f"the frozen worker after its replacement (kill {k + 1})")
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return f"worker {pid} frozen (SIGSTOP)"
+
+
+def _kill_node(t: _Target, status, k: int) -> str | None:
+    """A whole node at once, as when its machine loses power; a fresh one joins in its place."""
+    for w in _victims(status):
+        try:
+            node = t.cluster.node_of(w.node)
+        except StopIteration:  # the worker's node is gone already
+            continue
+        t.cluster.add(*t.cluster.kill(node))
+        t.report.node_kills += 1
+        return f"node {w.node} (worker {w.pid} {w.state})"
+    return None
+
+
+def _kill_daemon(t: _Target, status, k: int) -> str:
+    workers = set(_children(t.d.pid)) | {w.pid for w in status.workers}
+    t.workers_seen.update(workers)
+    t.d.kill()
+    t.report.daemon_kills += 1
+    t.gone(workers, f"workers outlived their daemon (kill {k + 1})")
+    t.restart(k)
+    return "daemon"
+
+
+def _stop_daemon(t: _Target, status, k: int) -> str:
+    """A clean stop: the job saves its state at the next step and resumes from there."""
+    workers = set(_children(t.d.pid)) | {w.pid for w in status.workers}
+    t.workers_seen.update(workers)
+    if t.d.stop(timeout=60) != 0:
+        t.report.violations.append(
+            f"the daemon exited with {t.d.process.returncode} on SIGTERM (stop {k + 1})"
+        )
+    t.report.daemon_stops += 1
+    t.gone(workers, f"workers outlived their stopped daemon (stop {k + 1})")
+    t.restart(k)
+    return "daemon stopped with SIGTERM"
+
+
+# (the draw below which it is chosen, the kill): the local mode's, and the Ray mode's with nodes.
+KILLS = {
+    False: ((0.45, _kill_worker), (0.55, _freeze_worker), (0.85, _kill_daemon), (1.0, _stop_daemon)),
+    True: (
+        (0.3, _kill_worker),
+        (0.4, _freeze_worker),
+        (0.65, _kill_node),
+        (0.9, _kill_daemon),
+        (1.0, _stop_daemon),
+    ),
+}
+
+
 def run_chaos(
-    root: Path, *, jobs: int, kills: int, seed: int, steps: int = 6, max_retries: int = 3, log=print
+    root: Path,
+    *,
+    jobs: int,
+    kills: int,
+    seed: int,
+    steps: int = 6,
+    max_retries: int = 3,
+    ray: bool = False,
+    log=print,
 ) -> Report:
     started = time.monotonic()
     rng = random.Random(seed)
-    report = Report(seed=seed, jobs=jobs, steps=steps)
+    report = Report(seed=seed, jobs=jobs, steps=steps, ray=ray)
     home = root / "home"
+    cluster = _ray_cluster(root) if ray else None
+    where = (
+        ["--ray", cluster.address, "--ray-resource", TEST_GPU, "--ray-transfer", "always"]
+        if cluster
+        else ["--workers", "1"]
+    )
     d = Daemon(
         home,
         "--quiet-seconds",
         "3600",
-        "--workers",
-        "1",
+        *where,
         "--max-retries",
         str(max_retries),
         "--heartbeat-seconds",
         str(HEARTBEAT),
         env=ENV,
-    ).start()
+    )
     workers_seen: set[int] = set()
+    target = _Target(d, report, cluster, workers_seen)
     try:
+        d.start()
         with d.client() as c:
             for v, variant in enumerate(VARIANTS):
                 make_dataset(
@@ -149,58 +318,9 @@ def run_chaos(
                 workers_seen.update(w.pid for w in status.workers if w.pid)
                 training = any(w.state == "busy" for w in status.workers)
             victim = rng.random()
-            if victim < 0.45:
-                pids = [w.pid for w in status.workers if w.pid]
-                if not pids:
-                    continue
-                os.kill(pids[0], signal.SIGKILL)
-                report.worker_kills += 1
-                what = f"worker {pids[0]}"
-            elif victim < 0.55:  # frozen: the daemon must notice by its heartbeat, kill it and resume the job
-                pids = [w.pid for w in status.workers if w.pid]
-                if not pids:
-                    continue
-                os.kill(pids[0], signal.SIGSTOP)
-                report.worker_freezes += 1
-                with d.client() as c:
-                    try:
-                        wait_for(
-                            lambda: all(w.pid != pids[0] for w in c.status().workers),
-                            timeout=HEARTBEAT + 30,
-                            what="the frozen worker to be replaced",
-                        )
-                    except AssertionError:
-                        report.violations.append(
-                            f"the frozen worker {pids[0]} was not replaced (kill {k + 1})"
-                        )
-                        os.kill(pids[0], signal.SIGKILL)
-                what = f"worker {pids[0]} frozen (SIGSTOP)"
-            elif victim < 0.85:
-                children = _children(d.pid)
-                workers_seen.update(children)
-                d.kill()
-                report.daemon_kills += 1
-                try:
-                    wait_for(
-                        lambda: not any(pid_alive(p) for p in children),
-                        timeout=10,
-                        what="the killed daemon's workers to exit",
-                    )
-                except AssertionError:
-                    report.violations.append(
-                        f"workers {[p for p in children if pid_alive(p)]} outlived their daemon (kill {k + 1})"
-                    )
-                d.start()
-                what = "daemon"
-            else:  # a clean stop: the job saves its state at the next step and resumes from there
-                workers_seen.update(_children(d.pid))
-                if d.stop(timeout=60) != 0:
-                    report.violations.append(
-                        f"the daemon exited with {d.process.returncode} on SIGTERM (stop {k + 1})"
-                    )
-                report.daemon_stops += 1
-                d.start()
-                what = "daemon stopped with SIGTERM"
+            what = next(kill for below, kill in KILLS[ray] if victim < below)(target, status, k)
+            if what is None:
+                continue
             report.kills_while_training += training
             log(f"chaos: kill {k + 1}/{kills}: {what}{' (a job was running)' if training else ''}")
 
@@ -225,14 +345,7 @@ def run_chaos(
         workers_seen.update(children)
         if d.stop(timeout=60) != 0:
             report.violations.append(f"the daemon exited with {d.process.returncode} on SIGTERM")
-        try:
-            wait_for(
-                lambda: not any(pid_alive(p) for p in workers_seen), timeout=10, what="every worker to exit"
-            )
-        except AssertionError:
-            report.violations.append(
-                f"processes {[p for p in workers_seen if pid_alive(p)]} outlived the daemon"
-            )
+        target.gone(workers_seen, "workers outlived the daemon at the end")
         report.workers_seen = len(workers_seen)
 
         for job in ended:
@@ -262,8 +375,17 @@ def run_chaos(
     finally:
         if d.process and d.process.poll() is None:
             d.kill()
+        if cluster is not None:
+            cluster.shutdown()
+            os.environ.pop("LORADROP_RAY_SCRATCH", None)
     report.seconds = round(time.monotonic() - started, 1)
     return report
+
+
+def _ray_cluster(root: Path) -> RayTestCluster:
+    """NODES nodes whose copies of the home go under `root` (the nodes inherit the variable)."""
+    os.environ["LORADROP_RAY_SCRATCH"] = str(root / "scratch")
+    return RayTestCluster(*[()] * NODES)
 
 
 def _wait_end(c: Client, job_id: str, timeout: float) -> pb.Job:
@@ -393,9 +515,14 @@ def main() -> int:
         "--kills",
         type=int,
         default=40,
-        help="interruptions: worker SIGKILL or SIGSTOP, daemon SIGKILL, or daemon SIGTERM",
+        help="interruptions: worker SIGKILL or SIGSTOP, daemon SIGKILL or SIGTERM; with --ray, a node too",
     )
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help=f"workers as Ray actors on a loopback test cluster of {NODES} nodes",
+    )
     p.add_argument("--steps", type=int, default=10, help="training steps per job")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--keep", action="store_true", help="keep the daemon's home for a look")
@@ -406,7 +533,7 @@ def main() -> int:
     os.environ.setdefault(
         "XDG_CACHE_HOME", str(root / "cache")
     )  # the tiny twin and hashes, removed with the run
-    report = run_chaos(root, jobs=args.jobs, kills=args.kills, seed=args.seed, steps=args.steps)
+    report = run_chaos(root, jobs=args.jobs, kills=args.kills, seed=args.seed, steps=args.steps, ray=args.ray)
     text = json.dumps(asdict(report), indent=1)
     print(text)
     if args.json:
