@@ -18,12 +18,14 @@ from pathlib import Path
 from bench.rows import table
 
 HERE = Path(__file__).resolve().parent
-# (script, arguments): the tiny-twin trainer, full-size loading, resize and chop, the daemon, the TUI.
+# (script, arguments): the tiny-twin trainer, full-size loading, resize and chop, the daemon (local
+# and on Ray), the TUI, the captioners, the full-size chain.
 SET = [
     ("train_bench.py", []),
     ("load_bench.py", []),
     ("resize_bench.py", ["--runs", "2"]),
     ("daemon_bench.py", []),
+    ("ray_bench.py", []),  # a Ray actor against a local worker; the copy path's MB/s
     ("tui_bench.py", []),
     ("caption_bench.py", []),
     (

@@ -205,11 +205,13 @@ class RayTestCluster:
     def __init__(self, *labels: tuple[str, ...]):
         import tempfile
 
-        from ray.cluster_utils import Cluster
-
         # Every process of the test (nodes, daemons) inherits this: it makes Ray take the loopback
         # address for this machine's, which otherwise it finds on the network interface (ray#59110).
+        # Ray reads it when first imported: a process that connects to the cluster itself (a bench)
+        # must not have imported ray before this.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        from ray.cluster_utils import Cluster
+
         self.temp = tempfile.mkdtemp(prefix="ldray-", dir="/tmp")
         # Ray's own files outside its session (the address of "the current cluster") go here too,
         # not to a shared /tmp/ray that may not exist or may name another cluster.
