@@ -206,3 +206,26 @@ def test_a_pinned_job_runs_only_on_a_node_with_its_label_and_a_shared_home_is_no
     finally:
         if d.process.poll() is None:
             d.kill()
+
+
+def test_a_preview_renders_on_a_node_and_its_images_come_back(cluster, ray_home):
+    d = ray_daemon(ray_home, cluster).start()
+    try:
+        with d.client() as c:
+            job = c.wait_job(_job_named(c, _drop(ray_home, "seen").name).id, 240)
+            assert job.state == pb.DONE, job.error
+            # the job's copy is gone from its node by now: the LoRA is sent to the node again
+            images = c.preview(
+                job.final, vector=SETTINGS["block_vector"], prompts=["zkw thing --w 64 --h 64 --s 2"], seed=3
+            )
+            assert [i.width for i in images] == [64]
+            for image in images:
+                path = Path(image.path)
+                assert path.is_file() and path.parent == ray_home / "outputs" / job.id / "previews", path
+        assert d.stop() == 0
+    except Exception:
+        print(d.log()[-20000:])
+        raise
+    finally:
+        if d.process.poll() is None:
+            d.kill()
