@@ -118,7 +118,10 @@ class WorkerActor:
                     self._forget(message.job_id)
                 yield message
             elif not self._thread.is_alive() and not ready:
-                return  # the worker stopped (asked to) and said all it had
+                # The worker stopped (asked to) and said all it had, and every file it finished
+                # went back: the copy (with its latent cache) goes before the daemon hears the end.
+                shutil.rmtree(self.scratch, ignore_errors=True)
+                return
 
     def _finished_files(self):
         if self._outputs is None:

@@ -229,7 +229,9 @@ class RayTestCluster:
             },
         )
         self.labels: dict = {}  # node -> the labels it was given
-        self.nodes = [self.add(*node_labels) for node_labels in labels]
+        self.nodes: list = []  # the worker nodes alive, in the order they were added
+        for node_labels in labels:
+            self.add(*node_labels)
 
     @property
     def address(self) -> str:
@@ -241,6 +243,7 @@ class RayTestCluster:
         )
         self.cluster.wait_for_nodes()
         self.labels[node] = labels
+        self.nodes.append(node)
         return node
 
     def kill(self, node) -> tuple[str, ...]:

@@ -37,11 +37,11 @@ def cluster(tmp_path_factory):
     os.environ.pop("LORADROP_RAY_SCRATCH", None)
 
 
-def ray_daemon(home: Path, cluster: RayTestCluster, transfer: str = "always") -> Daemon:
+def ray_daemon(home: Path, cluster: RayTestCluster, transfer: str = "always", retries: int = 2) -> Daemon:
     return Daemon(
         home,
         "--ray", cluster.address, "--ray-resource", TEST_GPU, "--ray-transfer", transfer,
-        "--quiet-seconds", "0.5", "--max-retries", "2", "--heartbeat-seconds", "30",
+        "--quiet-seconds", "0.5", "--max-retries", str(retries), "--heartbeat-seconds", "30",
         env=ENV,
     )  # fmt: skip
 
@@ -206,6 +206,31 @@ def test_a_pinned_job_runs_only_on_a_node_with_its_label_and_a_shared_home_is_no
     finally:
         if d.process.poll() is None:
             d.kill()
+
+
+def test_a_job_whose_nodes_keep_dying_fails_after_its_retries_and_names_the_node(cluster, ray_home):
+    d = ray_daemon(ray_home, cluster, retries=1).start()
+    killed = []
+    try:
+        with d.client() as c:
+            job = _job_named(c, _drop(ray_home, "doomed").name)
+            first = _node_running(c, job.id, step=2)
+            killed.append(cluster.kill(cluster.node_of(first)))
+            wait_for(lambda: "retry 1 of 1" in _logs(c, job.id), timeout=60, what="the loss noticed")
+            second = _node_running(c, job.id, step=1)  # resumed on the other node
+            assert second != first
+            killed.append(cluster.kill(cluster.node_of(second)))
+            failed = c.wait_job(job.id, 120)
+            assert failed.state == pb.FAILED
+            assert f"lost with its Ray node {second}" in failed.error, failed.error
+    except Exception:
+        print(d.log()[-20000:])
+        raise
+    finally:
+        for labels in killed:
+            cluster.add(*labels)
+        if d.process.poll() is None:
+            assert d.stop() == 0
 
 
 def test_a_preview_renders_on_a_node_and_its_images_come_back(cluster, ray_home):
