@@ -60,48 +60,58 @@ def preserved_rng(device: torch.device):
 
 
 class Render:
-    """One prompt being rendered, a denoising step at a time, so that a caller can stop between
+    """Prompts being rendered, a denoising step at a time, so that a caller can stop between
     steps (a cancel, a stop) or interleave them with training steps (previews). The result does
-    not depend on how the steps are spread out: all randomness comes from the render's own
-    generator, never from the global RNGs."""
+    not depend on how the steps are spread out, nor on which prompts share a batch: all
+    randomness comes from each prompt's own generator, never from the global RNGs.
+
+    Several prompts (of one size, step count and CFG) render as one batch: on a small model the
+    UNet's cost is mostly per call, so a batch of 32 costs a few times one prompt, not 32 times."""
 
     @torch.no_grad()
     def __init__(
         self,
         model: SDXL,
-        prompt: SamplePrompt,
-        *,
+        *prompts: SamplePrompt,
         device: torch.device,
         dtype: torch.dtype,
         default_seed: int,
         prediction: Prediction | None = None,
     ):
-        """`prediction`: what the UNet predicts, when a recipe overrides the checkpoint's (model.prediction)."""
+        """`default_seed + i`: the seed of the i-th prompt when it has none; `prediction`: what
+        the UNet predicts, when a recipe overrides the checkpoint's (model.prediction)."""
         from diffusers import EulerAncestralDiscreteScheduler
 
-        self.model, self.prompt, self.dtype = model, prompt, dtype
+        first = prompts[0]
+        if any(
+            (p.width, p.height, p.steps, p.cfg) != (first.width, first.height, first.steps, first.cfg)
+            for p in prompts
+        ):
+            raise ValueError("prompts rendered together need one size, step count and CFG")
+        self.model, self.prompt, self.dtype = model, first, dtype
         prediction = prediction or model.prediction
         self.guidance_rescale = ZTSNR_GUIDANCE_RESCALE if prediction.ztsnr else 0.0
         self.scheduler = EulerAncestralDiscreteScheduler.from_config(scheduler_config(model, prediction))
-        self.scheduler.set_timesteps(prompt.steps, device=device)
-        seed = prompt.seed if prompt.seed is not None else default_seed
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.scheduler.set_timesteps(first.steps, device=device)
+        self.generators = [
+            torch.Generator(device).manual_seed(p.seed if p.seed is not None else default_seed + i)
+            for i, p in enumerate(prompts)
+        ]
         self.autocast = (
             (lambda: torch.autocast(device.type, dtype=dtype))
             if device.type == "cuda" and dtype != torch.float32
             else contextlib.nullcontext
         )
-        ids1, ids2 = tokenize(model, [prompt.negative, prompt.prompt], device)
+        # One batch of the negatives, then one of the prompts: the UNet sees [uncond…, text…].
+        ids1, ids2 = tokenize(model, [p.negative for p in prompts] + [p.prompt for p in prompts], device)
         with self.autocast():
             context, pooled = encode_text(model, ids1, ids2)
-        h, w = prompt.height, prompt.width
-        ids = size_ids([(h, w)] * 2, [(0, 0)] * 2, [(h, w)] * 2, device)
+        h, w, rows = first.height, first.width, 2 * len(prompts)
+        ids = size_ids([(h, w)] * rows, [(0, 0)] * rows, [(h, w)] * rows, device)
         self.context = context.to(dtype)
         self.cond = {"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)}
-        self.latents = (
-            torch.randn((1, 4, h // 8, w // 8), generator=self.generator, device=device)
-            * self.scheduler.init_noise_sigma
-        )
+        noise = [torch.randn((1, 4, h // 8, w // 8), generator=g, device=device) for g in self.generators]
+        self.latents = torch.cat(noise) * self.scheduler.init_noise_sigma
         self.timesteps = list(self.scheduler.timesteps)
         self.done = 0
 
@@ -125,11 +135,16 @@ class Render:
             ).sample.float()  # ε or v
         uncond, text = out.chunk(2)
         guided = rescale_guidance(uncond + self.prompt.cfg * (text - uncond), text, self.guidance_rescale)
-        self.latents = self.scheduler.step(guided, t, self.latents, generator=self.generator).prev_sample
+        # a list of generators: each prompt's ancestral noise comes from its own
+        self.latents = self.scheduler.step(guided, t, self.latents, generator=self.generators).prev_sample
         self.done += 1
 
-    def image(self) -> Image.Image:
+    def images(self) -> list[Image.Image]:
         return decode(self.model, self.latents)
+
+    def image(self) -> Image.Image:
+        (image,) = self.images()  # a render of one prompt
+        return image
 
 
 def sample(
@@ -155,10 +170,11 @@ def sample(
 
 
 @torch.no_grad()
-def decode(model: SDXL, latents: torch.Tensor) -> Image.Image:
+def decode(model: SDXL, latents: torch.Tensor) -> list[Image.Image]:
+    """One picture per latent of the batch; the VAE runs in fp32."""
     vae = model.vae
     x = vae.decode(
         latents.to(device=next(vae.parameters()).device, dtype=torch.float32) / vae.config.scaling_factor
     ).sample
-    x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(one.permute(1, 2, 0).cpu().numpy()) for one in x]

@@ -6,15 +6,18 @@ size and asks the judge; a LoRA is applied block-weighted exactly as a preview a
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from ..data.prompts import SamplePrompt
 from ..lora.apply import apply_lora
 from ..models.sdxl import SDXL
-from ..train.sampling import sample
+from ..train.sampling import Render
 from . import judge, world
 from .concept import CONCEPT, Concept
 
@@ -35,17 +38,24 @@ class Score:
         return f"{self.hits}/{self.total} ({100 * self.share:.0f}%)"
 
 
-def draw(model: SDXL, prompt: str, seed: int):
-    p = SamplePrompt(prompt, width=world.SIZE, height=world.SIZE, seed=seed, steps=STEPS, cfg=CFG)
-    return sample(
-        model, p, device=next(model.unet.parameters()).device, dtype=torch.float32, default_seed=seed
+def draw(model: SDXL, prompts: Sequence[str]) -> list[Image.Image]:
+    """Prompt i sampled from seed i, all of them in one batch (the same pictures as one by one)."""
+    batch = [
+        SamplePrompt(p, width=world.SIZE, height=world.SIZE, seed=i, steps=STEPS, cfg=CFG)
+        for i, p in enumerate(prompts)
+    ]
+    render = Render(
+        model, *batch, device=next(model.unet.parameters()).device, dtype=torch.float32, default_seed=0
     )
+    while not render.finished:
+        render.step()
+    return render.images()
 
 
 def world_score(model: SDXL, count: int = 32, seed: int = 5) -> dict[str, Score]:
     """How often the base draws what its caption says: colour, shape, and both."""
     scenes = world.scenes(count, seed)
-    verdicts = [judge.judge(draw(model, s.caption, i)) for i, s in enumerate(scenes)]
+    verdicts = [judge.judge(image) for image in draw(model, [s.caption for s in scenes])]
     colour = sum(v.colour == s.colour for v, s in zip(verdicts, scenes))
     shape = sum(v.shape == s.shape for v, s in zip(verdicts, scenes))
     both = sum(v.colour == s.colour and v.shape == s.shape for v, s in zip(verdicts, scenes))
@@ -64,9 +74,6 @@ def concept_score(
     """How many of `count` seeded trigger-word samples show the concept's colour, with the LoRA
     (weighted by `vector`, as the Block Weight loader reads it) or without one."""
     prompts = concept.prompts(count, seed)
-    if lora is None:
-        hits = sum(judge.judge(draw(model, p, i)).colour == concept.colour for i, p in enumerate(prompts))
-        return Score(hits, count)
-    with apply_lora(model, lora, vector):
-        hits = sum(judge.judge(draw(model, p, i)).colour == concept.colour for i, p in enumerate(prompts))
-    return Score(hits, count)
+    with apply_lora(model, lora, vector) if lora is not None else contextlib.nullcontext():
+        images = draw(model, prompts)
+    return Score(sum(judge.judge(image).colour == concept.colour for image in images), count)
