@@ -140,11 +140,10 @@ class Render:
         self.done += 1
 
     def images(self) -> list[Image.Image]:
-        return decode(self.model, self.latents)
+        return decode_all(self.model, self.latents)
 
     def image(self) -> Image.Image:
-        (image,) = self.images()  # a render of one prompt
-        return image
+        return decode(self.model, self.latents)  # a render of one prompt
 
 
 def sample(
@@ -169,8 +168,14 @@ def sample(
     return render.image()
 
 
+def decode(model: SDXL, latents: torch.Tensor) -> Image.Image:
+    """The picture of a batch of one latent."""
+    (image,) = decode_all(model, latents)
+    return image
+
+
 @torch.no_grad()
-def decode(model: SDXL, latents: torch.Tensor) -> list[Image.Image]:
+def decode_all(model: SDXL, latents: torch.Tensor) -> list[Image.Image]:
     """One picture per latent of the batch; the VAE runs in fp32."""
     vae = model.vae
     x = vae.decode(

@@ -331,7 +331,7 @@ def evaluate(path: Path, settings: Settings) -> dict:
     pixels = torch.from_numpy(np.stack([np.asarray(world.render(s)) for s in test])).permute(0, 3, 1, 2)
     mean, _ = encode(model.vae, pixels)
     scale = model.vae.config.scaling_factor
-    round_trip = [judge.judge(image) for image in decode(model, mean * scale)]
+    round_trip = [judge.judge(decode(model, mean[i : i + 1] * scale)) for i in range(len(test))]
     drawn = [
         judge.judge(
             sample(
