@@ -228,10 +228,14 @@ class RayTestCluster:
                 "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
             },
         )
-        self.labels: dict = {}  # node -> the labels it was given
-        self.nodes: list = []  # the worker nodes alive, in the order they were added
+        self.labels: dict = {}  # node alive -> the labels it was given, in the order they were added
         for node_labels in labels:
             self.add(*node_labels)
+
+    @property
+    def nodes(self) -> list:
+        """The worker nodes alive, in the order they were added."""
+        return list(self.labels)
 
     @property
     def address(self) -> str:
@@ -243,13 +247,11 @@ class RayTestCluster:
         )
         self.cluster.wait_for_nodes()
         self.labels[node] = labels
-        self.nodes.append(node)
         return node
 
     def kill(self, node) -> tuple[str, ...]:
         """The node's processes killed at once, as when its machine loses power; its labels."""
         self.cluster.remove_node(node, allow_graceful=False)
-        self.nodes.remove(node)
         return self.labels.pop(node)
 
     def node_of(self, short_id: str):

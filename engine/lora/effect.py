@@ -84,9 +84,7 @@ def block_effects(
                 render = Render(
                     model, p, device=device, dtype=torch.float32, default_seed=seed + i, prediction=prediction
                 )
-                while not render.finished:
-                    render.step()
-                out.append(render.latents)
+                out.append(render.run().latents)
             return out
 
     def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -88,7 +88,7 @@ class Render:
             for p in prompts
         ):
             raise ValueError("prompts rendered together need one size, step count and CFG")
-        self.model, self.prompt, self.dtype = model, first, dtype
+        self.model, self.cfg, self.dtype = model, first.cfg, dtype
         prediction = prediction or model.prediction
         self.guidance_rescale = ZTSNR_GUIDANCE_RESCALE if prediction.ztsnr else 0.0
         self.scheduler = EulerAncestralDiscreteScheduler.from_config(scheduler_config(model, prediction))
@@ -134,10 +134,18 @@ class Render:
                 x.to(self.dtype), t, self.context, added_cond_kwargs=self.cond
             ).sample.float()  # ε or v
         uncond, text = out.chunk(2)
-        guided = rescale_guidance(uncond + self.prompt.cfg * (text - uncond), text, self.guidance_rescale)
+        guided = rescale_guidance(uncond + self.cfg * (text - uncond), text, self.guidance_rescale)
         # a list of generators: each prompt's ancestral noise comes from its own
         self.latents = self.scheduler.step(guided, t, self.latents, generator=self.generators).prev_sample
         self.done += 1
+
+    def run(self, check: Callable[[], None] | None = None) -> Render:
+        """Every step left; `check` is called before each: it raises to stop (a cancel, a stop)."""
+        while not self.finished:
+            if check is not None:
+                check()
+            self.step()
+        return self
 
     def images(self) -> list[Image.Image]:
         return decode_all(self.model, self.latents)
@@ -161,11 +169,7 @@ def sample(
     render = Render(
         model, prompt, device=device, dtype=dtype, default_seed=default_seed, prediction=prediction
     )
-    while not render.finished:
-        if check is not None:
-            check()
-        render.step()
-    return render.image()
+    return render.run(check).image()
 
 
 def decode(model: SDXL, latents: torch.Tensor) -> Image.Image:

@@ -47,9 +47,7 @@ def draw(model: SDXL, prompts: Sequence[str]) -> list[Image.Image]:
     render = Render(
         model, *batch, device=next(model.unet.parameters()).device, dtype=torch.float32, default_seed=0
     )
-    while not render.finished:
-        render.step()
-    return render.images()
+    return render.run().images()
 
 
 def world_score(model: SDXL, count: int = 32, seed: int = 5) -> dict[str, Score]:

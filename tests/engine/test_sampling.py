@@ -19,9 +19,7 @@ PROMPTS = [
 
 
 def _latents(model, *prompts: SamplePrompt, default_seed: int) -> torch.Tensor:
-    render = Render(model, *prompts, device=CPU, dtype=torch.float32, default_seed=default_seed)
-    while not render.finished:
-        render.step()
+    render = Render(model, *prompts, device=CPU, dtype=torch.float32, default_seed=default_seed).run()
     assert len(render.images()) == len(prompts)
     return render.latents
 
